@@ -1,0 +1,190 @@
+//! The direct PostgreSQL adapter (`tokio-postgres` with a `deadpool` pool). The same image can
+//! run as a long-lived container against any PostgreSQL; the test suite runs every statement
+//! through it on a real server.
+//!
+//! Statements are rewritten from `:name` to `$n` ([`crate::sql::params`]); parameter types come
+//! from the server's own inference (`prepare`), and each [`Value`] is encoded as the type the
+//! server asked for, so `:lo` binds as `bigint`, `text` or `uuid` as the key column demands.
+
+use std::error::Error as StdError;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{NoTls, Row};
+
+use crate::sql::params::to_positional;
+use crate::sql::{Dialect, Rows, SqlError, SqlStore, Stmt, Value};
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    /// Connects lazily: `url` is a libpq-style URL or key=value string.
+    pub fn connect(url: &str, max_connections: usize) -> Result<Self, SqlError> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| SqlError::Config(format!("invalid database URL: {e}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(max_connections.max(1))
+            .build()
+            .map_err(|e| SqlError::Config(format!("cannot build connection pool: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, SqlError> {
+        self.pool.get().await.map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
+    }
+}
+
+#[derive(Debug)]
+struct PgParam<'a>(&'a Value);
+
+type BoxError = Box<dyn StdError + Sync + Send>;
+
+impl ToSql for PgParam<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        let mismatch = || -> BoxError { format!("cannot bind {:?} as a {ty} parameter", self.0).into() };
+        match self.0 {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(i) => match *ty {
+                Type::INT8 => i.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
+                Type::FLOAT8 => (*i as f64).to_sql(ty, out),
+                Type::FLOAT4 => (*i as f32).to_sql(ty, out),
+                Type::BOOL => (*i != 0).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => i.to_string().to_sql(ty, out),
+                _ => Err(mismatch()),
+            },
+            Value::Real(f) => match *ty {
+                Type::FLOAT8 => f.to_sql(ty, out),
+                Type::FLOAT4 => (*f as f32).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR => f.to_string().to_sql(ty, out),
+                _ => Err(mismatch()),
+            },
+            Value::Bool(b) => match *ty {
+                Type::BOOL => b.to_sql(ty, out),
+                Type::INT8 | Type::INT4 | Type::INT2 => PgParam(&Value::Int(*b as i64)).to_sql(ty, out),
+                _ => Err(mismatch()),
+            },
+            Value::Text(s) | Value::Uuid(s) => match *ty {
+                Type::UUID => uuid::Uuid::parse_str(s)?.to_sql(ty, out),
+                Type::INT8 | Type::INT4 | Type::INT2 => {
+                    PgParam(&Value::Int(s.parse().map_err(|_| mismatch())?)).to_sql(ty, out)
+                }
+                Type::JSON | Type::JSONB => {
+                    serde_json::from_str::<serde_json::Value>(s)?.to_sql(ty, out)
+                }
+                _ => s.as_str().to_sql(ty, out),
+            },
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
+    let column = &row.columns()[i];
+    let ty = column.type_();
+    let err = |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
+    Ok(match *ty {
+        Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(err)?.map(Value::Int),
+        Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
+        Type::INT2 => row.try_get::<_, Option<i16>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
+        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(err)?.map(Value::Real),
+        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).map_err(err)?.map(|v| Value::Real(v.into())),
+        Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(err)?.map(Value::Bool),
+        Type::UUID => row.try_get::<_, Option<uuid::Uuid>>(i).map_err(err)?.map(|u| Value::Uuid(u.to_string())),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            row.try_get::<_, Option<String>>(i).map_err(err)?.map(Value::Text)
+        }
+        Type::JSON | Type::JSONB => {
+            row.try_get::<_, Option<serde_json::Value>>(i).map_err(err)?.map(|j| Value::Text(j.to_string()))
+        }
+        _ => {
+            return Err(SqlError::statement(format!(
+                "column `{}` has type {ty}, which baton does not read; cast it in the query, e.g. `{}::text`",
+                column.name(),
+                column.name()
+            )));
+        }
+    }
+    .unwrap_or(Value::Null))
+}
+
+fn classify(e: tokio_postgres::Error) -> SqlError {
+    if e.is_closed() || e.as_db_error().is_none() && e.source().is_some_and(|s| s.is::<std::io::Error>()) {
+        return SqlError::transient(e);
+    }
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // 40001 serialization failure, 40P01 deadlock, 57014 statement timeout, 08xxx connection.
+            let message = format!("{} ({code})", db.message());
+            if code == "40001" || code == "40P01" || code == "57014" || code.starts_with("08") {
+                SqlError::transient(message)
+            } else {
+                SqlError::statement(message)
+            }
+        }
+        None => SqlError::statement(e),
+    }
+}
+
+async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {
+    let (sql, names) = to_positional(&stmt.sql);
+    let prepared = client.prepare_cached(&sql).await.map_err(classify)?;
+    let mut values = Vec::with_capacity(names.len());
+    for name in &names {
+        let v = stmt
+            .params
+            .get(name)
+            .ok_or_else(|| SqlError::statement(format!("no value given for parameter :{name}")))?;
+        values.push(PgParam(v));
+    }
+    let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
+    if columns.is_empty() {
+        let affected = client.execute(&prepared, &refs).await.map_err(classify)?;
+        return Ok(Rows { columns, rows: Vec::new(), affected });
+    }
+    let found = client.query(&prepared, &refs).await.map_err(classify)?;
+    let mut rows = Vec::with_capacity(found.len());
+    for row in &found {
+        rows.push((0..columns.len()).map(|i| decode(row, i)).collect::<Result<Vec<_>, _>>()?);
+    }
+    let affected = rows.len() as u64;
+    Ok(Rows { columns, rows, affected })
+}
+
+#[async_trait]
+impl SqlStore for PostgresStore {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        let client = self.client().await?;
+        run_one(&client, &stmt).await
+    }
+
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        let mut out = Vec::with_capacity(stmts.len());
+        for stmt in &stmts {
+            out.push(run_one(&tx, stmt).await?);
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(out)
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+}

@@ -1,0 +1,311 @@
+//! `baton demo`: the embedded default end to end. Creates `DATA_DIR/baton.db` with N synthetic
+//! users, runs the monthly newsletter through K chains of the local Lambda model (optionally
+//! with faults), writes `DATA_DIR/outbox/`, then checks the outbox against the users: nobody
+//! twice, nobody missed (but those counted `unknown`, at most once each).
+
+use std::collections::{HashMap, HashSet};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use super::{Common, print_status};
+use crate::config::{Config, JobConfig, NewsletterConfig, Settings};
+use crate::engine::Outcome;
+use crate::engine::run::RunStatus;
+use crate::jobs::KindRegistry;
+use crate::local::driver::{LocalParts, LocalRuntime};
+use crate::local::faults::Faults;
+use crate::local::lambda::LambdaCounts;
+use crate::local::outbox::{self, Outbox};
+use crate::local::sqlite::SqliteStore;
+use crate::ports::SystemClock;
+
+pub const JOB: &str = "monthly-newsletter";
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Synthetic users to create (a few have deliberately invalid or empty addresses).
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u32,
+    /// Worker chains (the run's concurrency).
+    #[arg(long, default_value_t = 4)]
+    pub chains: u32,
+    /// Users per page.
+    #[arg(long, default_value_t = 100)]
+    pub page_size: u32,
+    /// Each hop's deadline (the function timeout). Short, so every chain makes many hops.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub hop_timeout: Duration,
+    /// Messages per second over all chains; 0 for no limit.
+    #[arg(long, default_value_t = 0.0)]
+    pub send_rate: f64,
+    /// Inject faults at the documented default rates: 2% duplicate hop deliveries, 1% lost hop
+    /// events, 1% hops crashing mid-page, 5% delayed hop events, 2% transient mail errors,
+    /// 1% mail throttling, 0.2% ambiguous mail timeouts (accepted, but the caller sees a
+    /// timeout).
+    #[arg(long)]
+    pub chaos: bool,
+    /// Seed for the synthetic users and the fault schedule: the same seed, the same run.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// The demo's job: what a user's `baton.toml` would hold.
+pub fn demo_job(args: &DemoArgs) -> JobConfig {
+    JobConfig {
+        kind: "newsletter".into(),
+        source: "SELECT id, email, name, city, plan FROM users".into(),
+        key_column: "id".into(),
+        page_size: args.page_size,
+        chains: args.chains,
+        max_failures: None,
+        max_failure_percent: Some(5.0),
+        ambiguity: Default::default(),
+        run_deadline: Duration::from_secs(3600),
+        hop_slack: 20,
+        newsletter: Some(NewsletterConfig {
+            email_column: "email".into(),
+            from: "Baton Monthly <news@baton.example>".into(),
+            subject: "{{ recipient.name }}, your {{ vars.month }} update".into(),
+            text: Some(
+                "Hello {{ recipient.name }},\n\nHere is what happened in {{ recipient.city }} this month.\n\
+                 Your plan: {{ recipient.plan }}.\n\nUnsubscribe: {{ unsubscribe_url }}\n"
+                    .into(),
+            ),
+            html: Some(
+                "<p>Hello {{ recipient.name }},</p><p>Here is what happened in {{ recipient.city }} this month.</p>\
+                 <p>Your plan: <b>{{ recipient.plan }}</b>.</p><p><a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></p>"
+                    .into(),
+            ),
+            text_file: None,
+            html_file: None,
+            send_rate: args.send_rate,
+            in_flight: 32,
+            max_attempts: 8,
+            unsubscribe_url: "https://baton.example/unsubscribe".into(),
+            unsubscribe_secret: Some(format!("demo-secret-{:016x}", args.seed)),
+            unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
+            configuration_set: None,
+            vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
+        }),
+        sql: None,
+        params: None,
+    }
+}
+
+const FIRST: [&str; 12] = ["Zoë", "José", "Łukasz", "美咲", "Ольга", "Søren", "Aoife", "Nguyễn", "François", "Ayşe", "Đorđe", "María"];
+const LAST: [&str; 8] = ["Müller", "O'Brien", "García", "Kowalski", "田中", "Иванова", "Ødegaard", "Smith"];
+const CITIES: [&str; 6] = ["Zürich", "Kraków", "São Paulo", "Tōkyō", "Reykjavík", "Montréal"];
+const PLANS: [&str; 3] = ["free", "pro", "team"];
+
+/// One synthetic user: sparse ids, unicode names, unique addresses but every 997th invalid and
+/// every 1499th empty.
+pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'static str, &'static str) {
+    let r = crate::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
+    let id = i as i64 * 7 + (r * 7.0) as i64 + 1;
+    let pick = |n: usize, salt: u32| ((r * 1e6) as usize + salt as usize * 7919 + i as usize) % n;
+    let email = if i % 1499 == 1498 {
+        Some(String::new())
+    } else if i % 997 == 996 {
+        Some(format!("user{id}.example.com"))
+    } else if i % 2003 == 2002 {
+        None
+    } else {
+        Some(format!("user{id}@example.com"))
+    };
+    let name = format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)]);
+    (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
+}
+
+async fn create_users(store: &SqliteStore, n: u32, seed: u64) -> Result<()> {
+    store
+        .with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute_batch(
+                "DROP TABLE IF EXISTS users;
+                 CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT);",
+            )?;
+            {
+                let mut insert = tx.prepare("INSERT INTO users (id, email, name, city, plan) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+                for i in 0..n {
+                    let (id, email, name, city, plan) = synthetic_user(i, seed);
+                    insert.execute(rusqlite::params![id, email, name, city, plan])?;
+                }
+            }
+            tx.commit()
+        })
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoSummary {
+    pub run: RunStatus,
+    pub wall_seconds: f64,
+    pub messages_per_second: f64,
+    pub outbox_files: usize,
+    pub valid_users: usize,
+    pub duplicated_addresses: Vec<String>,
+    pub missed_users: usize,
+    pub unknown_users: usize,
+    pub hops: LambdaCounts,
+    pub faults: Faults,
+    pub checks_passed: bool,
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let dir = &args.common.data_dir;
+    if args.common.database_url.is_some() {
+        bail!("the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    let outbox_dir = dir.join("outbox");
+    let _ = std::fs::remove_dir_all(&outbox_dir);
+
+    let job = demo_job(&args);
+    let settings = Settings {
+        hop_timeout: args.hop_timeout,
+        hop_margin: args.hop_timeout / 4,
+        sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
+        reserved_concurrency: args.chains * 2 + 2,
+    };
+    let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
+    config.validate()?;
+    let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
+
+    let store = SqliteStore::open(&dir.join("baton.db"))?;
+    crate::sql::migrations::migrate(&store, crate::ports::Clock::now_ms(&SystemClock)).await?;
+    if !args.common.json {
+        eprintln!("Creating {} synthetic users in {} ...", args.users, dir.join("baton.db").display());
+    }
+    create_users(&store, args.users, args.seed).await?;
+    let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
+
+    let started = Instant::now();
+    let local = LocalRuntime::start(LocalParts {
+        store: Arc::new(store.clone()),
+        mailer: Arc::new(outbox),
+        clock: Arc::new(SystemClock),
+        config,
+        kinds: KindRegistry::default(),
+        faults: faults.clone(),
+        seed: args.seed,
+    });
+    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some("demo")).await? else {
+        unreachable!("start returns Started")
+    };
+    if !args.common.json {
+        eprintln!(
+            "Run {run_id}: {pages} pages through {chains} chains, hop timeout {}{}",
+            humantime::format_duration(args.hop_timeout),
+            if args.chaos { ", with injected faults" } else { "" }
+        );
+    }
+    let show = !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let status = local.drive(&run_id, show).await?;
+    let wall = started.elapsed().as_secs_f64();
+
+    let summary = check(&store, &run_id, &outbox_dir, status, wall, local.lambda_counts(), faults, args.users, args.seed).await?;
+    if args.common.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary, &outbox_dir);
+    }
+    Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check(
+    store: &SqliteStore,
+    run_id: &str,
+    outbox_dir: &std::path::Path,
+    run: RunStatus,
+    wall: f64,
+    hops: LambdaCounts,
+    faults: Faults,
+    users: u32,
+    seed: u64,
+) -> Result<DemoSummary> {
+    let run_id = run_id.to_owned();
+    let unknown_keys: HashSet<String> = store
+        .with_conn(move |conn| {
+            let mut q = conn.prepare("SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'")?;
+            let keys = q.query_map([&run_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
+            Ok(keys)
+        })
+        .await?;
+    let sent = outbox::recipients(outbox_dir)?;
+    let mut per_address: HashMap<&str, usize> = HashMap::new();
+    for a in &sent {
+        *per_address.entry(a.as_str()).or_default() += 1;
+    }
+    let mut duplicated: Vec<String> = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
+    duplicated.sort();
+    let (mut valid, mut missed) = (0, 0);
+    for i in 0..users {
+        let (id, email, ..) = synthetic_user(i, seed);
+        let Some(email) = email.filter(|e| crate::mail::check_address(e).is_ok()) else { continue };
+        valid += 1;
+        if !per_address.contains_key(email.as_str()) && !unknown_keys.contains(&id.to_string()) {
+            missed += 1;
+        }
+    }
+    let checks_passed = duplicated.is_empty() && missed == 0 && run.accounted();
+    Ok(DemoSummary {
+        messages_per_second: run.done as f64 / wall.max(1e-9),
+        wall_seconds: wall,
+        outbox_files: sent.len(),
+        valid_users: valid,
+        duplicated_addresses: duplicated,
+        missed_users: missed,
+        unknown_users: unknown_keys.len(),
+        hops,
+        faults,
+        checks_passed,
+        run,
+    })
+}
+
+fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
+    print_status(&s.run, false);
+    println!(
+        "  hops:    {} delivered | {} duplicated | {} lost | {} crashed | {} timed out",
+        s.hops.delivered, s.hops.duplicated, s.hops.dropped, s.hops.crashed, s.hops.timed_out
+    );
+    println!(
+        "  outbox:  {} messages in {} ({:.0} messages/s over {:.1}s)",
+        s.outbox_files,
+        outbox_dir.display(),
+        s.messages_per_second,
+        s.wall_seconds
+    );
+    let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
+    println!("  {} nobody got it twice ({} duplicated addresses)", mark(s.duplicated_addresses.is_empty()), s.duplicated_addresses.len());
+    println!(
+        "  {} nobody was missed: {} valid users, {} missed, {} unknown (sent at most once, never retried)",
+        mark(s.missed_users == 0),
+        s.valid_users,
+        s.missed_users,
+        s.unknown_users
+    );
+    println!(
+        "  {} done + failed + skipped + unknown = total ({} + {} + {} + {} = {})",
+        mark(s.run.accounted()),
+        s.run.done,
+        s.run.failed,
+        s.run.skipped,
+        s.run.unknown,
+        s.run.total
+    );
+    let over: Vec<_> = s.run.chains.iter().filter(|c| c.hops > c.hop_budget).collect();
+    println!("  {} every chain within its hop budget", mark(over.is_empty()));
+}

@@ -1,0 +1,383 @@
+//! The configuration file (`baton.toml`): runtime settings and the jobs. Everything is
+//! validated at load with an error that names the field and says what would be accepted.
+//! See README.md, "Configuration", for every setting.
+//!
+//! A run stores a snapshot of its job's config (without secrets), so a hop always works from the
+//! config its run started with, even if the file or the image changed since.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("no job named `{name}` in the config; configured jobs: {known}")]
+    UnknownJob { name: String, known: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub jobs: BTreeMap<String, JobConfig>,
+}
+
+/// How hops are timed and how long the engine waits before calling something stuck.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The function's timeout: each hop's hard deadline.
+    #[serde(with = "humantime_serde")]
+    pub hop_timeout: Duration,
+    /// A hop stops claiming pages when less than this is left before its deadline.
+    #[serde(with = "humantime_serde")]
+    pub hop_margin: Duration,
+    /// How often the local driver runs the sweeper (in AWS, the `sweep` schedule's rate).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Concurrent invocations of the local Lambda model (Lambda's reserved concurrency).
+    pub reserved_concurrency: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            hop_timeout: Duration::from_secs(900),
+            hop_margin: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(120),
+            reserved_concurrency: 100,
+        }
+    }
+}
+
+impl Settings {
+    /// A page lease outlives any hop that could hold it: a lease can only expire once its owner
+    /// is certainly dead (its invocation deadline has passed).
+    pub fn lease(&self) -> Duration {
+        self.hop_timeout + self.hop_timeout / 2 + Duration::from_secs(1)
+    }
+
+    /// A chain whose heartbeat is older than this is stuck (its hop died or its event was lost).
+    pub fn stale_after(&self) -> Duration {
+        self.lease() + self.hop_timeout / 2
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.hop_timeout < Duration::from_millis(100) || self.hop_timeout > Duration::from_secs(900) {
+            return Err(invalid(
+                "settings.hop_timeout",
+                "must be between 100ms and 15m (Lambda's maximum function timeout)",
+            ));
+        }
+        if self.hop_margin >= self.hop_timeout {
+            return Err(invalid("settings.hop_margin", "must be shorter than settings.hop_timeout"));
+        }
+        if self.reserved_concurrency == 0 {
+            return Err(invalid("settings.reserved_concurrency", "must be at least 1"));
+        }
+        if self.sweep_interval < Duration::from_millis(50) {
+            return Err(invalid("settings.sweep_interval", "must be at least 50ms"));
+        }
+        Ok(())
+    }
+}
+
+/// What happens to an item whose side effect may or may not have happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ambiguity {
+    /// Report it as `unknown`, never send again (the default: nobody gets it twice).
+    #[default]
+    AtMostOnce,
+    /// Send again once the lease of the hop that claimed it expires (nobody is missed, some may
+    /// get it twice).
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// `newsletter`, `sql`, or the name of a kind registered in Rust.
+    pub kind: String,
+    /// The query that lists the job's items; must select `key_column`.
+    pub source: String,
+    /// A unique, sortable column of `source` (integer, text or uuid) that pages range over.
+    #[serde(default = "default_key_column")]
+    pub key_column: String,
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Worker chains (the run's concurrency).
+    #[serde(default = "default_chains")]
+    pub chains: u32,
+    /// Pause the run once more than this many items failed.
+    #[serde(default)]
+    pub max_failures: Option<u64>,
+    /// Pause the run once more than this percentage of all items failed.
+    #[serde(default)]
+    pub max_failure_percent: Option<f64>,
+    #[serde(default)]
+    pub ambiguity: Ambiguity,
+    /// A run not finished this long after it started fails.
+    #[serde(default = "default_run_deadline", with = "humantime_serde")]
+    pub run_deadline: Duration,
+    /// Extra hops each chain may take beyond one per page.
+    #[serde(default = "default_hop_slack")]
+    pub hop_slack: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newsletter: Option<NewsletterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<SqlJobConfig>,
+    /// Parameters of a kind registered in Rust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
+}
+
+fn default_key_column() -> String {
+    "id".into()
+}
+fn default_page_size() -> u32 {
+    100
+}
+fn default_chains() -> u32 {
+    4
+}
+fn default_run_deadline() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_hop_slack() -> u32 {
+    20
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewsletterConfig {
+    #[serde(default = "default_email_column")]
+    pub email_column: String,
+    /// `Name <address>` or a bare address.
+    pub from: String,
+    /// minijinja templates. Variables: `recipient` (the source row), `vars`, `unsubscribe_url`,
+    /// `run_key`, `job`. Undefined variables are errors.
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// Template files, relative to the config file; read at load into `text` / `html`.
+    #[serde(default, skip_serializing)]
+    pub text_file: Option<PathBuf>,
+    #[serde(default, skip_serializing)]
+    pub html_file: Option<PathBuf>,
+    /// Messages per second over the whole run (all chains); 0 means no limit.
+    #[serde(default)]
+    pub send_rate: f64,
+    /// Sends in flight per hop.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: u32,
+    /// Attempts per message on throttling or transient errors before it counts as failed.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    pub unsubscribe_url: String,
+    /// The HMAC secret for unsubscribe tokens. Never stored with the run; prefer
+    /// `unsubscribe_secret_env`.
+    #[serde(default, skip_serializing)]
+    pub unsubscribe_secret: Option<String>,
+    #[serde(default = "default_secret_env")]
+    pub unsubscribe_secret_env: String,
+    /// SES configuration set (AWS only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration_set: Option<String>,
+    /// Template variables shared by every message.
+    #[serde(default)]
+    pub vars: BTreeMap<String, toml::Value>,
+}
+
+fn default_email_column() -> String {
+    "email".into()
+}
+fn default_in_flight() -> u32 {
+    32
+}
+fn default_max_attempts() -> u32 {
+    6
+}
+fn default_secret_env() -> String {
+    "BATON_UNSUBSCRIBE_SECRET".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlJobConfig {
+    /// Run once per page with `:lo` (exclusive; NULL on the first page) and `:hi` (inclusive).
+    pub statement: String,
+}
+
+/// A plain SQL identifier: letters, digits and `_`, not starting with a digit. Key and email
+/// columns are spliced into statements, so nothing else is accepted.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; template files are resolved relative to `path`'s folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (name, job) in &mut config.jobs {
+            if let Some(n) = &mut job.newsletter {
+                for (file, slot, field) in [
+                    (n.text_file.take(), &mut n.text, "text_file"),
+                    (n.html_file.take(), &mut n.html, "html_file"),
+                ] {
+                    if let Some(file) = file {
+                        let full = base.join(&file);
+                        *slot = Some(std::fs::read_to_string(&full).map_err(|e| {
+                            invalid(format!("jobs.{name}.newsletter.{field}"), format!("cannot read {}: {e}", full.display()))
+                        })?);
+                    }
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.settings.validate()?;
+        for (name, job) in &self.jobs {
+            job.validate(name)?;
+        }
+        Ok(())
+    }
+
+    pub fn job(&self, name: &str) -> Result<&JobConfig, ConfigError> {
+        self.jobs.get(name).ok_or_else(|| ConfigError::UnknownJob {
+            name: name.to_owned(),
+            known: if self.jobs.is_empty() {
+                "(none)".to_owned()
+            } else {
+                self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        })
+    }
+}
+
+impl JobConfig {
+    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let f = |field: &str| format!("jobs.{name}.{field}");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(invalid(format!("jobs.{name}"), "job names use letters, digits, `-` and `_` only"));
+        }
+        if self.source.trim().is_empty() {
+            return Err(invalid(f("source"), "must be a SELECT that lists the job's items"));
+        }
+        if self.source.trim_end().ends_with(';') {
+            return Err(invalid(f("source"), "must be one query without a trailing `;` (it is used as a subquery)"));
+        }
+        if !is_identifier(&self.key_column) {
+            return Err(invalid(f("key_column"), "must be a plain column name (letters, digits, `_`)"));
+        }
+        if !(1..=10_000).contains(&self.page_size) {
+            return Err(invalid(f("page_size"), format!("must be between 1 and 10000, got {}", self.page_size)));
+        }
+        if !(1..=1000).contains(&self.chains) {
+            return Err(invalid(f("chains"), format!("must be between 1 and 1000, got {}", self.chains)));
+        }
+        if let Some(p) = self.max_failure_percent
+            && !(0.0..=100.0).contains(&p)
+        {
+            return Err(invalid(f("max_failure_percent"), format!("must be between 0 and 100, got {p}")));
+        }
+        if self.run_deadline < Duration::from_secs(1) {
+            return Err(invalid(f("run_deadline"), "must be at least 1s"));
+        }
+        match self.kind.as_str() {
+            "newsletter" => {
+                let n = self.newsletter.as_ref().ok_or_else(|| {
+                    invalid(f("newsletter"), "a `newsletter` job needs a [jobs.NAME.newsletter] section")
+                })?;
+                n.validate(&f("newsletter"))?;
+            }
+            "sql" => {
+                let s = self
+                    .sql
+                    .as_ref()
+                    .ok_or_else(|| invalid(f("sql"), "a `sql` job needs a [jobs.NAME.sql] section with `statement`"))?;
+                let names = crate::sql::params::names(&s.statement);
+                if let Some(other) = names.iter().find(|n| *n != "lo" && *n != "hi") {
+                    return Err(invalid(f("sql.statement"), format!("only :lo and :hi are bound, not :{other}")));
+                }
+                if !names.iter().any(|n| n == "hi") {
+                    return Err(invalid(f("sql.statement"), "must use :hi (and usually :lo) to stay within its page"));
+                }
+            }
+            "" => return Err(invalid(f("kind"), "must be `newsletter`, `sql` or a kind registered in Rust")),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl NewsletterConfig {
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let f = |field: &str| format!("{prefix}.{field}");
+        if !is_identifier(&self.email_column) {
+            return Err(invalid(f("email_column"), "must be a plain column name (letters, digits, `_`)"));
+        }
+        crate::mail::parse_mailbox(&self.from).map_err(|e| invalid(f("from"), e))?;
+        if self.text.is_none() && self.html.is_none() {
+            return Err(invalid(f("text"), "give `text` or `html` (or `text_file` / `html_file`)"));
+        }
+        if !(self.send_rate >= 0.0 && self.send_rate.is_finite()) {
+            return Err(invalid(f("send_rate"), "must be a number of messages per second, 0 for no limit"));
+        }
+        if !(1..=512).contains(&self.in_flight) {
+            return Err(invalid(f("in_flight"), format!("must be between 1 and 512, got {}", self.in_flight)));
+        }
+        if !(1..=50).contains(&self.max_attempts) {
+            return Err(invalid(f("max_attempts"), format!("must be between 1 and 50, got {}", self.max_attempts)));
+        }
+        if !(self.unsubscribe_url.starts_with("https://") || self.unsubscribe_url.starts_with("http://")) {
+            return Err(invalid(f("unsubscribe_url"), "must be an http(s) URL (RFC 8058 one-click needs https in production)"));
+        }
+        if let Some(s) = &self.unsubscribe_secret
+            && s.len() < 16
+        {
+            return Err(invalid(f("unsubscribe_secret"), "must be at least 16 characters"));
+        }
+        for (name, template) in [("subject", Some(&self.subject)), ("text", self.text.as_ref()), ("html", self.html.as_ref())] {
+            if let Some(t) = template {
+                let env = minijinja::Environment::new();
+                env.template_from_str(t).map_err(|e| invalid(f(name), format!("template does not parse: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The unsubscribe secret: from the file, else from the environment variable it names.
+    pub fn secret(&self) -> Option<String> {
+        self.unsubscribe_secret.clone().or_else(|| std::env::var(&self.unsubscribe_secret_env).ok())
+    }
+}

@@ -1,0 +1,95 @@
+//! The Lambda payload: one serde-tagged enum whose `type` selects the role of the invocation.
+//! Unknown types and unknown or missing fields are rejected before anything runs.
+
+use serde::{Deserialize, Serialize};
+
+/// Lambda's limit on an asynchronous invocation payload.
+pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// Plan and start a run of `job` (from the schedule, or the CLI). `run_key` defaults to the
+    /// current month, `YYYY-MM`, so a schedule firing twice cannot start two runs.
+    Start {
+        job: String,
+        #[serde(default)]
+        run_key: Option<String>,
+    },
+    /// Continue chain `chain` of run `run_id` with hop number `hop`.
+    Hop {
+        run_id: String,
+        chain: u32,
+        hop: u64,
+        /// W3C trace context of the previous hop, linked from this hop's span.
+        #[serde(default)]
+        traceparent: Option<String>,
+    },
+    /// Find stuck chains and expired leases and restart them.
+    Sweep {},
+    /// Pause, resume or cancel a run.
+    Control { run_id: String, action: ControlAction },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(
+        "malformed event: {0}. Expected JSON with \"type\" one of start, hop, sweep, control, \
+         e.g. {{\"type\":\"start\",\"job\":\"monthly-newsletter\"}}"
+    )]
+    Malformed(String),
+    #[error("event is {size} bytes; an asynchronous invocation takes at most {MAX_ASYNC_PAYLOAD}")]
+    TooLarge { size: usize },
+}
+
+impl Event {
+    pub fn parse(bytes: &[u8]) -> Result<Event, EventError> {
+        if bytes.len() > MAX_ASYNC_PAYLOAD {
+            return Err(EventError::TooLarge { size: bytes.len() });
+        }
+        serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("events always serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_event() {
+        for e in [
+            Event::Start { job: "j".into(), run_key: Some("2026-12".into()) },
+            Event::Hop { run_id: "r".into(), chain: 2, hop: 7, traceparent: None },
+            Event::Sweep {},
+            Event::Control { run_id: "r".into(), action: ControlAction::Cancel },
+        ] {
+            assert_eq!(Event::parse(e.to_json().as_bytes()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_types_and_fields() {
+        for bad in [
+            r#"{"type":"explode"}"#,
+            r#"{"type":"hop","run_id":"r","chain":1}"#,
+            r#"{"type":"start","job":"j","surprise":1}"#,
+            r#"{"job":"j"}"#,
+            "not json",
+        ] {
+            let err = Event::parse(bad.as_bytes()).unwrap_err();
+            assert!(err.to_string().starts_with("malformed event"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The engine: the chain protocol, identical in Lambda and on one machine. It is generic over
+//! its ports (SQL, next hop, mail, clock) and never names an adapter.
+//!
+//! How a run moves (see DESIGN.md for the why):
+//!
+//! 1. `start` validates the job against a sample of its source (columns, unique key, templates),
+//!    then plans the run in one transaction: the run row, its pages (every `page_size`-th key,
+//!    fixed now), and K chains with `next_hop = 1`. It then invokes hop 1 of every chain. A
+//!    second `start` of the same `(job, run_key)` finds the run and starts nothing.
+//! 2. A `hop` first compare-and-sets its chain's `next_hop` from `hop` to `hop + 1`
+//!    ([`hop`]); a duplicate or stale delivery loses and exits without side effects. It then
+//!    claims pages one at a time (the claim also checks the run is `running`: the kill switch)
+//!    and processes each until its time budget is nearly spent, then invokes `hop + 1`.
+//! 3. Items are claimed in the delivery ledger in one statement before any side effect, and
+//!    their results written back in one statement after. A page whose lease expired (its hop
+//!    died) is claimed again; its leftover claims become `unknown` (at-most-once) or are sent
+//!    again (at-least-once).
+//! 4. A chain that finds no page ends; the one that finds no page and no live lease marks the
+//!    run `succeeded`, exactly once ([`crate::sql::statements::complete_run`]).
+//! 5. `sweep` restarts chains whose heartbeat stopped (lost event, crashed hop) from their
+//!    checkpoint, through the same compare-and-set, so a late original and the restart cannot
+//!    both run. Hop budgets and the run deadline bound every chain even if all else were wrong.
+
+pub mod event;
+pub mod hop;
+pub mod run;
+pub mod sweep;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::{Config, ConfigError, JobConfig};
+use crate::jobs::{Item, Job, JobDeps, JobError, KindRegistry};
+use crate::ports::{Clock, InvokeError, Invoker, Mailer};
+use crate::sql::{KeyType, SqlError, SqlStore, Value, migrations, statements as st};
+use event::{ControlAction, Event, EventError};
+use run::{ChainStatus, RunRow, RunStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    #[error("no run with id `{0}`; `baton status` lists the latest run")]
+    RunNotFound(String),
+    #[error("invalid run key `{0}`: use letters, digits, `-`, `_` and `.` (e.g. 2026-12)")]
+    RunKey(String),
+    #[error("cannot continue the chain: {0}")]
+    Invoke(#[from] InvokeError),
+    #[error("corrupt state: {0}")]
+    State(String),
+}
+
+/// What an invocation did, for logs, the CLI and tests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Started { run_id: String, chains: i64, pages: i64, items: i64, existing: bool },
+    Hopped { pages: u32, next: HopNext },
+    /// Another delivery of this hop already ran (or the chain moved on): nothing was done.
+    Duplicate,
+    Swept(sweep::SweepReport),
+    Controlled { run_id: String, status: String },
+}
+
+/// How a hop left its chain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HopNext {
+    /// The next hop was invoked.
+    Continued,
+    /// No page left for this chain.
+    Ended,
+    /// This hop marked the run `succeeded`.
+    Completed,
+    /// The run is pausing: the chain parked at its checkpoint.
+    Parked,
+    /// The run is over (cancelled, failed, succeeded): the chain stopped.
+    Stopped,
+    /// The chain exceeded its hop budget, or the run its deadline: both are failed.
+    Failed(String),
+}
+
+/// Everything the engine needs: ports, config, kinds.
+pub struct EngineParts {
+    pub store: Arc<dyn SqlStore>,
+    pub invoker: Arc<dyn Invoker>,
+    pub mailer: Arc<dyn Mailer>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Config,
+    pub kinds: KindRegistry,
+}
+
+pub struct Engine {
+    store: Arc<dyn SqlStore>,
+    invoker: Arc<dyn Invoker>,
+    mailer: Arc<dyn Mailer>,
+    clock: Arc<dyn Clock>,
+    config: Config,
+    kinds: KindRegistry,
+}
+
+impl Engine {
+    pub fn new(parts: EngineParts) -> Self {
+        let EngineParts { store, invoker, mailer, clock, config, kinds } = parts;
+        Self { store, invoker, mailer, clock, config, kinds }
+    }
+
+    pub fn store(&self) -> &Arc<dyn SqlStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Applies schema migrations; safe to call at every start and from several processes.
+    pub async fn migrate(&self) -> Result<Vec<i64>, EngineError> {
+        Ok(migrations::migrate(self.store.as_ref(), self.now_ms()).await?)
+    }
+
+    /// Decodes and routes one Lambda payload. `deadline` is when the invocation will be killed.
+    pub async fn handle_payload(&self, payload: &[u8], deadline: Instant) -> Result<Outcome, EngineError> {
+        let event = Event::parse(payload)?;
+        self.handle(event, deadline).await
+    }
+
+    pub async fn handle(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
+        match event {
+            Event::Start { job, run_key } => self.start(&job, run_key.as_deref()).await,
+            Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
+            Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
+            Event::Control { run_id, action } => self.control(&run_id, action).await,
+        }
+    }
+
+    fn deps(&self, job: &str, config: &JobConfig) -> JobDeps {
+        let secret = self
+            .config
+            .jobs
+            .get(job)
+            .and_then(|j| j.newsletter.as_ref())
+            .or(config.newsletter.as_ref())
+            .and_then(|n| n.secret());
+        JobDeps { store: self.store.clone(), mailer: self.mailer.clone(), clock: self.clock.clone(), secret }
+    }
+
+    pub fn build_job(&self, name: &str, config: &JobConfig) -> Result<Job, JobError> {
+        self.kinds.build(name, config, &self.deps(name, config))
+    }
+
+    pub(crate) async fn load_run(&self, run_id: &str) -> Result<RunRow, EngineError> {
+        let rows = self.store.query(st::run_by_id(run_id)).await?;
+        RunRow::first(&rows).map_err(EngineError::State)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
+    }
+
+    pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
+        let event = Event::Hop { run_id: run_id.to_owned(), chain: chain as u32, hop: hop as u64, traceparent: None };
+        self.invoker.invoke(&event).await
+    }
+
+    /// Invokes each `(chain, next_hop)`; a failed invoke is logged and left to the sweeper.
+    pub(crate) async fn invoke_chains(&self, run_id: &str, rows: &crate::sql::Rows) -> usize {
+        let mut invoked = 0;
+        for r in rows.records() {
+            match self.invoke_hop(run_id, r.int("chain_no"), r.int("next_hop")).await {
+                Ok(()) => invoked += 1,
+                Err(e) => tracing::warn!(run_id, chain = r.int("chain_no"), error = %e, "invoke failed; the sweeper will retry"),
+            }
+        }
+        invoked
+    }
+
+    // ---- start ------------------------------------------------------------------------------
+
+    /// Validates, plans and starts a run; returns the existing run if `(job, run_key)` exists.
+    pub async fn start(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
+        let config = self.config.job(job_name)?.clone();
+        let run_key = match run_key {
+            Some(k) => k.to_owned(),
+            None => month_key(self.now_ms()),
+        };
+        if run_key.is_empty() || !run_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(EngineError::RunKey(run_key));
+        }
+        if let Some(existing) = self.existing_run(job_name, &run_key).await? {
+            return Ok(existing);
+        }
+        let job = self.build_job(job_name, &config)?;
+        let key_type = self.check_source(job_name, &config, &job).await?;
+
+        let now = self.now_ms();
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let snapshot = serde_json::to_string(&config).expect("config serialises");
+        let hops_per_page = self.hops_per_page(&config, &job);
+        let plan = st::plan_run(
+            &st::NewRun {
+                run_id: &run_id,
+                job: job_name,
+                run_key: &run_key,
+                job_config: &snapshot,
+                key_type: key_type.as_str(),
+                deadline_at: now + config.run_deadline.as_millis() as i64,
+                now,
+            },
+            &config.source,
+            &config.key_column,
+            config.page_size as i64,
+            config.chains as i64,
+            hops_per_page,
+            config.hop_slack as i64,
+        );
+        if let Err(e) = self.store.transaction(plan).await {
+            // Lost a race with another start of the same run: that one is the run.
+            if let Some(existing) = self.existing_run(job_name, &run_key).await? {
+                return Ok(existing);
+            }
+            return Err(source_error(job_name, e));
+        }
+        let run = self.load_run(&run_id).await?;
+        let chains = self.store.query(st::chains_of(&run_id)).await?;
+        self.invoke_chains(&run_id, &chains).await;
+        tracing::info!(run_id, job = job_name, run_key, pages = run.total_pages, items = run.total_items, "run started");
+        Ok(Outcome::Started {
+            run_id,
+            chains: run.chains,
+            pages: run.total_pages,
+            items: run.total_items,
+            existing: false,
+        })
+    }
+
+    async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
+        let rows = self.store.query(st::run_by_key(job, run_key)).await?;
+        Ok(RunRow::first(&rows).map_err(EngineError::State)?.map(|r| Outcome::Started {
+            run_id: r.run_id,
+            chains: r.chains,
+            pages: r.total_pages,
+            items: r.total_items,
+            existing: true,
+        }))
+    }
+
+    /// Runs the source once on a sample: the key column exists, is unique and of a sortable
+    /// type, and the job accepts the columns and the first item. Returns the key's type.
+    async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<KeyType, EngineError> {
+        let key = &config.key_column;
+        let field = format!("jobs.{name}.source");
+        let mut stmts = st::source_sample(&config.source, key);
+        let counts = stmts.pop().expect("two statements");
+        let sample = self.store.query(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
+        if sample.column(key).is_none() {
+            return Err(JobError::Invalid {
+                field: format!("jobs.{name}.key_column"),
+                message: format!("the source query has no column `{key}`; its columns are: {}", sample.columns.join(", ")),
+            }
+            .into());
+        }
+        let counts = self.store.query(counts).await.map_err(|e| source_error(name, e))?;
+        let (n, distinct) = counts.first().map(|r| (r.int("n"), r.int("d"))).unwrap_or((0, 0));
+        if n != distinct {
+            return Err(JobError::Invalid {
+                field: format!("jobs.{name}.key_column"),
+                message: format!("`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"),
+            }
+            .into());
+        }
+        let columns = Arc::new(sample.columns.clone());
+        let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
+        let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
+            None => KeyType::Text,
+            Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
+                field,
+                message: format!("key `{key}` must be an integer, text or uuid column, found {v:?}"),
+            })?,
+        };
+        match job {
+            Job::Items(j) => j.check(&sample.columns, item.as_ref())?,
+            Job::Ranges(j) => j.check(&sample.columns)?,
+        }
+        Ok(key_type)
+    }
+
+    /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
+    fn hops_per_page(&self, config: &JobConfig, job: &Job) -> i64 {
+        let usable = self.config.settings.hop_timeout.saturating_sub(self.config.settings.hop_margin);
+        let per_item = match job {
+            Job::Items(j) => j.seconds_per_item(),
+            Job::Ranges(_) => None,
+        };
+        match per_item {
+            Some(s) => {
+                let page_secs = s * config.chains as f64 * config.page_size as f64;
+                (page_secs / usable.as_secs_f64().max(0.001)).ceil().max(1.0) as i64 + 1
+            }
+            None => 1,
+        }
+    }
+
+    // ---- control ----------------------------------------------------------------------------
+
+    pub async fn control(&self, run_id: &str, action: ControlAction) -> Result<Outcome, EngineError> {
+        let run = self.load_run(run_id).await?;
+        let now = self.now_ms();
+        match action {
+            ControlAction::Pause => {
+                self.store
+                    .query(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now))
+                    .await?;
+                self.store.query(st::settle_pause(run_id, now)).await?;
+            }
+            ControlAction::Resume => {
+                self.store.query(st::resume_run(run_id, now)).await?;
+                let chains = self.store.query(st::unpark_chains(run_id, now)).await?;
+                self.invoke_chains(run_id, &chains).await;
+                let revived = self.store.query(st::revive_chain(run_id, now)).await?;
+                self.invoke_chains(run_id, &revived).await;
+            }
+            ControlAction::Cancel => {
+                self.store
+                    .query(st::set_run_status(
+                        run_id,
+                        &["running", "pausing", "paused", "planning"],
+                        "cancelled",
+                        Some("cancelled by operator"),
+                        now,
+                    ))
+                    .await?;
+            }
+        }
+        let after = self.load_run(run_id).await?;
+        tracing::info!(run_id, ?action, from = run.status, to = after.status, "control");
+        Ok(Outcome::Controlled { run_id: run_id.to_owned(), status: after.status })
+    }
+
+    // ---- status -----------------------------------------------------------------------------
+
+    /// The latest run, or `run_id`'s.
+    pub async fn status(&self, run_id: Option<&str>) -> Result<Option<RunStatus>, EngineError> {
+        let run = match run_id {
+            Some(id) => self.load_run(id).await?,
+            None => match RunRow::first(&self.store.query(st::latest_run()).await?).map_err(EngineError::State)? {
+                Some(r) => r,
+                None => return Ok(None),
+            },
+        };
+        let id = run.run_id.as_str();
+        let counts = count_by(&self.store.query(st::ledger_counts(id)).await?, "state");
+        let pages = count_by(&self.store.query(st::page_progress(id)).await?, "status");
+        let chains = self.store.query(st::chains_of(id)).await?;
+        let get = |m: &HashMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
+        let recorded: i64 = counts.values().sum();
+        Ok(Some(RunStatus {
+            run_id: run.run_id.clone(),
+            job: run.job.clone(),
+            run_key: run.run_key.clone(),
+            status: run.status.clone(),
+            reason: run.reason.clone(),
+            total: run.total_items,
+            done: get(&counts, "done"),
+            failed: get(&counts, "failed"),
+            skipped: get(&counts, "skipped"),
+            unknown: get(&counts, "unknown"),
+            claimed: get(&counts, "claimed"),
+            pending: (run.total_items - recorded).max(0),
+            pages_done: get(&pages, "done"),
+            pages_total: run.total_pages,
+            chains: chains
+                .records()
+                .map(|c| ChainStatus {
+                    chain: c.int("chain_no"),
+                    status: c.text("status").unwrap_or_default(),
+                    reason: c.text("reason"),
+                    hops: c.int("next_hop") - 1,
+                    hop_budget: run.max_hops,
+                    restarts: c.int("restarts"),
+                    heartbeat_at_ms: c.int("heartbeat_at"),
+                })
+                .collect(),
+            created_at_ms: run.created_at,
+            finished_at_ms: run.finished_at,
+            elapsed_ms: run.finished_at.unwrap_or_else(|| self.now_ms()) - run.created_at,
+        }))
+    }
+
+    /// Items of a run in one ledger state (e.g. the `unknown` ones to check by hand).
+    pub async fn items_in_state(&self, run_id: &str, state: &str, limit: i64) -> Result<Vec<(String, Option<String>)>, EngineError> {
+        let rows = self.store.query(st::ledger_items(run_id, state, limit)).await?;
+        Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
+    }
+
+    /// Renders one item's message without sending (the `preview` command).
+    pub async fn preview(&self, job_name: &str, key: Option<&str>) -> Result<Option<crate::jobs::newsletter::Rendered>, EngineError> {
+        let config = self.config.job(job_name)?.clone();
+        let job = crate::jobs::newsletter::Newsletter::new(job_name, &config, &self.deps(job_name, &config))?;
+        let stmt = match key {
+            None => st::source_sample(&config.source, &config.key_column).remove(0),
+            Some(k) => {
+                // The key's type is unknown here: compare as text, which all key types support.
+                crate::sql::Stmt::new(
+                    format!(
+                        "SELECT * FROM ({}) AS src WHERE CAST(src.{} AS TEXT) = :key",
+                        config.source, config.key_column
+                    ),
+                    crate::sql::Params::new().with("key", k),
+                )
+            }
+        };
+        let rows = self.store.query(stmt).await.map_err(|e| source_error(job_name, e))?;
+        let columns = Arc::new(rows.columns.clone());
+        let Some(values) = rows.rows.into_iter().next() else { return Ok(None) };
+        let item = item_of(&columns, &config.key_column, values);
+        let email_col = config.newsletter.as_ref().map(|n| n.email_column.clone()).unwrap_or_default();
+        let address = item.get(&email_col).to_string();
+        job.render(&item, "preview", &address)
+            .map(Some)
+            .map_err(|(field, message)| JobError::Invalid { field, message }.into())
+    }
+}
+
+pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>) -> Item {
+    let idx = columns.iter().position(|c| c.eq_ignore_ascii_case(key));
+    let key = idx.and_then(|i| values[i].key_text()).unwrap_or_default();
+    Item { key, columns: columns.clone(), values }
+}
+
+fn source_error(job: &str, e: SqlError) -> EngineError {
+    match e {
+        SqlError::Statement { message } => JobError::Invalid {
+            field: format!("jobs.{job}.source"),
+            message: format!("the source query failed: {message}"),
+        }
+        .into(),
+        other => other.into(),
+    }
+}
+
+fn count_by(rows: &crate::sql::Rows, column: &str) -> HashMap<String, i64> {
+    rows.records().map(|r| (r.text(column).unwrap_or_default(), r.int("n"))).collect()
+}
+
+/// `YYYY-MM` (UTC) of an epoch-milliseconds instant: the default run key.
+pub fn month_key(now_ms: i64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let days = now_ms.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+    format!("{year:04}-{month:02}")
+}
+
+/// How long before `deadline` a hop stops claiming pages.
+pub(crate) fn soft_deadline(deadline: Instant, margin: Duration) -> Instant {
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline - margin.min(left / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn month_keys() {
+        assert_eq!(super::month_key(0), "1970-01");
+        assert_eq!(super::month_key(1_795_000_000_000), "2026-11");
+        assert_eq!(super::month_key(951_782_400_000), "2000-02"); // 2000-02-29
+    }
+}

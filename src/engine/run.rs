@@ -1,0 +1,106 @@
+//! The run row and the status report built from the state tables.
+
+use serde::Serialize;
+
+use crate::config::JobConfig;
+use crate::sql::{KeyType, Record, Rows};
+
+/// Run statuses. `pausing` becomes `paused` once every chain has parked.
+pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub run_id: String,
+    pub job: String,
+    pub run_key: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub job_config: JobConfig,
+    pub key_type: KeyType,
+    pub chains: i64,
+    pub total_items: i64,
+    pub total_pages: i64,
+    pub max_hops: i64,
+    pub deadline_at: i64,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+impl RunRow {
+    pub fn from_record(r: Record<'_>) -> Result<RunRow, String> {
+        let job_config: JobConfig = serde_json::from_str(&r.text("job_config").unwrap_or_default())
+            .map_err(|e| format!("run's stored job config does not parse: {e}"))?;
+        Ok(RunRow {
+            run_id: r.text("run_id").unwrap_or_default(),
+            job: r.text("job").unwrap_or_default(),
+            run_key: r.text("run_key").unwrap_or_default(),
+            status: r.text("status").unwrap_or_default(),
+            reason: r.text("reason"),
+            job_config,
+            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default()).unwrap_or(KeyType::Text),
+            chains: r.int("chains"),
+            total_items: r.int("total_items"),
+            total_pages: r.int("total_pages"),
+            max_hops: r.int("max_hops"),
+            deadline_at: r.int("deadline_at"),
+            created_at: r.int("created_at"),
+            finished_at: r.get("finished_at").as_i64(),
+        })
+    }
+
+    pub fn first(rows: &Rows) -> Result<Option<RunRow>, String> {
+        rows.first().map(RunRow::from_record).transpose()
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        TERMINAL.contains(&self.status.as_str())
+    }
+}
+
+/// What `baton status` prints (and `--json` emits).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStatus {
+    pub run_id: String,
+    pub job: String,
+    pub run_key: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub total: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub unknown: i64,
+    /// Claimed but not yet recorded (in flight, or left by a crashed hop until its lease ends).
+    pub claimed: i64,
+    pub pending: i64,
+    pub pages_done: i64,
+    pub pages_total: i64,
+    pub chains: Vec<ChainStatus>,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub elapsed_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainStatus {
+    pub chain: i64,
+    pub status: String,
+    pub reason: Option<String>,
+    /// Hops this chain has started (its next hop number minus one).
+    pub hops: i64,
+    /// The most hops this chain may take (the run's hop budget).
+    pub hop_budget: i64,
+    pub restarts: i64,
+    pub heartbeat_at_ms: i64,
+}
+
+impl RunStatus {
+    pub fn is_terminal(&self) -> bool {
+        TERMINAL.contains(&self.status.as_str())
+    }
+
+    /// The identity that must hold when a run succeeded.
+    pub fn accounted(&self) -> bool {
+        self.done + self.failed + self.skipped + self.unknown == self.total
+    }
+}

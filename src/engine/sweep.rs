@@ -1,0 +1,57 @@
+//! The sweeper: run from a frequent schedule (`sweep` event) or the local driver's timer. For
+//! every open run it restarts chains whose heartbeat stopped (their hop died or their event was
+//! lost) from their checkpoint, revives a chain when pages are claimable but none is active,
+//! parks silent chains of a pausing run, fails runs past their deadline, and completes a run
+//! whose last chain died after finishing the last page.
+
+use serde::Serialize;
+
+use super::{Engine, EngineError, run::RunRow};
+use crate::sql::statements as st;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SweepReport {
+    pub runs: usize,
+    pub restarted: usize,
+    pub revived: usize,
+    pub parked: usize,
+    pub completed: usize,
+    pub failed: usize,
+}
+
+impl Engine {
+    pub async fn sweep(&self) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
+        let open = self.store.query(st::open_runs()).await?;
+        let stale_ms = self.config.settings.stale_after().as_millis() as i64;
+        for record in open.records() {
+            let run = RunRow::from_record(record).map_err(EngineError::State)?;
+            let id = run.run_id.as_str();
+            let now = self.now_ms();
+            report.runs += 1;
+            if now > run.deadline_at {
+                let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
+                if !self.store.query(st::set_run_status(id, &["running", "pausing"], "failed", Some(reason), now)).await?.rows.is_empty() {
+                    report.failed += 1;
+                }
+                continue;
+            }
+            if run.status == "pausing" {
+                report.parked += self.store.query(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
+                self.store.query(st::settle_pause(id, now)).await?;
+                continue;
+            }
+            let stale = self.store.query(st::claim_stale_chains(id, now - stale_ms, now)).await?;
+            for c in stale.records() {
+                tracing::warn!(run_id = id, chain = c.int("chain_no"), hop = c.int("next_hop"), "restarting a silent chain");
+            }
+            report.restarted += self.invoke_chains(id, &stale).await;
+            let revived = self.store.query(st::revive_chain(id, now)).await?;
+            report.revived += self.invoke_chains(id, &revived).await;
+            if !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
+                report.completed += 1;
+            }
+        }
+        Ok(report)
+    }
+}

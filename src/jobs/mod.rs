@@ -1,0 +1,180 @@
+//! Job kinds: what a run does with its items. The engine owns paging, leases, claims and the
+//! ledger; a kind only says how to process.
+//!
+//! - [`ItemJob`]: item by item, each claimed in the delivery ledger before its side effect
+//!   (`newsletter`). The engine runs up to [`ItemJob::in_flight`] items at once.
+//! - [`RangeJob`]: a whole page (key range) at a time, the page lease being the only claim
+//!   (`sql`: one statement per range, for chunked backfills).
+//!
+//! Users add kinds in Rust by registering a builder in [`KindRegistry`] under a `kind` name.
+
+pub mod newsletter;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::config::{Ambiguity, JobConfig};
+use crate::ports::{Clock, Mailer};
+use crate::sql::{SqlStore, Value};
+
+/// One item of a page: its canonical key and the source row.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub key: String,
+    pub columns: Arc<Vec<String>>,
+    pub values: Vec<Value>,
+}
+
+impl Item {
+    pub fn get(&self, column: &str) -> &Value {
+        const NULL: &Value = &Value::Null;
+        self.columns.iter().position(|c| c.eq_ignore_ascii_case(column)).map(|i| &self.values[i]).unwrap_or(NULL)
+    }
+}
+
+/// What became of one item. Everything but `Released` is written to the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemOutcome {
+    Done,
+    /// Permanently failed, with the reason.
+    Failed(String),
+    /// Deliberately not processed (invalid address, ...), with the reason.
+    Skipped(String),
+    /// The side effect may or may not have happened.
+    Unknown(String),
+    /// Not attempted, or attempted and certainly without effect: the claim is dropped and the
+    /// item is processed again later.
+    Released,
+    /// Certainly without effect, and the run must pause (e.g. the sending quota is spent).
+    PauseRun(String),
+}
+
+impl ItemOutcome {
+    /// The ledger state and reason, for outcomes that are recorded.
+    pub fn ledger(&self) -> Option<(&'static str, Option<String>)> {
+        match self {
+            ItemOutcome::Done => Some(("done", None)),
+            ItemOutcome::Failed(r) => Some(("failed", Some(r.clone()))),
+            ItemOutcome::Skipped(r) => Some(("skipped", Some(r.clone()))),
+            ItemOutcome::Unknown(r) => Some(("unknown", Some(r.clone()))),
+            ItemOutcome::Released | ItemOutcome::PauseRun(_) => None,
+        }
+    }
+}
+
+/// What a hop tells a kind about the item at hand.
+#[derive(Debug, Clone)]
+pub struct ItemContext {
+    pub run_id: String,
+    pub run_key: String,
+    pub chain: u32,
+    /// Past this instant, start nothing new: return `Released` if nothing was sent.
+    pub soft_deadline: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job cannot run as configured (bad template, missing column, ...). Stops a run
+    /// before it starts.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A failure that may pass (database resuming, ...): the page is retried later.
+    #[error("{0}")]
+    Transient(String),
+    /// A failure that will not pass: the run fails with this reason.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+#[async_trait]
+pub trait ItemJob: Send + Sync {
+    /// Checks the source's columns and renders a sample item before a run starts, so a bad
+    /// template or column stops the run before the first side effect.
+    fn check(&self, columns: &[String], sample: Option<&Item>) -> Result<(), JobError>;
+    /// Items processed concurrently per hop.
+    fn in_flight(&self) -> usize;
+    /// Seconds one item takes at the configured rate for the whole run, if rate-limited.
+    fn seconds_per_item(&self) -> Option<f64> {
+        None
+    }
+    /// Called once per hop before any item, with the run's chain count (to split the rate).
+    fn begin_hop(&self, _chains: u32) {}
+    async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome;
+}
+
+/// Whether a range job finished its page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeOutcome {
+    Done,
+    /// Not finished: release the page so it is claimed again.
+    Incomplete,
+}
+
+#[async_trait]
+pub trait RangeJob: Send + Sync {
+    fn check(&self, _columns: &[String]) -> Result<(), JobError> {
+        Ok(())
+    }
+    async fn process(&self, lo: Option<Value>, hi: Value, soft_deadline: Instant) -> Result<RangeOutcome, JobError>;
+}
+
+#[derive(Clone)]
+pub enum Job {
+    Items(Arc<dyn ItemJob>),
+    Ranges(Arc<dyn RangeJob>),
+}
+
+/// What kinds may use to do their work.
+#[derive(Clone)]
+pub struct JobDeps {
+    pub store: Arc<dyn SqlStore>,
+    pub mailer: Arc<dyn Mailer>,
+    pub clock: Arc<dyn Clock>,
+    /// The unsubscribe secret, resolved outside the run's stored config.
+    pub secret: Option<String>,
+}
+
+pub type KindBuilder = Arc<dyn Fn(&str, &JobConfig, &JobDeps) -> Result<Job, JobError> + Send + Sync>;
+
+/// Builds jobs from their config by `kind`: the built-in `newsletter` and `sql`, plus any
+/// registered in Rust.
+#[derive(Clone, Default)]
+pub struct KindRegistry {
+    custom: HashMap<String, KindBuilder>,
+}
+
+impl KindRegistry {
+    pub fn register(&mut self, kind: &str, builder: KindBuilder) {
+        self.custom.insert(kind.to_owned(), builder);
+    }
+
+    pub fn build(&self, name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Job, JobError> {
+        match config.kind.as_str() {
+            "newsletter" => Ok(Job::Items(Arc::new(newsletter::Newsletter::new(name, config, deps)?))),
+            "sql" => Ok(Job::Ranges(Arc::new(sql::SqlJob::new(name, config, deps)?))),
+            other => match self.custom.get(other) {
+                Some(builder) => builder(name, config, deps),
+                None => Err(JobError::Invalid {
+                    field: format!("jobs.{name}.kind"),
+                    message: format!("unknown kind `{other}`: use `newsletter`, `sql`, or register it in Rust"),
+                }),
+            },
+        }
+    }
+}
+
+/// The ambiguity policy of a job config.
+pub fn resend_ambiguous(config: &JobConfig) -> bool {
+    config.ambiguity == Ambiguity::AtLeastOnce
+}
+
+/// Exponential backoff with full jitter: attempt 1 waits up to `base`, doubling to `cap`.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16).saturating_sub(1)).min(cap);
+    exp.mul_f64(rand::random::<f64>().max(0.1))
+}

@@ -1,0 +1,289 @@
+//! The `newsletter` kind: render a personalised message per recipient (minijinja, strict
+//! undefined variables), sign a one-click unsubscribe link, and send through the mail port
+//! under one token bucket per chain (the run's rate split over its chains).
+//!
+//! Mail errors are handled by kind ([`MailError`]): throttling and transient errors retry with
+//! jittered backoff; permanent errors fail the item; ambiguous ones (timeouts after the request
+//! left) are `unknown` under at-most-once and retried under at-least-once; an account-level stop
+//! pauses the run.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use minijinja::{Environment, UndefinedBehavior};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::{Item, ItemContext, ItemJob, ItemOutcome, JobDeps, JobError, backoff};
+use crate::config::{Ambiguity, JobConfig, NewsletterConfig};
+use crate::mail;
+use crate::ports::{Clock, MailError, Mailer, OutgoingMail};
+use crate::sql::Value;
+
+const TEMPLATES: [(&str, &str); 3] = [("subject", "subject.txt"), ("text", "text.txt"), ("html", "body.html")];
+/// Names a template may use at top level.
+const CONTEXT_NAMES: [&str; 5] = ["recipient", "vars", "unsubscribe_url", "run_key", "job"];
+
+pub struct Newsletter {
+    job: String,
+    config: NewsletterConfig,
+    ambiguity: Ambiguity,
+    from: (Option<String>, String),
+    env: Environment<'static>,
+    vars: minijinja::Value,
+    secret: String,
+    mailer: Arc<dyn Mailer>,
+    clock: Arc<dyn Clock>,
+    limiter: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
+}
+
+fn invalid(field: String, message: impl Into<String>) -> JobError {
+    JobError::Invalid { field, message: message.into() }
+}
+
+impl Newsletter {
+    pub fn new(name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Self, JobError> {
+        let prefix = format!("jobs.{name}.newsletter");
+        let n = config
+            .newsletter
+            .clone()
+            .ok_or_else(|| invalid(prefix.clone(), "a `newsletter` job needs a [jobs.NAME.newsletter] section"))?;
+        let secret = deps.secret.clone().ok_or_else(|| {
+            invalid(
+                format!("{prefix}.unsubscribe_secret"),
+                format!("not set: set it in the config or in the environment variable {}", n.unsubscribe_secret_env),
+            )
+        })?;
+        let from = mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        for (field, file) in TEMPLATES {
+            let source = match field {
+                "subject" => Some(n.subject.clone()),
+                "text" => n.text.clone(),
+                _ => n.html.clone(),
+            };
+            if let Some(source) = source {
+                env.add_template_owned(file, source)
+                    .map_err(|e| invalid(format!("{prefix}.{field}"), format!("template does not parse: {e}")))?;
+                let tmpl = env.get_template(file).expect("just added");
+                let unknown: Vec<String> = tmpl
+                    .undeclared_variables(false)
+                    .into_iter()
+                    .filter(|v| !CONTEXT_NAMES.contains(&v.as_str()))
+                    .collect();
+                if !unknown.is_empty() {
+                    return Err(invalid(
+                        format!("{prefix}.{field}"),
+                        format!(
+                            "template uses undefined variable(s) {}; available: {} (row columns are under `recipient.`)",
+                            unknown.join(", "),
+                            CONTEXT_NAMES.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let vars = minijinja::Value::from_serialize(&n.vars);
+        Ok(Self {
+            job: name.to_owned(),
+            ambiguity: config.ambiguity,
+            from,
+            env,
+            vars,
+            secret,
+            mailer: deps.mailer.clone(),
+            clock: deps.clock.clone(),
+            limiter: Mutex::new(None),
+            config: n,
+        })
+    }
+
+    fn field(&self, f: &str) -> String {
+        format!("jobs.{}.newsletter.{f}", self.job)
+    }
+
+    /// Renders subject, text and HTML for one recipient; the error names the template.
+    pub fn render(&self, item: &Item, run_key: &str, address: &str) -> Result<Rendered, (String, String)> {
+        let recipient: BTreeMap<String, minijinja::Value> = item
+            .columns
+            .iter()
+            .zip(&item.values)
+            .map(|(c, v)| (c.clone(), to_template_value(v)))
+            .collect();
+        let unsubscribe_url = mail::unsubscribe_url(&self.config.unsubscribe_url, &self.secret, &self.job, address);
+        let ctx = minijinja::context! {
+            recipient => recipient,
+            vars => self.vars.clone(),
+            unsubscribe_url => unsubscribe_url.clone(),
+            run_key => run_key,
+            job => self.job.clone(),
+        };
+        let mut out: [Option<String>; 3] = [None, None, None];
+        for (i, (field, file)) in TEMPLATES.iter().enumerate() {
+            if let Ok(t) = self.env.get_template(file) {
+                out[i] = Some(t.render(&ctx).map_err(|e| (self.field(field), describe(&e)))?);
+            }
+        }
+        let [subject, text, html] = out;
+        Ok(Rendered { subject: subject.unwrap_or_default().trim().to_owned(), text, html, unsubscribe_url })
+    }
+
+    fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn message(&self, item: &Item, cx: &ItemContext, address: &str, r: &Rendered) -> std::io::Result<OutgoingMail> {
+        let digest = Sha256::digest(item.key.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let domain = self.from.1.rsplit('@').next().unwrap_or("baton.invalid");
+        let message_id = format!("{}.{hex}@{domain}", cx.run_id);
+        let raw = mail::build(&mail::Message {
+            from: (self.from.0.as_deref(), &self.from.1),
+            to: address,
+            to_name: None,
+            subject: &r.subject,
+            text: r.text.as_deref(),
+            html: r.html.as_deref(),
+            unsubscribe_url: &r.unsubscribe_url,
+            message_id: &message_id,
+            date: self.clock.now_ms() / 1000,
+        })?;
+        Ok(OutgoingMail {
+            from: self.from.1.clone(),
+            to: address.to_owned(),
+            message_id,
+            raw,
+            tags: vec![("job".into(), self.job.clone()), ("run".into(), cx.run_key.clone())],
+        })
+    }
+}
+
+pub struct Rendered {
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub unsubscribe_url: String,
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    s
+}
+
+fn to_template_value(v: &Value) -> minijinja::Value {
+    match v {
+        Value::Null => minijinja::Value::from(()),
+        Value::Int(i) => minijinja::Value::from(*i),
+        Value::Real(f) => minijinja::Value::from(*f),
+        Value::Bool(b) => minijinja::Value::from(*b),
+        Value::Text(s) | Value::Uuid(s) => minijinja::Value::from(s.clone()),
+    }
+}
+
+#[async_trait]
+impl ItemJob for Newsletter {
+    fn check(&self, columns: &[String], sample: Option<&Item>) -> Result<(), JobError> {
+        let email = &self.config.email_column;
+        if !columns.iter().any(|c| c.eq_ignore_ascii_case(email)) {
+            return Err(invalid(
+                self.field("email_column"),
+                format!("the source query has no column `{email}`; its columns are: {}", columns.join(", ")),
+            ));
+        }
+        if let Some(item) = sample {
+            let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
+            self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.config.in_flight as usize
+    }
+
+    fn seconds_per_item(&self) -> Option<f64> {
+        (self.config.send_rate > 0.0).then(|| 1.0 / self.config.send_rate)
+    }
+
+    fn begin_hop(&self, chains: u32) {
+        let per_chain = self.config.send_rate / chains.max(1) as f64;
+        let limiter = (per_chain > 0.0).then(|| {
+            let period = Duration::from_secs_f64(1.0 / per_chain);
+            let burst = NonZeroU32::new(per_chain.floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
+            Arc::new(RateLimiter::direct(Quota::with_period(period).expect("non-zero period").allow_burst(burst)))
+        });
+        *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
+    }
+
+    async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome {
+        let address = match item.get(&self.config.email_column) {
+            Value::Null => return ItemOutcome::Skipped("no address".into()),
+            v => v.to_string().trim().to_owned(),
+        };
+        if let Err(reason) = mail::check_address(&address) {
+            return ItemOutcome::Skipped(format!("invalid address: {reason}"));
+        }
+        let rendered = match self.render(item, &cx.run_key, &address) {
+            Ok(r) => r,
+            Err((field, message)) => return ItemOutcome::Failed(format!("{field}: {message}")),
+        };
+        let mail = match self.message(item, cx, &address, &rendered) {
+            Ok(m) => m,
+            Err(e) => return ItemOutcome::Failed(format!("cannot build the message: {e}")),
+        };
+        let limiter = self.limiter();
+        let mut last_error = String::new();
+        let mut maybe_sent = false;
+        for attempt in 1..=self.config.max_attempts {
+            if Instant::now() >= cx.soft_deadline {
+                return ItemOutcome::Released;
+            }
+            if let Some(l) = &limiter
+                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready()).await.is_err()
+            {
+                return ItemOutcome::Released;
+            }
+            let pause = match self.mailer.send(&mail).await {
+                Ok(()) => return ItemOutcome::Done,
+                Err(MailError::Permanent(r)) => return ItemOutcome::Failed(format!("rejected: {r}")),
+                Err(MailError::AccountStopped(r)) => return ItemOutcome::PauseRun(r),
+                Err(MailError::Ambiguous(r)) if self.ambiguity == Ambiguity::AtMostOnce => {
+                    return ItemOutcome::Unknown(format!("send outcome unknown: {r}"));
+                }
+                Err(MailError::Ambiguous(r)) => {
+                    // At-least-once: send again; if every later attempt fails, it may still
+                    // have arrived, so it ends `unknown`, not `failed`.
+                    maybe_sent = true;
+                    last_error = format!("send outcome unknown: {r}");
+                    backoff(attempt, Duration::from_millis(20), Duration::from_secs(2))
+                }
+                Err(MailError::Throttled(r)) => {
+                    last_error = format!("throttled: {r}");
+                    backoff(attempt, Duration::from_millis(100), Duration::from_secs(5))
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    backoff(attempt, Duration::from_millis(20), Duration::from_secs(2))
+                }
+            };
+            if attempt < self.config.max_attempts {
+                if Instant::now() + pause >= cx.soft_deadline {
+                    return ItemOutcome::Released;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+        let reason = format!("gave up after {} attempts: {last_error}", self.config.max_attempts);
+        if maybe_sent { ItemOutcome::Unknown(reason) } else { ItemOutcome::Failed(reason) }
+    }
+}

@@ -1,0 +1,139 @@
+//! Runs local runs to their end: the Lambda model's queue in the background, the sweeper on a
+//! timer (in AWS, a schedule), and a progress bar fed from the state tables. The first Ctrl-C
+//! pauses the run (resume it with `baton resume`); a second one quits at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::faults::Faults;
+use super::lambda::{LambdaCounts, LocalLambda};
+use crate::config::Config;
+use crate::engine::event::ControlAction;
+use crate::engine::run::RunStatus;
+use crate::engine::{Engine, EngineError, EngineParts};
+use crate::jobs::KindRegistry;
+use crate::ports::{Clock, Mailer};
+use crate::sql::SqlStore;
+
+/// The engine wired to the local Lambda model, with its queue running.
+pub struct LocalRuntime {
+    pub engine: Arc<Engine>,
+    pub lambda: LocalLambda,
+    queue: JoinHandle<()>,
+}
+
+pub struct LocalParts {
+    pub store: Arc<dyn SqlStore>,
+    pub mailer: Arc<dyn Mailer>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Config,
+    pub kinds: KindRegistry,
+    pub faults: Faults,
+    pub seed: u64,
+}
+
+impl LocalRuntime {
+    pub fn start(parts: LocalParts) -> LocalRuntime {
+        let (lambda, queue) = LocalLambda::new(parts.faults.clone(), parts.seed);
+        let settings = parts.config.settings.clone();
+        let engine = Arc::new(Engine::new(EngineParts {
+            store: parts.store,
+            invoker: Arc::new(lambda.clone()),
+            mailer: parts.mailer,
+            clock: parts.clock,
+            config: parts.config,
+            kinds: parts.kinds,
+        }));
+        let queue = tokio::spawn(queue.run(engine.clone(), settings.reserved_concurrency, settings.hop_timeout));
+        LocalRuntime { engine, lambda, queue }
+    }
+
+    pub fn lambda_counts(&self) -> LambdaCounts {
+        self.lambda.stats.counts()
+    }
+
+    /// Invocations accepted and not yet finished.
+    pub fn outstanding(&self) -> u64 {
+        self.lambda.stats.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Drives `run_id` until it is final or paused, sweeping on the configured interval.
+    /// Returns the run's last status.
+    pub async fn drive(&self, run_id: &str, show_progress: bool) -> Result<RunStatus, EngineError> {
+        let sweep_every = self.engine.config().settings.sweep_interval;
+        let mut next_sweep = Instant::now() + sweep_every;
+        let bar = progress_bar(show_progress);
+        let mut interrupts = 0u32;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = &mut ctrl_c, if interrupts == 0 => {
+                    interrupts += 1;
+                    bar.println("Pausing: chains stop after their current page. `baton resume` continues. Ctrl-C again quits now.");
+                    self.engine.control(run_id, ControlAction::Pause).await?;
+                    tokio::spawn(async { if tokio::signal::ctrl_c().await.is_ok() { std::process::exit(130) } });
+                }
+            }
+            if Instant::now() >= next_sweep {
+                let report = self.engine.sweep().await?;
+                if report.restarted + report.revived + report.parked > 0 {
+                    tracing::info!(?report, "sweep");
+                }
+                next_sweep = Instant::now() + sweep_every;
+            }
+            let status = self.engine.status(Some(run_id)).await?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))?;
+            update_bar(&bar, &status);
+            if status.is_terminal() || status.status == "paused" {
+                self.drain(self.engine.config().settings.hop_timeout * 2).await;
+                bar.finish_and_clear();
+                return Ok(self.engine.status(Some(run_id)).await?.expect("run exists"));
+            }
+        }
+    }
+
+    /// Waits (bounded) for invocations in flight to finish.
+    pub async fn drain(&self, at_most: Duration) {
+        let until = Instant::now() + at_most;
+        while self.outstanding() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LocalRuntime {
+    fn drop(&mut self) {
+        self.queue.abort();
+    }
+}
+
+fn progress_bar(show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn update_bar(bar: &ProgressBar, s: &RunStatus) {
+    bar.set_length(s.total as u64);
+    bar.set_position((s.done + s.failed + s.skipped + s.unknown) as u64);
+    let active = s.chains.iter().filter(|c| c.status == "active").count();
+    let hops: i64 = s.chains.iter().map(|c| c.hops).sum();
+    bar.set_message(format!(
+        "| pages {}/{} | {} chains active, {} hops | {}",
+        s.pages_done, s.pages_total, active, hops, s.status
+    ));
+}

@@ -1,0 +1,136 @@
+//! The embedded SQL adapter: one SQLite file in WAL mode, shared by the engine's tasks through a
+//! mutex (SQLite serialises writers anyway) and by other `baton` processes through the file
+//! (`busy_timeout`), so `baton pause` in a second terminal reaches a running `baton run`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ToSql};
+
+use crate::sql::{Dialect, Rows, SqlError, SqlStore, Stmt, Value};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, SqlError> {
+        let conn = Connection::open(path)
+            .map_err(|e| SqlError::Config(format!("cannot open SQLite database {}: {e}", path.display())))?;
+        Self::configure(conn)
+    }
+
+    pub fn in_memory() -> Result<Self, SqlError> {
+        Self::configure(Connection::open_in_memory().map_err(SqlError::statement)?)
+    }
+
+    fn configure(conn: Connection) -> Result<Self, SqlError> {
+        conn.busy_timeout(Duration::from_secs(30)).map_err(SqlError::statement)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(SqlError::statement)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(SqlError::statement)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs a closure on the connection on a blocking thread (for bulk loads such as demo data).
+    pub async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, SqlError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard).map_err(classify)
+        })
+        .await
+        .map_err(|e| SqlError::statement(format!("database task failed: {e}")))?
+    }
+}
+
+struct Param<'a>(&'a Value);
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
+            Value::Real(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
+            Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
+            Value::Text(s) | Value::Uuid(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        })
+    }
+}
+
+fn classify(e: rusqlite::Error) -> SqlError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+        {
+            SqlError::transient(e)
+        }
+        _ => SqlError::statement(e),
+    }
+}
+
+fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
+    let mut prepared = conn.prepare_cached(&stmt.sql)?;
+    let mut bound: Vec<(String, Param<'_>)> = Vec::new();
+    for i in 1..=prepared.parameter_count() {
+        let name = prepared.parameter_name(i).unwrap_or_default().to_owned();
+        let value = stmt.params.get(name.trim_start_matches(':')).ok_or_else(|| {
+            rusqlite::Error::InvalidParameterName(format!("{name} (no value given for this parameter)"))
+        })?;
+        bound.push((name, Param(value)));
+    }
+    let refs: Vec<(&str, &dyn ToSql)> = bound.iter().map(|(n, p)| (n.as_str(), p as &dyn ToSql)).collect();
+    let columns: Vec<String> = prepared.column_names().iter().map(|c| c.to_string()).collect();
+    if columns.is_empty() {
+        let affected = prepared.execute(refs.as_slice())? as u64;
+        return Ok(Rows { columns, rows: Vec::new(), affected });
+    }
+    let width = columns.len();
+    let mut rows = Vec::new();
+    let mut cursor = prepared.query(refs.as_slice())?;
+    while let Some(row) = cursor.next()? {
+        let mut values = Vec::with_capacity(width);
+        for i in 0..width {
+            values.push(match row.get_ref(i)? {
+                ValueRef::Null => Value::Null,
+                ValueRef::Integer(v) => Value::Int(v),
+                ValueRef::Real(v) => Value::Real(v),
+                ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Blob(b) => Value::Text(String::from_utf8_lossy(b).into_owned()),
+            });
+        }
+        rows.push(values);
+    }
+    let affected = rows.len() as u64;
+    Ok(Rows { columns, rows, affected })
+}
+
+#[async_trait]
+impl SqlStore for SqliteStore {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        self.with_conn(move |conn| run_one(conn, &stmt)).await
+    }
+
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut out = Vec::with_capacity(stmts.len());
+            for stmt in &stmts {
+                out.push(run_one(&tx, stmt)?);
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+}

@@ -1,0 +1,336 @@
+//! The SQL port: one set of statements with `:name` parameters (the RDS Data API's syntax) that
+//! runs unchanged on SQLite, on PostgreSQL and, later, on Aurora through the Data API.
+//!
+//! - [`Value`] / [`Rows`]: the few types that cross the port. Keys may be integers, text or uuids.
+//! - [`SqlStore`]: the port trait. `query` runs one statement; `transaction` runs several
+//!   atomically (used only where a protocol step needs more than one statement, e.g. planning).
+//! - [`statements`]: every statement the engine issues, in one place.
+//! - [`migrations`]: the versioned schema, applied automatically and safely twice.
+//! - [`params`]: parsing of `:name` parameters, shared by adapters that need positional ones.
+
+pub mod migrations;
+pub mod params;
+pub mod statements;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// A value bound to a parameter or read from a column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Value {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    /// A uuid, kept in its canonical lowercase hyphenated text form.
+    Uuid(String),
+    Bool(bool),
+}
+
+impl Value {
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Real(f) => Some(*f as i64),
+            Value::Text(s) => s.parse().ok(),
+            Value::Bool(b) => Some(*b as i64),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) | Value::Uuid(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The canonical text form of a key, identical to what `CAST(key AS TEXT)` yields on both
+    /// PostgreSQL and SQLite for the supported key types. Ledger rows are keyed by it.
+    pub fn key_text(&self) -> Option<String> {
+        match self {
+            Value::Int(i) => Some(i.to_string()),
+            Value::Text(s) | Value::Uuid(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// The kind of key this value is, if it can be one.
+    pub fn key_type(&self) -> Option<KeyType> {
+        match self {
+            Value::Int(_) => Some(KeyType::Int),
+            Value::Text(_) => Some(KeyType::Text),
+            Value::Uuid(_) => Some(KeyType::Uuid),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Real(r) => write!(f, "{r}"),
+            Value::Text(s) | Value::Uuid(s) => f.write_str(s),
+            Value::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Value::Int(v as i64)
+    }
+}
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(v as i64)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map(Into::into).unwrap_or(Value::Null)
+    }
+}
+
+/// The sortable key types pages can range over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyType {
+    Int,
+    Text,
+    Uuid,
+}
+
+impl KeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Int => "int",
+            KeyType::Text => "text",
+            KeyType::Uuid => "uuid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "int" => Some(KeyType::Int),
+            "text" => Some(KeyType::Text),
+            "uuid" => Some(KeyType::Uuid),
+            _ => None,
+        }
+    }
+
+    /// Turns a stored key text back into a typed value for binding.
+    pub fn value(self, text: &str) -> Value {
+        match self {
+            KeyType::Int => text.parse().map(Value::Int).unwrap_or(Value::Text(text.into())),
+            KeyType::Text => Value::Text(text.into()),
+            KeyType::Uuid => Value::Uuid(text.into()),
+        }
+    }
+}
+
+/// Named parameters of one statement.
+#[derive(Debug, Clone, Default)]
+pub struct Params(pub Vec<(String, Value)>);
+
+impl Params {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.0.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// One statement with its parameters.
+#[derive(Debug, Clone)]
+pub struct Stmt {
+    pub sql: String,
+    pub params: Params,
+}
+
+impl Stmt {
+    pub fn new(sql: impl Into<String>, params: Params) -> Self {
+        Self { sql: sql.into(), params }
+    }
+}
+
+/// The result of one statement: column names (present even when there are no rows) and rows.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+    /// Rows changed, for statements without `RETURNING`.
+    pub affected: u64,
+}
+
+impl Rows {
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.eq_ignore_ascii_case(name))
+    }
+
+    /// Rows as maps from column name to value.
+    pub fn records(&self) -> impl Iterator<Item = Record<'_>> {
+        self.rows.iter().map(move |r| Record { columns: &self.columns, values: r })
+    }
+
+    pub fn first(&self) -> Option<Record<'_>> {
+        self.records().next()
+    }
+}
+
+/// One row, addressed by column name.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub columns: &'a [String],
+    pub values: &'a [Value],
+}
+
+impl<'a> Record<'a> {
+    pub fn get(&self, name: &str) -> &'a Value {
+        const NULL: &Value = &Value::Null;
+        self.columns
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(name))
+            .map(|i| &self.values[i])
+            .unwrap_or(NULL)
+    }
+
+    pub fn int(&self, name: &str) -> i64 {
+        self.get(name).as_i64().unwrap_or(0)
+    }
+
+    pub fn text(&self, name: &str) -> Option<String> {
+        match self.get(name) {
+            Value::Null => None,
+            v => Some(v.to_string()),
+        }
+    }
+
+    pub fn to_map(&self) -> HashMap<String, Value> {
+        self.columns.iter().cloned().zip(self.values.iter().cloned()).collect()
+    }
+}
+
+/// Errors of the SQL port. `Transient` errors may succeed when retried (a resuming database,
+/// a statement timeout, a dropped connection); `Statement` errors will not.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("database statement failed: {message}")]
+    Statement { message: String },
+    #[error("database temporarily unavailable: {message}")]
+    Transient { message: String },
+    #[error("database configuration error: {0}")]
+    Config(String),
+}
+
+impl SqlError {
+    pub fn statement(message: impl fmt::Display) -> Self {
+        SqlError::Statement { message: message.to_string() }
+    }
+    pub fn transient(message: impl fmt::Display) -> Self {
+        SqlError::Transient { message: message.to_string() }
+    }
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SqlError::Transient { .. })
+    }
+}
+
+/// Which SQL engine is behind a store; statements are identical, only the rare dialect
+/// difference (none in the state store) would consult this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The SQL port. Adapters: SQLite (embedded), PostgreSQL (direct), RDS Data API (Lambda).
+///
+/// Error contract: a failed `query` changed nothing (each statement is atomic); a failed
+/// `transaction` changed nothing. `SqlError::Transient` marks errors worth retrying.
+#[async_trait]
+pub trait SqlStore: Send + Sync {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError>;
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError>;
+    fn dialect(&self) -> Dialect;
+}
+
+/// Counts statements, so tests and benchmarks can check the O(1)-statements-per-page rule.
+pub struct CountingStore<S> {
+    inner: S,
+    statements: AtomicU64,
+}
+
+impl<S> CountingStore<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, statements: AtomicU64::new(0) }
+    }
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl<S: SqlStore> SqlStore for CountingStore<S> {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        self.inner.query(stmt).await
+    }
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        self.statements.fetch_add(stmts.len() as u64, Ordering::Relaxed);
+        self.inner.transaction(stmts).await
+    }
+    fn dialect(&self) -> Dialect {
+        self.inner.dialect()
+    }
+}
+
+#[async_trait]
+impl<S: SqlStore + ?Sized> SqlStore for Arc<S> {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        (**self).query(stmt).await
+    }
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        (**self).transaction(stmts).await
+    }
+    fn dialect(&self) -> Dialect {
+        (**self).dialect()
+    }
+}
