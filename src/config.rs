@@ -68,7 +68,7 @@ impl Settings {
     /// A page lease outlives any hop that could hold it: a lease can only expire once its owner
     /// is certainly dead (its invocation deadline has passed).
     pub fn lease(&self) -> Duration {
-        self.hop_timeout + self.hop_timeout / 2 + Duration::from_secs(1)
+        self.hop_timeout + self.hop_timeout / 2 + Duration::from_millis(250)
     }
 
     /// A chain whose heartbeat is older than this is stuck (its hop died or its event was lost).

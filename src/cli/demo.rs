@@ -38,7 +38,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 100)]
     pub page_size: u32,
     /// Each hop's deadline (the function timeout). Short, so every chain makes many hops.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub hop_timeout: Duration,
     /// Messages per second over all chains; 0 for no limit.
     #[arg(long, default_value_t = 0.0)]

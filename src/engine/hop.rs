@@ -102,6 +102,11 @@ impl Engine {
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
+            if !report.finished {
+                // The page needs another invocation (budget spent mid-page, or the kind said
+                // so): hand over to the next hop rather than spin on it here.
+                break;
+            }
         }
         match self.invoke_hop(run_id, chain, hop + 1).await {
             Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
@@ -131,6 +136,7 @@ impl Engine {
                 self.store.query(end("ended")).await?;
                 if s.int("leased") == 0 && !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
+                    self.store.query(st::end_chains(id)).await?;
                     return Ok(Some(HopNext::Completed));
                 }
                 Ok(Some(HopNext::Ended))

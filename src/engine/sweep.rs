@@ -43,13 +43,14 @@ impl Engine {
             }
             let stale = self.store.query(st::claim_stale_chains(id, now - stale_ms, now)).await?;
             for c in stale.records() {
-                tracing::warn!(run_id = id, chain = c.int("chain_no"), hop = c.int("next_hop"), "restarting a silent chain");
+                tracing::info!(run_id = id, chain = c.int("chain_no"), hop = c.int("next_hop"), "restarting a silent chain");
             }
             report.restarted += self.invoke_chains(id, &stale).await;
             let revived = self.store.query(st::revive_chain(id, now)).await?;
             report.revived += self.invoke_chains(id, &revived).await;
             if !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
                 report.completed += 1;
+                self.store.query(st::end_chains(id)).await?;
             }
         }
         Ok(report)

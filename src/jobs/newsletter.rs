@@ -219,7 +219,8 @@ impl ItemJob for Newsletter {
         let per_chain = self.config.send_rate / chains.max(1) as f64;
         let limiter = (per_chain > 0.0).then(|| {
             let period = Duration::from_secs_f64(1.0 / per_chain);
-            let burst = NonZeroU32::new(per_chain.floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
+            // A burst of at most 50 ms worth of sends: the rate holds over any window.
+            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
             Arc::new(RateLimiter::direct(Quota::with_period(period).expect("non-zero period").allow_burst(burst)))
         });
         *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;

@@ -162,6 +162,14 @@ pub fn complete_run(run_id: &str, now: i64) -> Stmt {
     )
 }
 
+/// After completion: chains still marked active (a hop in flight, a queued next hop) end.
+pub fn end_chains(run_id: &str) -> Stmt {
+    Stmt::new(
+        "UPDATE baton_chains SET status = 'ended' WHERE run_id = :run_id AND status = 'active'",
+        Params::new().with("run_id", run_id),
+    )
+}
+
 /// A pausing run becomes paused once no chain is active.
 pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
     Stmt::new(
@@ -360,12 +368,13 @@ pub fn page_progress(run_id: &str) -> Stmt {
 
 // ---- the job's source -------------------------------------------------------------------------
 
-/// One row of the source, to validate columns and templates before a run starts. Also counts
-/// rows and distinct keys, since a key that is not unique cannot page.
+/// One row of the source, to validate columns and templates before a run starts (it names no
+/// column, so a missing key column is reported by name, not as an SQL error). Then counts rows
+/// and distinct keys, since a key that is not unique cannot page.
 pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     vec![
         Stmt::new(
-            format!("SELECT * FROM ({source}) AS src WHERE src.{key} IS NOT NULL ORDER BY src.{key} LIMIT 1"),
+            format!("SELECT * FROM ({source}) AS src LIMIT 1"),
             Params::new(),
         ),
         Stmt::new(

@@ -1,0 +1,476 @@
+//! Test support: a fresh store per test (a SQLite file, or a new database on the throwaway
+//! PostgreSQL server that `scripts/with-postgres` starts), source tables, the engine on the
+//! local adapters with faults, and the exactly-once checks.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use baton::adapters::postgres::PostgresStore;
+use baton::config::{Config, JobConfig, NewsletterConfig, Settings};
+use baton::engine::run::RunStatus;
+use baton::engine::{Engine, Outcome};
+use baton::jobs::KindRegistry;
+use baton::local::driver::{LocalParts, LocalRuntime};
+use baton::local::faults::Faults;
+use baton::local::outbox::{self, Outbox};
+use baton::local::sqlite::SqliteStore;
+use baton::ports::{MailError, Mailer, ManualClock, OutgoingMail};
+use baton::sql::{CountingStore, Params, SqlStore, Stmt, Value};
+
+pub const JOB: &str = "news";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, migrated store. SQLite: a file in `dir`. PostgreSQL: a new database.
+pub async fn fresh_store(backend: Backend, dir: &std::path::Path) -> Arc<dyn SqlStore> {
+    let store: Arc<dyn SqlStore> = match backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open(&dir.join("baton.db")).unwrap()),
+        Backend::Postgres => {
+            let url = std::env::var("BATON_TEST_PG_URL").expect(
+                "BATON_TEST_PG_URL is not set: run the suite with `scripts/test` (it starts a throwaway PostgreSQL)",
+            );
+            let admin = PostgresStore::connect(&url, 1).unwrap();
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            admin.query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new())).await.unwrap();
+            let base = url.rsplit_once('/').unwrap().0;
+            Arc::new(PostgresStore::connect(&format!("{base}/{name}"), 24).unwrap())
+        }
+    };
+    baton::sql::migrations::migrate(store.as_ref(), 0).await.unwrap();
+    store
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Int,
+    Text,
+    Uuid,
+}
+
+/// A source row: key, address (None = NULL), name.
+pub type User = (Value, Option<String>, String);
+
+/// `n` users with sparse integer ids; every 25th has an invalid address.
+pub fn int_users(n: usize) -> Vec<User> {
+    (0..n)
+        .map(|i| {
+            let id = (i as i64) * 13 + 5;
+            let email = if i % 25 == 24 { "not-an-address".to_owned() } else { format!("user{id}@example.com") };
+            (Value::Int(id), Some(email), format!("Zoë {i}"))
+        })
+        .collect()
+}
+
+pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind, users: &[User]) {
+    let key_type = match (kind, backend) {
+        (KeyKind::Int, _) => "BIGINT",
+        (KeyKind::Text, _) | (KeyKind::Uuid, Backend::Sqlite) => "TEXT",
+        (KeyKind::Uuid, Backend::Postgres) => "UUID",
+    };
+    store.query(Stmt::new("DROP TABLE IF EXISTS users", Params::new())).await.unwrap();
+    store
+        .query(Stmt::new(
+            format!("CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"),
+            Params::new(),
+        ))
+        .await
+        .unwrap();
+    for chunk in users.chunks(300) {
+        let mut params = Params::new();
+        let rows: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (id, email, name))| {
+                params.push(format!("i{i}"), id.clone());
+                params.push(format!("e{i}"), email.clone());
+                params.push(format!("n{i}"), name.as_str());
+                format!("(:i{i}, :e{i}, :n{i})")
+            })
+            .collect();
+        let sql = format!("INSERT INTO users (id, email, name) VALUES {}", rows.join(", "));
+        store.query(Stmt::new(sql, params)).await.unwrap();
+    }
+}
+
+pub fn newsletter_job(page_size: u32, chains: u32) -> JobConfig {
+    JobConfig {
+        kind: "newsletter".into(),
+        source: "SELECT id, email, name FROM users".into(),
+        key_column: "id".into(),
+        page_size,
+        chains,
+        max_failures: None,
+        max_failure_percent: None,
+        ambiguity: Default::default(),
+        run_deadline: Duration::from_secs(600),
+        hop_slack: 20,
+        newsletter: Some(NewsletterConfig {
+            email_column: "email".into(),
+            from: "News <news@example.com>".into(),
+            subject: "Hello {{ recipient.name }}".into(),
+            text: Some("Hi {{ recipient.name }}. Unsubscribe: {{ unsubscribe_url }}".into()),
+            html: None,
+            text_file: None,
+            html_file: None,
+            send_rate: 0.0,
+            in_flight: 16,
+            max_attempts: 8,
+            unsubscribe_url: "https://example.com/u".into(),
+            unsubscribe_secret: Some("0123456789abcdef0123".into()),
+            unsubscribe_secret_env: "BATON_TEST_NO_SUCH_VAR".into(),
+            configuration_set: None,
+            vars: Default::default(),
+        }),
+        sql: None,
+        params: None,
+    }
+}
+
+pub fn test_settings() -> Settings {
+    Settings {
+        hop_timeout: Duration::from_millis(300),
+        hop_margin: Duration::from_millis(75),
+        sweep_interval: Duration::from_millis(100),
+        reserved_concurrency: 16,
+    }
+}
+
+/// The outbox, plus what tests need to steer: permanent rejections by address suffix, an
+/// account-level stop, and a count of accepted messages.
+pub struct TestMailer {
+    pub outbox: Outbox,
+    pub reject_suffix: Option<String>,
+    pub stopped: std::sync::atomic::AtomicBool,
+    pub accepted: AtomicU64,
+}
+
+#[async_trait]
+impl Mailer for TestMailer {
+    async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(MailError::AccountStopped("daily sending quota exceeded".into()));
+        }
+        if let Some(s) = &self.reject_suffix
+            && mail.to.ends_with(s.as_str())
+        {
+            return Err(MailError::Permanent("address rejected by the provider".into()));
+        }
+        let r = self.outbox.send(mail).await;
+        if r.is_ok() || matches!(r, Err(MailError::Ambiguous(_))) {
+            self.accepted.fetch_add(1, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+pub struct Setup {
+    pub job: JobConfig,
+    pub settings: Settings,
+    pub faults: Faults,
+    pub seed: u64,
+    pub kinds: KindRegistry,
+    pub reject_suffix: Option<String>,
+}
+
+impl Setup {
+    pub fn new(job: JobConfig) -> Self {
+        Setup { job, settings: test_settings(), faults: Faults::default(), seed: 1, kinds: KindRegistry::default(), reject_suffix: None }
+    }
+}
+
+pub struct Harness {
+    pub backend: Backend,
+    pub store: Arc<dyn SqlStore>,
+    pub local: LocalRuntime,
+    pub mailer: Arc<TestMailer>,
+    pub outbox_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// A store with `users` in it (integer keys) and an engine over it.
+    pub async fn with_users(backend: Backend, users: &[User], setup: Setup) -> Harness {
+        Self::with_source(backend, KeyKind::Int, users, setup).await
+    }
+
+    pub async fn with_source(backend: Backend, kind: KeyKind, users: &[User], setup: Setup) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fresh_store(backend, dir.path()).await;
+        create_users(store.as_ref(), backend, kind, users).await;
+        Self::on_store(backend, store, dir, setup)
+    }
+
+    pub fn on_store(backend: Backend, store: Arc<dyn SqlStore>, dir: tempfile::TempDir, setup: Setup) -> Harness {
+        let outbox_dir = dir.path().join("outbox");
+        let mailer = Arc::new(TestMailer {
+            outbox: Outbox::new(&outbox_dir, setup.faults.clone(), setup.seed, None).unwrap(),
+            reject_suffix: setup.reject_suffix,
+            stopped: Default::default(),
+            accepted: AtomicU64::new(0),
+        });
+        let clock = ManualClock::default();
+        let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
+        config.validate().unwrap();
+        let local = LocalRuntime::start(LocalParts {
+            store: store.clone(),
+            mailer: mailer.clone(),
+            clock: Arc::new(clock),
+            config,
+            kinds: setup.kinds,
+            faults: setup.faults,
+            seed: setup.seed,
+        });
+        Harness { backend, store, local, mailer, outbox_dir, _dir: dir }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.local.engine
+    }
+
+    pub async fn start(&self) -> String {
+        match self.engine().start(JOB, Some("t")).await.unwrap() {
+            Outcome::Started { run_id, .. } => run_id,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Drives the run to a final or paused state, failing the test after a minute.
+    pub async fn drive(&self, run_id: &str) -> RunStatus {
+        tokio::time::timeout(Duration::from_secs(60), self.local.drive(run_id, false))
+            .await
+            .expect("run did not settle within 60s")
+            .unwrap()
+    }
+
+    pub async fn status(&self, run_id: &str) -> RunStatus {
+        self.engine().status(Some(run_id)).await.unwrap().unwrap()
+    }
+
+    pub fn sent(&self) -> Vec<String> {
+        outbox::recipients(&self.outbox_dir).unwrap_or_default()
+    }
+
+    pub async fn keys_in(&self, run_id: &str, state: &str) -> HashSet<String> {
+        self.engine().items_in_state(run_id, state, 1_000_000).await.unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let rows = self.store.query(Stmt::new(sql, Params::new())).await.unwrap();
+        rows.rows[0][0].as_i64().unwrap()
+    }
+
+    /// The product's promise, checked against the outbox: nobody twice; every valid user once
+    /// unless counted `unknown`; the ledger accounts for every item.
+    pub async fn assert_exactly_once(&self, run_id: &str, users: &[User]) {
+        let status = self.status(run_id).await;
+        let mut per_address: HashMap<String, usize> = HashMap::new();
+        for a in self.sent() {
+            *per_address.entry(a).or_default() += 1;
+        }
+        let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{:?}: addresses mailed twice: {twice:?}", self.backend);
+        let unknown = self.keys_in(run_id, "unknown").await;
+        for (key, email, _) in users {
+            let Some(email) = email else { continue };
+            if baton::mail::check_address(email).is_err() {
+                assert!(!per_address.contains_key(email), "invalid address {email} was mailed");
+                continue;
+            }
+            let key = key.key_text().unwrap();
+            assert!(
+                per_address.contains_key(email) || unknown.contains(&key),
+                "{:?}: user {key} <{email}> was missed (status {status:?})",
+                self.backend
+            );
+        }
+        assert!(status.accounted(), "done + failed + skipped + unknown != total: {status:?}");
+        for c in &status.chains {
+            assert!(c.hops <= c.hop_budget, "chain {} exceeded its budget: {c:?}", c.chain);
+        }
+    }
+}
+
+// ---- step-by-step driving -------------------------------------------------------------------
+
+use baton::engine::event::Event;
+use baton::engine::EngineParts;
+use baton::ports::{InvokeError, Invoker};
+use baton::sql::{Rows, SqlError};
+use std::sync::Mutex;
+
+/// Records invoked events instead of running them; the test delivers them.
+#[derive(Default)]
+pub struct RecordingInvoker {
+    pub events: Mutex<std::collections::VecDeque<Event>>,
+}
+
+#[async_trait]
+impl Invoker for RecordingInvoker {
+    async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
+        self.events.lock().unwrap().push_back(event.clone());
+        Ok(())
+    }
+}
+
+/// A store that fails the next statement matching a predicate, once (a database fault, or a
+/// hop dying between two statements).
+pub struct FaultyStore {
+    inner: Arc<dyn SqlStore>,
+    #[allow(clippy::type_complexity)]
+    fail_next: Mutex<Option<Box<dyn Fn(&Stmt) -> bool + Send>>>,
+}
+
+impl FaultyStore {
+    pub fn fail_next(&self, when: impl Fn(&Stmt) -> bool + Send + 'static) {
+        *self.fail_next.lock().unwrap() = Some(Box::new(when));
+    }
+
+    fn check(&self, stmt: &Stmt) -> Result<(), SqlError> {
+        let mut slot = self.fail_next.lock().unwrap();
+        if slot.as_ref().is_some_and(|f| f(stmt)) {
+            *slot = None;
+            return Err(SqlError::transient("injected fault: connection lost"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SqlStore for FaultyStore {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        self.check(&stmt)?;
+        self.inner.query(stmt).await
+    }
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        for s in &stmts {
+            self.check(s)?;
+        }
+        self.inner.transaction(stmts).await
+    }
+    fn dialect(&self) -> baton::sql::Dialect {
+        self.inner.dialect()
+    }
+}
+
+/// A mailer that hangs forever once `limit` messages went out, so a hop can be killed mid-page
+/// at a known point.
+pub struct HangingMailer {
+    pub inner: TestMailer,
+    pub limit: AtomicU64,
+}
+
+#[async_trait]
+impl Mailer for HangingMailer {
+    async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
+        if self.inner.accepted.load(Ordering::SeqCst) >= self.limit.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.send(mail).await
+    }
+}
+
+/// The engine with a recording invoker: the test decides when each event is delivered.
+pub struct Manual {
+    pub engine: Engine,
+    pub invoker: Arc<RecordingInvoker>,
+    pub store: Arc<FaultyStore>,
+    pub counting: Arc<CountingStore<Arc<dyn SqlStore>>>,
+    pub clock: ManualClock,
+    pub mailer: Arc<HangingMailer>,
+    pub outbox_dir: PathBuf,
+    pub settings: Settings,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Manual {
+    pub async fn new(backend: Backend, users: &[User], job: JobConfig, kinds: KindRegistry) -> Manual {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = fresh_store(backend, dir.path()).await;
+        create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
+        let counting = Arc::new(CountingStore::new(raw));
+        let store = Arc::new(FaultyStore { inner: counting.clone(), fail_next: Mutex::new(None) });
+        let outbox_dir = dir.path().join("outbox");
+        let mailer = Arc::new(HangingMailer {
+            inner: TestMailer {
+                outbox: Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap(),
+                reject_suffix: None,
+                stopped: Default::default(),
+                accepted: AtomicU64::new(0),
+            },
+            limit: AtomicU64::new(u64::MAX),
+        });
+        let invoker = Arc::new(RecordingInvoker::default());
+        let clock = ManualClock::default();
+        let settings = test_settings();
+        let engine = Engine::new(EngineParts {
+            store: store.clone(),
+            invoker: invoker.clone(),
+            mailer: mailer.clone(),
+            clock: Arc::new(clock.clone()),
+            config: Config { settings: settings.clone(), jobs: [(JOB.to_owned(), job)].into() },
+            kinds,
+        });
+        Manual { engine, invoker, store, counting, clock, mailer, outbox_dir, settings, _dir: dir }
+    }
+
+    pub fn next_event(&self) -> Option<Event> {
+        self.invoker.events.lock().unwrap().pop_front()
+    }
+
+    pub fn pending_events(&self) -> usize {
+        self.invoker.events.lock().unwrap().len()
+    }
+
+    /// Delivers one event with the configured hop timeout; `None` when nothing is queued.
+    pub async fn deliver_next(&self) -> Option<Result<Outcome, baton::engine::EngineError>> {
+        let event = self.next_event()?;
+        Some(self.deliver(event).await)
+    }
+
+    pub async fn deliver(&self, event: Event) -> Result<Outcome, baton::engine::EngineError> {
+        let deadline = tokio::time::Instant::now() + self.settings.hop_timeout;
+        self.engine.handle(event, deadline).await
+    }
+
+    /// Delivers queued events until none is left; returns every outcome.
+    pub async fn pump(&self) -> Vec<Outcome> {
+        let mut out = Vec::new();
+        while let Some(r) = self.deliver_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    }
+
+    /// Moves the clock past every lease and heartbeat, as if the dead hop's time had passed.
+    pub fn expire_leases(&self) {
+        self.clock.advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
+    }
+
+    pub fn sent(&self) -> Vec<String> {
+        outbox::recipients(&self.outbox_dir).unwrap_or_default()
+    }
+
+    pub async fn status(&self, run_id: &str) -> RunStatus {
+        self.engine.status(Some(run_id)).await.unwrap().unwrap()
+    }
+
+    pub async fn start(&self) -> String {
+        match self.engine.start(JOB, Some("t")).await.unwrap() {
+            Outcome::Started { run_id, .. } => run_id,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+pub fn duplicates(addresses: &[String]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    addresses.iter().filter(|a| !seen.insert(a.as_str())).cloned().collect()
+}
