@@ -16,7 +16,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{NoTls, Row};
 
 use crate::sql::params::to_positional;
-use crate::sql::{Dialect, Rows, SqlError, SqlStore, Stmt, Value};
+use crate::sql::{Dialect, KeyType, Rows, SqlError, SqlStore, Stmt, Value};
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -28,7 +28,13 @@ impl PostgresStore {
     pub fn connect(url: &str, max_connections: usize) -> Result<Self, SqlError> {
         let config = tokio_postgres::Config::from_str(url)
             .map_err(|e| SqlError::Config(format!("invalid database URL: {e}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .build()
@@ -37,7 +43,10 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, SqlError> {
-        self.pool.get().await.map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
     }
 }
 
@@ -48,9 +57,10 @@ type BoxError = Box<dyn StdError + Sync + Send>;
 
 impl ToSql for PgParam<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
-        let mismatch = || -> BoxError { format!("cannot bind {:?} as a {ty} parameter", self.0).into() };
+        let mismatch =
+            || -> BoxError { format!("cannot bind {:?} as a {ty} parameter", self.0).into() };
         match self.0 {
-            Value::Null => Ok(IsNull::Yes),
+            Value::Null | Value::NullOf(_) => Ok(IsNull::Yes),
             Value::Int(i) => match *ty {
                 Type::INT8 => i.to_sql(ty, out),
                 Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
@@ -58,7 +68,9 @@ impl ToSql for PgParam<'_> {
                 Type::FLOAT8 => (*i as f64).to_sql(ty, out),
                 Type::FLOAT4 => (*i as f32).to_sql(ty, out),
                 Type::BOOL => (*i != 0).to_sql(ty, out),
-                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => i.to_string().to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                    i.to_string().to_sql(ty, out)
+                }
                 _ => Err(mismatch()),
             },
             Value::Real(f) => match *ty {
@@ -69,7 +81,9 @@ impl ToSql for PgParam<'_> {
             },
             Value::Bool(b) => match *ty {
                 Type::BOOL => b.to_sql(ty, out),
-                Type::INT8 | Type::INT4 | Type::INT2 => PgParam(&Value::Int(*b as i64)).to_sql(ty, out),
+                Type::INT8 | Type::INT4 | Type::INT2 => {
+                    PgParam(&Value::Int(*b as i64)).to_sql(ty, out)
+                }
                 _ => Err(mismatch()),
             },
             Value::Text(s) | Value::Uuid(s) => match *ty {
@@ -92,10 +106,22 @@ impl ToSql for PgParam<'_> {
     to_sql_checked!();
 }
 
+fn declared_type(v: &Value) -> Type {
+    match v {
+        Value::Int(_) | Value::NullOf(KeyType::Int) => Type::INT8,
+        Value::Real(_) => Type::FLOAT8,
+        Value::Bool(_) => Type::BOOL,
+        Value::Text(_) | Value::NullOf(KeyType::Text) => Type::TEXT,
+        Value::Uuid(_) | Value::NullOf(KeyType::Uuid) => Type::UUID,
+        Value::Null => Type::UNKNOWN,
+    }
+}
+
 fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
     let column = &row.columns()[i];
     let ty = column.type_();
-    let err = |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
+    let err =
+        |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
     Ok(match *ty {
         Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(err)?.map(Value::Int),
         Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
@@ -122,7 +148,9 @@ fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
 }
 
 fn classify(e: tokio_postgres::Error) -> SqlError {
-    if e.is_closed() || e.as_db_error().is_none() && e.source().is_some_and(|s| s.is::<std::io::Error>()) {
+    if e.is_closed()
+        || e.as_db_error().is_none() && e.source().is_some_and(|s| s.is::<std::io::Error>())
+    {
         return SqlError::transient(e);
     }
     match e.as_db_error() {
@@ -140,9 +168,11 @@ fn classify(e: tokio_postgres::Error) -> SqlError {
     }
 }
 
-async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {
+async fn run_one<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    stmt: &Stmt,
+) -> Result<Rows, SqlError> {
     let (sql, names) = to_positional(&stmt.sql);
-    let prepared = client.prepare_cached(&sql).await.map_err(classify)?;
     let mut values = Vec::with_capacity(names.len());
     for name in &names {
         let v = stmt
@@ -151,19 +181,51 @@ async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -
             .ok_or_else(|| SqlError::statement(format!("no value given for parameter :{name}")))?;
         values.push(PgParam(v));
     }
+    let prepared = match client.prepare_cached(&sql).await {
+        Ok(p) => p,
+        // The server could not infer a parameter's type from its context (42P08): declare the
+        // types our values carry, leaving plain NULLs for the server to infer.
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::AMBIGUOUS_PARAMETER)
+                || e.code() == Some(&tokio_postgres::error::SqlState::INDETERMINATE_DATATYPE) =>
+        {
+            let types: Vec<Type> = values.iter().map(|v| declared_type(v.0)).collect();
+            client
+                .prepare_typed_cached(&sql, &types)
+                .await
+                .map_err(classify)?
+        }
+        Err(e) => return Err(classify(e)),
+    };
     let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-    let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
+    let columns: Vec<String> = prepared
+        .columns()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
     if columns.is_empty() {
         let affected = client.execute(&prepared, &refs).await.map_err(classify)?;
-        return Ok(Rows { columns, rows: Vec::new(), affected });
+        return Ok(Rows {
+            columns,
+            rows: Vec::new(),
+            affected,
+        });
     }
     let found = client.query(&prepared, &refs).await.map_err(classify)?;
     let mut rows = Vec::with_capacity(found.len());
     for row in &found {
-        rows.push((0..columns.len()).map(|i| decode(row, i)).collect::<Result<Vec<_>, _>>()?);
+        rows.push(
+            (0..columns.len())
+                .map(|i| decode(row, i))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
     }
     let affected = rows.len() as u64;
-    Ok(Rows { columns, rows, affected })
+    Ok(Rows {
+        columns,
+        rows,
+        affected,
+    })
 }
 
 #[async_trait]

@@ -99,14 +99,46 @@ pub fn demo_job(args: &DemoArgs) -> JobConfig {
     }
 }
 
-const FIRST: [&str; 12] = ["Zoë", "José", "Łukasz", "美咲", "Ольга", "Søren", "Aoife", "Nguyễn", "François", "Ayşe", "Đorđe", "María"];
-const LAST: [&str; 8] = ["Müller", "O'Brien", "García", "Kowalski", "田中", "Иванова", "Ødegaard", "Smith"];
-const CITIES: [&str; 6] = ["Zürich", "Kraków", "São Paulo", "Tōkyō", "Reykjavík", "Montréal"];
+const FIRST: [&str; 12] = [
+    "Zoë",
+    "José",
+    "Łukasz",
+    "美咲",
+    "Ольга",
+    "Søren",
+    "Aoife",
+    "Nguyễn",
+    "François",
+    "Ayşe",
+    "Đorđe",
+    "María",
+];
+const LAST: [&str; 8] = [
+    "Müller",
+    "O'Brien",
+    "García",
+    "Kowalski",
+    "田中",
+    "Иванова",
+    "Ødegaard",
+    "Smith",
+];
+const CITIES: [&str; 6] = [
+    "Zürich",
+    "Kraków",
+    "São Paulo",
+    "Tōkyō",
+    "Reykjavík",
+    "Montréal",
+];
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 
 /// One synthetic user: sparse ids, unicode names, unique addresses but every 997th invalid and
 /// every 1499th empty.
-pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'static str, &'static str) {
+pub fn synthetic_user(
+    i: u32,
+    seed: u64,
+) -> (i64, Option<String>, String, &'static str, &'static str) {
     let r = crate::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
     let id = i as i64 * 7 + (r * 7.0) as i64 + 1;
     let pick = |n: usize, salt: u32| ((r * 1e6) as usize + salt as usize * 7919 + i as usize) % n;
@@ -119,8 +151,18 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
     } else {
         Some(format!("user{id}@example.com"))
     };
-    let name = format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)]);
-    (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
+    let name = format!(
+        "{} {}",
+        FIRST[pick(FIRST.len(), 1)],
+        LAST[pick(LAST.len(), 2)]
+    );
+    (
+        id,
+        email,
+        name,
+        CITIES[pick(CITIES.len(), 3)],
+        PLANS[pick(PLANS.len(), 4)],
+    )
 }
 
 async fn create_users(store: &SqliteStore, n: u32, seed: u64) -> Result<()> {
@@ -162,9 +204,12 @@ pub struct DemoSummary {
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let dir = &args.common.data_dir;
     if args.common.database_url.is_some() {
-        bail!("the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)");
+        bail!(
+            "the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)"
+        );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
     for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
@@ -178,14 +223,25 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
         reserved_concurrency: args.chains * 2 + 2,
     };
-    let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
+    let config = Config {
+        settings,
+        jobs: [(JOB.to_owned(), job)].into(),
+    };
     config.validate()?;
-    let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
+    let faults = if args.chaos {
+        Faults::chaos()
+    } else {
+        Faults::default()
+    };
 
     let store = SqliteStore::open(&dir.join("baton.db"))?;
     crate::sql::migrations::migrate(&store, crate::ports::Clock::now_ms(&SystemClock)).await?;
     if !args.common.json {
-        eprintln!("Creating {} synthetic users in {} ...", args.users, dir.join("baton.db").display());
+        eprintln!(
+            "Creating {} synthetic users in {} ...",
+            args.users,
+            dir.join("baton.db").display()
+        );
     }
     create_users(&store, args.users, args.seed).await?;
     let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
@@ -200,27 +256,54 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         faults: faults.clone(),
         seed: args.seed,
     });
-    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some("demo")).await? else {
+    let Outcome::Started {
+        run_id,
+        pages,
+        chains,
+        ..
+    } = local.engine.start(JOB, Some("demo")).await?
+    else {
         unreachable!("start returns Started")
     };
     if !args.common.json {
         eprintln!(
             "Run {run_id}: {pages} pages through {chains} chains, hop timeout {}{}",
             humantime::format_duration(args.hop_timeout),
-            if args.chaos { ", with injected faults" } else { "" }
+            if args.chaos {
+                ", with injected faults"
+            } else {
+                ""
+            }
         );
     }
     let show = !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let status = local.drive(&run_id, show).await?;
     let wall = started.elapsed().as_secs_f64();
 
-    let summary = check(&store, &run_id, &outbox_dir, status, wall, local.lambda_counts(), faults, args.users, args.seed).await?;
+    let summary = check(
+        &store,
+        &run_id,
+        &outbox_dir,
+        status,
+        wall,
+        local.lambda_counts(),
+        faults,
+        args.users,
+        args.seed,
+    )
+    .await?;
     if args.common.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary, &outbox_dir);
     }
-    Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(
+        if summary.run.status == "succeeded" && summary.checks_passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -238,8 +321,12 @@ async fn check(
     let run_id = run_id.to_owned();
     let unknown_keys: HashSet<String> = store
         .with_conn(move |conn| {
-            let mut q = conn.prepare("SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'")?;
-            let keys = q.query_map([&run_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
+            let mut q = conn.prepare(
+                "SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'",
+            )?;
+            let keys = q
+                .query_map([&run_id], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(keys)
         })
         .await?;
@@ -248,12 +335,18 @@ async fn check(
     for a in &sent {
         *per_address.entry(a.as_str()).or_default() += 1;
     }
-    let mut duplicated: Vec<String> = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
+    let mut duplicated: Vec<String> = per_address
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(a, _)| a.to_string())
+        .collect();
     duplicated.sort();
     let (mut valid, mut missed) = (0, 0);
     for i in 0..users {
         let (id, email, ..) = synthetic_user(i, seed);
-        let Some(email) = email.filter(|e| crate::mail::check_address(e).is_ok()) else { continue };
+        let Some(email) = email.filter(|e| crate::mail::check_address(e).is_ok()) else {
+            continue;
+        };
         valid += 1;
         if !per_address.contains_key(email.as_str()) && !unknown_keys.contains(&id.to_string()) {
             missed += 1;
@@ -289,7 +382,11 @@ fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
         s.wall_seconds
     );
     let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
-    println!("  {} nobody got it twice ({} duplicated addresses)", mark(s.duplicated_addresses.is_empty()), s.duplicated_addresses.len());
+    println!(
+        "  {} nobody got it twice ({} duplicated addresses)",
+        mark(s.duplicated_addresses.is_empty()),
+        s.duplicated_addresses.len()
+    );
     println!(
         "  {} nobody was missed: {} valid users, {} missed, {} unknown (sent at most once, never retried)",
         mark(s.missed_users == 0),
@@ -306,6 +403,14 @@ fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
         s.run.unknown,
         s.run.total
     );
-    let over: Vec<_> = s.run.chains.iter().filter(|c| c.hops > c.hop_budget).collect();
-    println!("  {} every chain within its hop budget", mark(over.is_empty()));
+    let over: Vec<_> = s
+        .run
+        .chains
+        .iter()
+        .filter(|c| c.hops > c.hop_budget)
+        .collect();
+    println!(
+        "  {} every chain within its hop budget",
+        mark(over.is_empty())
+    );
 }

@@ -24,7 +24,8 @@ use crate::local::sqlite::SqliteStore;
 use crate::ports::SystemClock;
 use crate::sql::SqlStore;
 
-const ABOUT: &str = "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
+const ABOUT: &str =
+    "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
 
 const LONG_ABOUT: &str = "\
 Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.
@@ -53,13 +54,28 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Folder for the embedded default: `baton.db` (SQLite state and sources) and `outbox/`.
-    #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data", global = true)]
+    #[arg(
+        long,
+        env = "BATON_DATA_DIR",
+        default_value = "baton-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Use PostgreSQL for state and job sources instead of `DATA_DIR/baton.db`.
-    #[arg(long, env = "BATON_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BATON_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// The configuration file.
-    #[arg(long, env = "BATON_CONFIG", default_value = "baton.toml", global = true)]
+    #[arg(
+        long,
+        env = "BATON_CONFIG",
+        default_value = "baton.toml",
+        global = true
+    )]
     pub config: PathBuf,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -141,7 +157,10 @@ pub fn main() -> ExitCode {
         | Command::Preview { common, .. } => common.verbose,
     };
     init_logging(verbose);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -157,33 +176,59 @@ fn init_logging(verbose: u8) {
         1 => "info,baton=info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
-        Command::Run { job, run_key, common } => {
+        Command::Run {
+            job,
+            run_key,
+            common,
+        } => {
             let local = open_local(&common, true).await?;
             let started = local.engine.start(&job, run_key.as_deref()).await?;
-            let Outcome::Started { run_id, existing, .. } = &started else { unreachable!() };
+            let Outcome::Started {
+                run_id, existing, ..
+            } = &started
+            else {
+                unreachable!()
+            };
             if *existing {
                 let status = local.engine.status(Some(run_id)).await?.expect("exists");
                 if status.is_terminal() {
                     print_status(&status, common.json);
-                    eprintln!("run {run_id} of `{job}` already {}; use --run-key for a new run", status.status);
+                    eprintln!(
+                        "run {run_id} of `{job}` already {}; use --run-key for a new run",
+                        status.status
+                    );
                     return Ok(exit_for(&status));
                 }
-                eprintln!("continuing run {run_id} (already {}); the sweeper restarts its chains", status.status);
+                eprintln!(
+                    "continuing run {run_id} (already {}); the sweeper restarts its chains",
+                    status.status
+                );
                 local.engine.sweep().await?;
             }
             finish(&local, run_id, &common).await
         }
-        Command::Status { run_id, list, common } => {
+        Command::Status {
+            run_id,
+            list,
+            common,
+        } => {
             let engine = open_engine(&common, false).await?;
             let Some(status) = engine.status(run_id.as_deref()).await? else {
-                bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
+                bail!(
+                    "no runs yet in {}; start one with `baton run JOB` or `baton demo`",
+                    where_is(&common)
+                );
             };
             print_status(&status, common.json);
             if let Some(state) = list {
@@ -209,7 +254,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 println!(
                     "swept {} open run(s): {} chain(s) restarted, {} revived, {} parked, {} completed, {} failed",
-                    report.runs, report.restarted, report.revived, report.parked, report.completed, report.failed
+                    report.runs,
+                    report.restarted,
+                    report.revived,
+                    report.parked,
+                    report.completed,
+                    report.failed
                 );
             }
             if report.restarted + report.revived > 0
@@ -223,13 +273,19 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Preview { job, key, common } => {
             let engine = open_engine(&common, true).await?;
             match engine.preview(&job, key.as_deref()).await? {
-                None => bail!("no recipient found{}", key.map(|k| format!(" with key {k}")).unwrap_or_default()),
+                None => bail!(
+                    "no recipient found{}",
+                    key.map(|k| format!(" with key {k}")).unwrap_or_default()
+                ),
                 Some(r) if common.json => println!(
                     "{}",
                     serde_json::json!({"subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
                 ),
                 Some(r) => {
-                    println!("Subject: {}\nList-Unsubscribe: <{}>\n", r.subject, r.unsubscribe_url);
+                    println!(
+                        "Subject: {}\nList-Unsubscribe: <{}>\n",
+                        r.subject, r.unsubscribe_url
+                    );
                     if let Some(t) = r.text {
                         println!("--- text ---\n{t}");
                     }
@@ -243,7 +299,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-async fn control(common: &Common, run_id: Option<String>, action: ControlAction) -> Result<ExitCode> {
+async fn control(
+    common: &Common,
+    run_id: Option<String>,
+    action: ControlAction,
+) -> Result<ExitCode> {
     let engine = open_engine(common, false).await?;
     let id = latest_or(&engine, run_id, common).await?;
     let outcome = engine.control(&id, action).await?;
@@ -266,7 +326,12 @@ async fn latest_or(engine: &Engine, run_id: Option<String>, common: &Common) -> 
 }
 
 async fn finish(local: &LocalRuntime, run_id: &str, common: &Common) -> Result<ExitCode> {
-    let status = local.drive(run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
+    let status = local
+        .drive(
+            run_id,
+            !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+        .await?;
     print_status(&status, common.json);
     Ok(exit_for(&status))
 }
@@ -291,12 +356,14 @@ pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
     let store: Arc<dyn SqlStore> = match &common.database_url {
         Some(url) => Arc::new(PostgresStore::connect(url, 16)?),
         None => {
-            std::fs::create_dir_all(&common.data_dir)
-                .with_context(|| format!("cannot create --data-dir {}", common.data_dir.display()))?;
+            std::fs::create_dir_all(&common.data_dir).with_context(|| {
+                format!("cannot create --data-dir {}", common.data_dir.display())
+            })?;
             Arc::new(SqliteStore::open(&common.data_dir.join("baton.db"))?)
         }
     };
-    crate::sql::migrations::migrate(store.as_ref(), crate::ports::Clock::now_ms(&SystemClock)).await?;
+    crate::sql::migrations::migrate(store.as_ref(), crate::ports::Clock::now_ms(&SystemClock))
+        .await?;
     Ok(store)
 }
 
@@ -322,7 +389,12 @@ async fn open_engine(common: &Common, config_required: bool) -> Result<Engine> {
     Ok(Engine::new(crate::engine::EngineParts {
         store,
         invoker: Arc::new(lambda),
-        mailer: Arc::new(Outbox::new(&common.data_dir.join("outbox"), Faults::default(), 0, None)?),
+        mailer: Arc::new(Outbox::new(
+            &common.data_dir.join("outbox"),
+            Faults::default(),
+            0,
+            None,
+        )?),
         clock: Arc::new(SystemClock),
         config,
         kinds: KindRegistry::default(),
@@ -348,18 +420,34 @@ pub async fn open_local(common: &Common, config_required: bool) -> Result<LocalR
 
 pub fn print_status(s: &RunStatus, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(s).expect("status serialises")
+        );
         return;
     }
-    println!("run {} of `{}` ({}): {}", s.run_id, s.job, s.run_key, s.status);
+    println!(
+        "run {} of `{}` ({}): {}",
+        s.run_id, s.job, s.run_key, s.status
+    );
     if let Some(r) = &s.reason {
         println!("  reason:  {r}");
     }
     println!(
         "  items:   {} total | {} done | {} failed | {} skipped | {} unknown | {} pending",
-        s.total, s.done, s.failed, s.skipped, s.unknown, s.pending + s.claimed
+        s.total,
+        s.done,
+        s.failed,
+        s.skipped,
+        s.unknown,
+        s.pending + s.claimed
     );
-    println!("  pages:   {}/{} done   elapsed {:.1}s", s.pages_done, s.pages_total, s.elapsed_ms as f64 / 1000.0);
+    println!(
+        "  pages:   {}/{} done   elapsed {:.1}s",
+        s.pages_done,
+        s.pages_total,
+        s.elapsed_ms as f64 / 1000.0
+    );
     for c in &s.chains {
         println!(
             "  chain {:>3}: {:<7} {:>4} hops of {} budget, {} restarts{}",
@@ -368,7 +456,10 @@ pub fn print_status(s: &RunStatus, json: bool) {
             c.hops,
             c.hop_budget,
             c.restarts,
-            c.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            c.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
         );
     }
 }

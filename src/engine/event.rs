@@ -28,7 +28,10 @@ pub enum Event {
     /// Find stuck chains and expired leases and restart them.
     Sweep {},
     /// Pause, resume or cancel a run.
-    Control { run_id: String, action: ControlAction },
+    Control {
+        run_id: String,
+        action: ControlAction,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,10 +73,21 @@ mod tests {
     #[test]
     fn round_trips_every_event() {
         for e in [
-            Event::Start { job: "j".into(), run_key: Some("2026-12".into()) },
-            Event::Hop { run_id: "r".into(), chain: 2, hop: 7, traceparent: None },
+            Event::Start {
+                job: "j".into(),
+                run_key: Some("2026-12".into()),
+            },
+            Event::Hop {
+                run_id: "r".into(),
+                chain: 2,
+                hop: 7,
+                traceparent: None,
+            },
             Event::Sweep {},
-            Event::Control { run_id: "r".into(), action: ControlAction::Cancel },
+            Event::Control {
+                run_id: "r".into(),
+                action: ControlAction::Cancel,
+            },
         ] {
             assert_eq!(Event::parse(e.to_json().as_bytes()).unwrap(), e);
         }
@@ -89,7 +103,10 @@ mod tests {
             "not json",
         ] {
             let err = Event::parse(bad.as_bytes()).unwrap_err();
-            assert!(err.to_string().starts_with("malformed event"), "{bad}: {err}");
+            assert!(
+                err.to_string().starts_with("malformed event"),
+                "{bad}: {err}"
+            );
         }
     }
 }

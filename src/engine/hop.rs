@@ -13,7 +13,9 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
-use crate::jobs::{ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
+use crate::jobs::{
+    ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous,
+};
 use crate::sql::{Record, statements as st};
 
 /// A leased page.
@@ -26,7 +28,12 @@ struct Page {
 
 impl Page {
     fn from_record(r: Record<'_>) -> Page {
-        Page { page_no: r.int("page_no"), lo: r.text("lo"), hi: r.text("hi").unwrap_or_default(), attempts: r.int("attempts") }
+        Page {
+            page_no: r.int("page_no"),
+            lo: r.text("lo"),
+            hi: r.text("hi").unwrap_or_default(),
+            attempts: r.int("attempts"),
+        }
     }
 }
 
@@ -44,12 +51,21 @@ const CLAIM_RETRIES: u32 = 3;
 
 impl Engine {
     #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
-    pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
+    pub async fn hop(
+        &self,
+        run_id: &str,
+        chain: u32,
+        hop: u64,
+        deadline: Instant,
+    ) -> Result<Outcome, EngineError> {
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
         if run.is_terminal() {
-            return Ok(Outcome::Hopped { pages: 0, next: HopNext::Stopped });
+            return Ok(Outcome::Hopped {
+                pages: 0,
+                next: HopNext::Stopped,
+            });
         }
         if hop > run.max_hops {
             let reason = format!(
@@ -59,10 +75,22 @@ impl Engine {
             return self.fail_run(&run, chain, &reason).await;
         }
         if now > run.deadline_at {
-            return self.fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)").await;
+            return self
+                .fail_run(
+                    &run,
+                    chain,
+                    "the run passed its deadline (jobs.NAME.run_deadline)",
+                )
+                .await;
         }
         // The fork guard: only one delivery of hop `hop` gets past this.
-        if self.store.query(st::start_hop(run_id, chain, hop, now)).await?.rows.is_empty() {
+        if self
+            .store
+            .query(st::start_hop(run_id, chain, hop, now))
+            .await?
+            .rows
+            .is_empty()
+        {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
         }
@@ -76,8 +104,22 @@ impl Engine {
         let mut pages = 0u32;
         let mut retries = 0;
         while Instant::now() < soft {
-            let claim = st::claim_page(run_id, chain, hop, run.chains, &owner, self.now_ms(), lease_ms);
-            let Some(page) = self.store.query(claim).await?.first().map(Page::from_record) else {
+            let claim = st::claim_page(
+                run_id,
+                chain,
+                hop,
+                run.chains,
+                &owner,
+                self.now_ms(),
+                lease_ms,
+            );
+            let Some(page) = self
+                .store
+                .query(claim)
+                .await?
+                .first()
+                .map(Page::from_record)
+            else {
                 match self.no_page(&run, chain, hop).await? {
                     Some(next) => return Ok(Outcome::Hopped { pages, next }),
                     None if retries < CLAIM_RETRIES => {
@@ -88,17 +130,45 @@ impl Engine {
                 }
             };
             let report = match &job {
-                Job::Items(j) => self.process_items(&run, chain, &owner, &page, j, soft).await?,
+                Job::Items(j) => {
+                    self.process_items(&run, chain, &owner, &page, j, soft)
+                        .await?
+                }
                 Job::Ranges(j) => self.process_range(&run, &page, j, soft).await?,
             };
             let now = self.now_ms();
-            self.store.query(st::finish_page(run_id, page.page_no, &owner, report.finished)).await?;
-            self.store.query(st::heartbeat(run_id, chain, hop, now)).await?;
+            self.store
+                .query(st::finish_page(
+                    run_id,
+                    page.page_no,
+                    &owner,
+                    report.finished,
+                ))
+                .await?;
+            self.store
+                .query(st::heartbeat(run_id, chain, hop, now))
+                .await?;
             pages += 1;
             if let Some(reason) = report.fail_reason {
-                self.store.query(st::set_run_status(run_id, &["running", "pausing"], "failed", Some(&reason), now)).await?;
+                self.store
+                    .query(st::set_run_status(
+                        run_id,
+                        &["running", "pausing"],
+                        "failed",
+                        Some(&reason),
+                        now,
+                    ))
+                    .await?;
             } else if let Some(reason) = report.pause_reason {
-                self.store.query(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now)).await?;
+                self.store
+                    .query(st::set_run_status(
+                        run_id,
+                        &["running"],
+                        "pausing",
+                        Some(&reason),
+                        now,
+                    ))
+                    .await?;
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
@@ -109,24 +179,38 @@ impl Engine {
             }
         }
         match self.invoke_hop(run_id, chain, hop + 1).await {
-            Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
+            Ok(()) => Ok(Outcome::Hopped {
+                pages,
+                next: HopNext::Continued,
+            }),
             Err(e) if e.fatal => self.fail_run(&run, chain, &e.message).await,
             Err(e) => {
                 tracing::warn!(error = %e, "next hop not accepted; the sweeper will restart this chain");
-                Ok(Outcome::Hopped { pages, next: HopNext::Continued })
+                Ok(Outcome::Hopped {
+                    pages,
+                    next: HopNext::Continued,
+                })
             }
         }
     }
 
     /// No page could be claimed. Decide why: `None` means pages are claimable (a concurrent
     /// claim won the race) and the caller should try again.
-    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<HopNext>, EngineError> {
+    async fn no_page(
+        &self,
+        run: &RunRow,
+        chain: i64,
+        hop: i64,
+    ) -> Result<Option<HopNext>, EngineError> {
         let id = run.run_id.as_str();
         let now = self.now_ms();
         let summary = self.store.query(st::page_summary(id, now)).await?;
-        let Some(s) = summary.first() else { return Err(EngineError::RunNotFound(id.into())) };
+        let Some(s) = summary.first() else {
+            return Err(EngineError::RunNotFound(id.into()));
+        };
         let status = s.text("run_status").unwrap_or_default();
-        let end = |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
+        let end =
+            |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
         match status.as_str() {
             "running" if s.int("claimable") > 0 => {
                 // Still our hop? If the chain moved on (a restart overtook us), stop quietly.
@@ -134,7 +218,14 @@ impl Engine {
             }
             "running" => {
                 self.store.query(end("ended")).await?;
-                if s.int("leased") == 0 && !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
+                if s.int("leased") == 0
+                    && !self
+                        .store
+                        .query(st::complete_run(id, now))
+                        .await?
+                        .rows
+                        .is_empty()
+                {
                     tracing::info!(run_id = id, "run succeeded");
                     self.store.query(st::end_chains(id)).await?;
                     return Ok(Some(HopNext::Completed));
@@ -153,16 +244,37 @@ impl Engine {
         }
     }
 
-    async fn fail_run(&self, run: &RunRow, chain: i64, reason: &str) -> Result<Outcome, EngineError> {
+    async fn fail_run(
+        &self,
+        run: &RunRow,
+        chain: i64,
+        reason: &str,
+    ) -> Result<Outcome, EngineError> {
         let now = self.now_ms();
         tracing::error!(run_id = run.run_id, chain, reason, "run failed");
         self.store
-            .query(st::set_chain_status(&run.run_id, chain, None, &["active", "paused", "ended"], "failed", Some(reason)))
+            .query(st::set_chain_status(
+                &run.run_id,
+                chain,
+                None,
+                &["active", "paused", "ended"],
+                "failed",
+                Some(reason),
+            ))
             .await?;
         self.store
-            .query(st::set_run_status(&run.run_id, &["running", "pausing", "paused"], "failed", Some(reason), now))
+            .query(st::set_run_status(
+                &run.run_id,
+                &["running", "pausing", "paused"],
+                "failed",
+                Some(reason),
+                now,
+            ))
             .await?;
-        Ok(Outcome::Hopped { pages: 0, next: HopNext::Failed(reason.to_owned()) })
+        Ok(Outcome::Hopped {
+            pages: 0,
+            next: HopNext::Failed(reason.to_owned()),
+        })
     }
 
     async fn check_failure_threshold(&self, run: &RunRow) -> Result<(), EngineError> {
@@ -170,11 +282,16 @@ impl Engine {
         if cfg.max_failures.is_none() && cfg.max_failure_percent.is_none() {
             return Ok(());
         }
-        let rows = self.store.query(st::failures_since_baseline(&run.run_id)).await?;
+        let rows = self
+            .store
+            .query(st::failures_since_baseline(&run.run_id))
+            .await?;
         let Some(r) = rows.first() else { return Ok(()) };
         let (failures, total) = (r.int("failures"), r.int("total").max(1));
         let over_count = cfg.max_failures.is_some_and(|m| failures as u64 > m);
-        let over_percent = cfg.max_failure_percent.is_some_and(|p| failures as f64 * 100.0 / total as f64 > p);
+        let over_percent = cfg
+            .max_failure_percent
+            .is_some_and(|p| failures as f64 * 100.0 / total as f64 > p);
         if over_count || over_percent {
             let reason = format!(
                 "{failures} items failed, over the failure threshold ({}); `baton status` lists them, `baton resume` continues",
@@ -187,7 +304,13 @@ impl Engine {
             );
             tracing::warn!(run_id = run.run_id, reason, "pausing run");
             self.store
-                .query(st::set_run_status(&run.run_id, &["running"], "pausing", Some(&reason), self.now_ms()))
+                .query(st::set_run_status(
+                    &run.run_id,
+                    &["running"],
+                    "pausing",
+                    Some(&reason),
+                    self.now_ms(),
+                ))
                 .await?;
         }
         Ok(())
@@ -208,40 +331,83 @@ impl Engine {
         if page.attempts > 1 {
             // A re-offered page: settle what a dead owner left claimed (see the ambiguity policy).
             let resend = resend_ambiguous(cfg);
-            let settled = self.store.query(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
+            let settled = self
+                .store
+                .query(st::settle_stale_claims(
+                    id,
+                    page.page_no,
+                    owner,
+                    resend,
+                    self.now_ms(),
+                ))
+                .await?;
             if resend {
-                retaken = settled.records().filter_map(|r| r.text("item_key")).collect();
+                retaken = settled
+                    .records()
+                    .filter_map(|r| r.text("item_key"))
+                    .collect();
             }
         }
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
-        let rows = self.store.query(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
+        let rows = self
+            .store
+            .query(st::load_page(&cfg.source, &cfg.key_column, lo, hi))
+            .await?;
         let columns = Arc::new(rows.columns.clone());
-        let items: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
+        let items: Vec<_> = rows
+            .rows
+            .into_iter()
+            .map(|v| item_of(&columns, &cfg.key_column, v))
+            .collect();
         if items.is_empty() {
-            return Ok(PageReport { finished: true, ..Default::default() });
+            return Ok(PageReport {
+                finished: true,
+                ..Default::default()
+            });
         }
         let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
-        let claimed = self.store.query(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys)).await?;
-        let mut mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
+        let claimed = self
+            .store
+            .query(st::claim_items(
+                id,
+                page.page_no,
+                owner,
+                self.now_ms(),
+                &keys,
+            ))
+            .await?;
+        let mut mine: HashSet<String> = claimed
+            .records()
+            .filter_map(|r| r.text("item_key"))
+            .collect();
         mine.extend(retaken);
-        let cx = ItemContext { run_id: id.to_owned(), run_key: run.run_key.clone(), chain: chain as u32, soft_deadline: soft };
-        let outcomes: Vec<(String, ItemOutcome)> = futures::stream::iter(items.into_iter().filter(|i| mine.contains(&i.key)))
-            .map(|item| {
-                let (job, cx) = (job.clone(), &cx);
-                async move {
-                    if Instant::now() >= cx.soft_deadline {
-                        return (item.key, ItemOutcome::Released);
+        let cx = ItemContext {
+            run_id: id.to_owned(),
+            run_key: run.run_key.clone(),
+            chain: chain as u32,
+            soft_deadline: soft,
+        };
+        let outcomes: Vec<(String, ItemOutcome)> =
+            futures::stream::iter(items.into_iter().filter(|i| mine.contains(&i.key)))
+                .map(|item| {
+                    let (job, cx) = (job.clone(), &cx);
+                    async move {
+                        if Instant::now() >= cx.soft_deadline {
+                            return (item.key, ItemOutcome::Released);
+                        }
+                        let outcome = job.process(&item, cx).await;
+                        (item.key, outcome)
                     }
-                    let outcome = job.process(&item, cx).await;
-                    (item.key, outcome)
-                }
-            })
-            .buffer_unordered(job.in_flight().max(1))
-            .collect()
-            .await;
+                })
+                .buffer_unordered(job.in_flight().max(1))
+                .collect()
+                .await;
 
-        let mut report = PageReport { finished: true, ..Default::default() };
+        let mut report = PageReport {
+            finished: true,
+            ..Default::default()
+        };
         let mut results = Vec::new();
         let mut released = Vec::new();
         for (key, outcome) in outcomes {
@@ -260,26 +426,42 @@ impl Engine {
         }
         let now = self.now_ms();
         if !results.is_empty() {
-            self.store.query(st::record_results(id, owner, now, &results)).await?;
+            self.store
+                .query(st::record_results(id, owner, now, &results))
+                .await?;
         }
         if !released.is_empty() {
-            self.store.query(st::release_claims(id, page.page_no, owner, &released)).await?;
+            self.store
+                .query(st::release_claims(id, page.page_no, owner, &released))
+                .await?;
             report.finished = false;
         }
         Ok(report)
     }
 
-    async fn process_range(&self, run: &RunRow, page: &Page, job: &Arc<dyn RangeJob>, soft: Instant) -> Result<PageReport, EngineError> {
+    async fn process_range(
+        &self,
+        run: &RunRow,
+        page: &Page,
+        job: &Arc<dyn RangeJob>,
+        soft: Instant,
+    ) -> Result<PageReport, EngineError> {
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
         Ok(match job.process(lo, hi, soft).await {
-            Ok(RangeOutcome::Done) => PageReport { finished: true, ..Default::default() },
+            Ok(RangeOutcome::Done) => PageReport {
+                finished: true,
+                ..Default::default()
+            },
             Ok(RangeOutcome::Incomplete) => PageReport::default(),
             Err(JobError::Transient(e)) => {
                 tracing::warn!(page = page.page_no, error = e, "page will be retried");
                 PageReport::default()
             }
-            Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
+            Err(e) => PageReport {
+                fail_reason: Some(format!("page {}: {e}", page.page_no)),
+                ..Default::default()
+            },
         })
     }
 }

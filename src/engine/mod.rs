@@ -64,12 +64,24 @@ pub enum EngineError {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Started { run_id: String, chains: i64, pages: i64, items: i64, existing: bool },
-    Hopped { pages: u32, next: HopNext },
+    Started {
+        run_id: String,
+        chains: i64,
+        pages: i64,
+        items: i64,
+        existing: bool,
+    },
+    Hopped {
+        pages: u32,
+        next: HopNext,
+    },
     /// Another delivery of this hop already ran (or the chain moved on): nothing was done.
     Duplicate,
     Swept(sweep::SweepReport),
-    Controlled { run_id: String, status: String },
+    Controlled {
+        run_id: String,
+        status: String,
+    },
 }
 
 /// How a hop left its chain.
@@ -111,8 +123,22 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
-        let EngineParts { store, invoker, mailer, clock, config, kinds } = parts;
-        Self { store, invoker, mailer, clock, config, kinds }
+        let EngineParts {
+            store,
+            invoker,
+            mailer,
+            clock,
+            config,
+            kinds,
+        } = parts;
+        Self {
+            store,
+            invoker,
+            mailer,
+            clock,
+            config,
+            kinds,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn SqlStore> {
@@ -133,7 +159,11 @@ impl Engine {
     }
 
     /// Decodes and routes one Lambda payload. `deadline` is when the invocation will be killed.
-    pub async fn handle_payload(&self, payload: &[u8], deadline: Instant) -> Result<Outcome, EngineError> {
+    pub async fn handle_payload(
+        &self,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<Outcome, EngineError> {
         let event = Event::parse(payload)?;
         self.handle(event, deadline).await
     }
@@ -141,7 +171,9 @@ impl Engine {
     pub async fn handle(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
         match event {
             Event::Start { job, run_key } => self.start(&job, run_key.as_deref()).await,
-            Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
+            Event::Hop {
+                run_id, chain, hop, ..
+            } => self.hop(&run_id, chain, hop, deadline).await,
             Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
             Event::Control { run_id, action } => self.control(&run_id, action).await,
         }
@@ -155,7 +187,12 @@ impl Engine {
             .and_then(|j| j.newsletter.as_ref())
             .or(config.newsletter.as_ref())
             .and_then(|n| n.secret());
-        JobDeps { store: self.store.clone(), mailer: self.mailer.clone(), clock: self.clock.clone(), secret }
+        JobDeps {
+            store: self.store.clone(),
+            mailer: self.mailer.clone(),
+            clock: self.clock.clone(),
+            secret,
+        }
     }
 
     pub fn build_job(&self, name: &str, config: &JobConfig) -> Result<Job, JobError> {
@@ -164,11 +201,23 @@ impl Engine {
 
     pub(crate) async fn load_run(&self, run_id: &str) -> Result<RunRow, EngineError> {
         let rows = self.store.query(st::run_by_id(run_id)).await?;
-        RunRow::first(&rows).map_err(EngineError::State)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
+        RunRow::first(&rows)
+            .map_err(EngineError::State)?
+            .ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
-    pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
-        let event = Event::Hop { run_id: run_id.to_owned(), chain: chain as u32, hop: hop as u64, traceparent: None };
+    pub(crate) async fn invoke_hop(
+        &self,
+        run_id: &str,
+        chain: i64,
+        hop: i64,
+    ) -> Result<(), InvokeError> {
+        let event = Event::Hop {
+            run_id: run_id.to_owned(),
+            chain: chain as u32,
+            hop: hop as u64,
+            traceparent: None,
+        };
         self.invoker.invoke(&event).await
     }
 
@@ -176,9 +225,14 @@ impl Engine {
     pub(crate) async fn invoke_chains(&self, run_id: &str, rows: &crate::sql::Rows) -> usize {
         let mut invoked = 0;
         for r in rows.records() {
-            match self.invoke_hop(run_id, r.int("chain_no"), r.int("next_hop")).await {
+            match self
+                .invoke_hop(run_id, r.int("chain_no"), r.int("next_hop"))
+                .await
+            {
                 Ok(()) => invoked += 1,
-                Err(e) => tracing::warn!(run_id, chain = r.int("chain_no"), error = %e, "invoke failed; the sweeper will retry"),
+                Err(e) => {
+                    tracing::warn!(run_id, chain = r.int("chain_no"), error = %e, "invoke failed; the sweeper will retry")
+                }
             }
         }
         invoked
@@ -187,13 +241,21 @@ impl Engine {
     // ---- start ------------------------------------------------------------------------------
 
     /// Validates, plans and starts a run; returns the existing run if `(job, run_key)` exists.
-    pub async fn start(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
+    pub async fn start(
+        &self,
+        job_name: &str,
+        run_key: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
         let config = self.config.job(job_name)?.clone();
         let run_key = match run_key {
             Some(k) => k.to_owned(),
             None => month_key(self.now_ms()),
         };
-        if run_key.is_empty() || !run_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if run_key.is_empty()
+            || !run_key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(EngineError::RunKey(run_key));
         }
         if let Some(existing) = self.existing_run(job_name, &run_key).await? {
@@ -233,7 +295,14 @@ impl Engine {
         let run = self.load_run(&run_id).await?;
         let chains = self.store.query(st::chains_of(&run_id)).await?;
         self.invoke_chains(&run_id, &chains).await;
-        tracing::info!(run_id, job = job_name, run_key, pages = run.total_pages, items = run.total_items, "run started");
+        tracing::info!(
+            run_id,
+            job = job_name,
+            run_key,
+            pages = run.total_pages,
+            items = run.total_items,
+            "run started"
+        );
         Ok(Outcome::Started {
             run_id,
             chains: run.chains,
@@ -245,46 +314,78 @@ impl Engine {
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
         let rows = self.store.query(st::run_by_key(job, run_key)).await?;
-        Ok(RunRow::first(&rows).map_err(EngineError::State)?.map(|r| Outcome::Started {
-            run_id: r.run_id,
-            chains: r.chains,
-            pages: r.total_pages,
-            items: r.total_items,
-            existing: true,
-        }))
+        Ok(RunRow::first(&rows)
+            .map_err(EngineError::State)?
+            .map(|r| Outcome::Started {
+                run_id: r.run_id,
+                chains: r.chains,
+                pages: r.total_pages,
+                items: r.total_items,
+                existing: true,
+            }))
     }
 
     /// Runs the source once on a sample: the key column exists, is unique and of a sortable
     /// type, and the job accepts the columns and the first item. Returns the key's type.
-    async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<KeyType, EngineError> {
+    async fn check_source(
+        &self,
+        name: &str,
+        config: &JobConfig,
+        job: &Job,
+    ) -> Result<KeyType, EngineError> {
         let key = &config.key_column;
         let field = format!("jobs.{name}.source");
         let mut stmts = st::source_sample(&config.source, key);
         let counts = stmts.pop().expect("two statements");
-        let sample = self.store.query(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
+        let sample = self
+            .store
+            .query(stmts.pop().expect("two statements"))
+            .await
+            .map_err(|e| source_error(name, e))?;
         if sample.column(key).is_none() {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
-                message: format!("the source query has no column `{key}`; its columns are: {}", sample.columns.join(", ")),
+                message: format!(
+                    "the source query has no column `{key}`; its columns are: {}",
+                    sample.columns.join(", ")
+                ),
             }
             .into());
         }
-        let counts = self.store.query(counts).await.map_err(|e| source_error(name, e))?;
-        let (n, distinct) = counts.first().map(|r| (r.int("n"), r.int("d"))).unwrap_or((0, 0));
+        let counts = self
+            .store
+            .query(counts)
+            .await
+            .map_err(|e| source_error(name, e))?;
+        let (n, distinct) = counts
+            .first()
+            .map(|r| (r.int("n"), r.int("d")))
+            .unwrap_or((0, 0));
         if n != distinct {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
-                message: format!("`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"),
+                message: format!(
+                    "`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"
+                ),
             }
             .into());
         }
         let columns = Arc::new(sample.columns.clone());
-        let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
-        let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
+        let item = sample
+            .rows
+            .first()
+            .map(|values| item_of(&columns, key, values.clone()));
+        let key_type = match sample
+            .rows
+            .first()
+            .map(|v| &v[sample.column(key).expect("checked")])
+        {
             None => KeyType::Text,
             Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
                 field,
-                message: format!("key `{key}` must be an integer, text or uuid column, found {v:?}"),
+                message: format!(
+                    "key `{key}` must be an integer, text or uuid column, found {v:?}"
+                ),
             })?,
         };
         match job {
@@ -296,7 +397,11 @@ impl Engine {
 
     /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
     fn hops_per_page(&self, config: &JobConfig, job: &Job) -> i64 {
-        let usable = self.config.settings.hop_timeout.saturating_sub(self.config.settings.hop_margin);
+        let usable = self
+            .config
+            .settings
+            .hop_timeout
+            .saturating_sub(self.config.settings.hop_margin);
         let per_item = match job {
             Job::Items(j) => j.seconds_per_item(),
             Job::Ranges(_) => None,
@@ -304,7 +409,10 @@ impl Engine {
         match per_item {
             Some(s) => {
                 let page_secs = s * config.chains as f64 * config.page_size as f64;
-                (page_secs / usable.as_secs_f64().max(0.001)).ceil().max(1.0) as i64 + 1
+                (page_secs / usable.as_secs_f64().max(0.001))
+                    .ceil()
+                    .max(1.0) as i64
+                    + 1
             }
             None => 1,
         }
@@ -312,13 +420,23 @@ impl Engine {
 
     // ---- control ----------------------------------------------------------------------------
 
-    pub async fn control(&self, run_id: &str, action: ControlAction) -> Result<Outcome, EngineError> {
+    pub async fn control(
+        &self,
+        run_id: &str,
+        action: ControlAction,
+    ) -> Result<Outcome, EngineError> {
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
         match action {
             ControlAction::Pause => {
                 self.store
-                    .query(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now))
+                    .query(st::set_run_status(
+                        run_id,
+                        &["running"],
+                        "pausing",
+                        Some("paused by operator"),
+                        now,
+                    ))
                     .await?;
                 self.store.query(st::settle_pause(run_id, now)).await?;
             }
@@ -342,8 +460,17 @@ impl Engine {
             }
         }
         let after = self.load_run(run_id).await?;
-        tracing::info!(run_id, ?action, from = run.status, to = after.status, "control");
-        Ok(Outcome::Controlled { run_id: run_id.to_owned(), status: after.status })
+        tracing::info!(
+            run_id,
+            ?action,
+            from = run.status,
+            to = after.status,
+            "control"
+        );
+        Ok(Outcome::Controlled {
+            run_id: run_id.to_owned(),
+            status: after.status,
+        })
     }
 
     // ---- status -----------------------------------------------------------------------------
@@ -352,14 +479,27 @@ impl Engine {
     pub async fn status(&self, run_id: Option<&str>) -> Result<Option<RunStatus>, EngineError> {
         let run = match run_id {
             Some(id) => self.load_run(id).await?,
-            None => match RunRow::first(&self.store.query(st::latest_run()).await?).map_err(EngineError::State)? {
+            None => match RunRow::first(&self.store.query(st::latest_run()).await?)
+                .map_err(EngineError::State)?
+            {
                 Some(r) => r,
                 None => return Ok(None),
             },
         };
         let id = run.run_id.as_str();
         let counts = count_by(&self.store.query(st::ledger_counts(id)).await?, "state");
-        let pages = count_by(&self.store.query(st::page_progress(id)).await?, "status");
+        let page_rows = self.store.query(st::page_progress(id)).await?;
+        let pages = count_by(&page_rows, "status");
+        let mut counts = counts;
+        if counts.is_empty() {
+            // Range kinds (`sql`) claim pages, not items: their items are those of done pages.
+            let done_items = page_rows
+                .records()
+                .filter(|r| r.text("status").as_deref() == Some("done"))
+                .map(|r| r.int("items"))
+                .sum();
+            counts.insert("done".to_owned(), done_items);
+        }
         let chains = self.store.query(st::chains_of(id)).await?;
         let get = |m: &HashMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
         let recorded: i64 = counts.values().sum();
@@ -397,15 +537,34 @@ impl Engine {
     }
 
     /// Items of a run in one ledger state (e.g. the `unknown` ones to check by hand).
-    pub async fn items_in_state(&self, run_id: &str, state: &str, limit: i64) -> Result<Vec<(String, Option<String>)>, EngineError> {
-        let rows = self.store.query(st::ledger_items(run_id, state, limit)).await?;
-        Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
+    pub async fn items_in_state(
+        &self,
+        run_id: &str,
+        state: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, Option<String>)>, EngineError> {
+        let rows = self
+            .store
+            .query(st::ledger_items(run_id, state, limit))
+            .await?;
+        Ok(rows
+            .records()
+            .map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason")))
+            .collect())
     }
 
     /// Renders one item's message without sending (the `preview` command).
-    pub async fn preview(&self, job_name: &str, key: Option<&str>) -> Result<Option<crate::jobs::newsletter::Rendered>, EngineError> {
+    pub async fn preview(
+        &self,
+        job_name: &str,
+        key: Option<&str>,
+    ) -> Result<Option<crate::jobs::newsletter::Rendered>, EngineError> {
         let config = self.config.job(job_name)?.clone();
-        let job = crate::jobs::newsletter::Newsletter::new(job_name, &config, &self.deps(job_name, &config))?;
+        let job = crate::jobs::newsletter::Newsletter::new(
+            job_name,
+            &config,
+            &self.deps(job_name, &config),
+        )?;
         let stmt = match key {
             None => st::source_sample(&config.source, &config.key_column).remove(0),
             Some(k) => {
@@ -419,11 +578,21 @@ impl Engine {
                 )
             }
         };
-        let rows = self.store.query(stmt).await.map_err(|e| source_error(job_name, e))?;
+        let rows = self
+            .store
+            .query(stmt)
+            .await
+            .map_err(|e| source_error(job_name, e))?;
         let columns = Arc::new(rows.columns.clone());
-        let Some(values) = rows.rows.into_iter().next() else { return Ok(None) };
+        let Some(values) = rows.rows.into_iter().next() else {
+            return Ok(None);
+        };
         let item = item_of(&columns, &config.key_column, values);
-        let email_col = config.newsletter.as_ref().map(|n| n.email_column.clone()).unwrap_or_default();
+        let email_col = config
+            .newsletter
+            .as_ref()
+            .map(|n| n.email_column.clone())
+            .unwrap_or_default();
         let address = item.get(&email_col).to_string();
         job.render(&item, "preview", &address)
             .map(Some)
@@ -434,7 +603,11 @@ impl Engine {
 pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>) -> Item {
     let idx = columns.iter().position(|c| c.eq_ignore_ascii_case(key));
     let key = idx.and_then(|i| values[i].key_text()).unwrap_or_default();
-    Item { key, columns: columns.clone(), values }
+    Item {
+        key,
+        columns: columns.clone(),
+        values,
+    }
 }
 
 fn source_error(job: &str, e: SqlError) -> EngineError {
@@ -449,7 +622,9 @@ fn source_error(job: &str, e: SqlError) -> EngineError {
 }
 
 fn count_by(rows: &crate::sql::Rows, column: &str) -> HashMap<String, i64> {
-    rows.records().map(|r| (r.text(column).unwrap_or_default(), r.int("n"))).collect()
+    rows.records()
+        .map(|r| (r.text(column).unwrap_or_default(), r.int("n")))
+        .collect()
 }
 
 /// `YYYY-MM` (UTC) of an epoch-milliseconds instant: the default run key.

@@ -37,7 +37,8 @@ impl RunRow {
             status: r.text("status").unwrap_or_default(),
             reason: r.text("reason"),
             job_config,
-            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default()).unwrap_or(KeyType::Text),
+            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default())
+                .unwrap_or(KeyType::Text),
             chains: r.int("chains"),
             total_items: r.int("total_items"),
             total_pages: r.int("total_pages"),

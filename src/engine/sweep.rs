@@ -31,24 +31,55 @@ impl Engine {
             report.runs += 1;
             if now > run.deadline_at {
                 let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
-                if !self.store.query(st::set_run_status(id, &["running", "pausing"], "failed", Some(reason), now)).await?.rows.is_empty() {
+                if !self
+                    .store
+                    .query(st::set_run_status(
+                        id,
+                        &["running", "pausing"],
+                        "failed",
+                        Some(reason),
+                        now,
+                    ))
+                    .await?
+                    .rows
+                    .is_empty()
+                {
                     report.failed += 1;
                 }
                 continue;
             }
             if run.status == "pausing" {
-                report.parked += self.store.query(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
+                report.parked += self
+                    .store
+                    .query(st::park_stale_chains(id, now - stale_ms))
+                    .await?
+                    .rows
+                    .len();
                 self.store.query(st::settle_pause(id, now)).await?;
                 continue;
             }
-            let stale = self.store.query(st::claim_stale_chains(id, now - stale_ms, now)).await?;
+            let stale = self
+                .store
+                .query(st::claim_stale_chains(id, now - stale_ms, now))
+                .await?;
             for c in stale.records() {
-                tracing::info!(run_id = id, chain = c.int("chain_no"), hop = c.int("next_hop"), "restarting a silent chain");
+                tracing::info!(
+                    run_id = id,
+                    chain = c.int("chain_no"),
+                    hop = c.int("next_hop"),
+                    "restarting a silent chain"
+                );
             }
             report.restarted += self.invoke_chains(id, &stale).await;
             let revived = self.store.query(st::revive_chain(id, now)).await?;
             report.revived += self.invoke_chains(id, &revived).await;
-            if !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
+            if !self
+                .store
+                .query(st::complete_run(id, now))
+                .await?
+                .rows
+                .is_empty()
+            {
                 report.completed += 1;
                 self.store.query(st::end_chains(id)).await?;
             }

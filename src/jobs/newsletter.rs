@@ -24,7 +24,11 @@ use crate::mail;
 use crate::ports::{Clock, MailError, Mailer, OutgoingMail};
 use crate::sql::Value;
 
-const TEMPLATES: [(&str, &str); 3] = [("subject", "subject.txt"), ("text", "text.txt"), ("html", "body.html")];
+const TEMPLATES: [(&str, &str); 3] = [
+    ("subject", "subject.txt"),
+    ("text", "text.txt"),
+    ("html", "body.html"),
+];
 /// Names a template may use at top level.
 const CONTEXT_NAMES: [&str; 5] = ["recipient", "vars", "unsubscribe_url", "run_key", "job"];
 
@@ -42,23 +46,32 @@ pub struct Newsletter {
 }
 
 fn invalid(field: String, message: impl Into<String>) -> JobError {
-    JobError::Invalid { field, message: message.into() }
+    JobError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 impl Newsletter {
     pub fn new(name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Self, JobError> {
         let prefix = format!("jobs.{name}.newsletter");
-        let n = config
-            .newsletter
-            .clone()
-            .ok_or_else(|| invalid(prefix.clone(), "a `newsletter` job needs a [jobs.NAME.newsletter] section"))?;
+        let n = config.newsletter.clone().ok_or_else(|| {
+            invalid(
+                prefix.clone(),
+                "a `newsletter` job needs a [jobs.NAME.newsletter] section",
+            )
+        })?;
         let secret = deps.secret.clone().ok_or_else(|| {
             invalid(
                 format!("{prefix}.unsubscribe_secret"),
-                format!("not set: set it in the config or in the environment variable {}", n.unsubscribe_secret_env),
+                format!(
+                    "not set: set it in the config or in the environment variable {}",
+                    n.unsubscribe_secret_env
+                ),
             )
         })?;
-        let from = mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
+        let from =
+            mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         for (field, file) in TEMPLATES {
@@ -68,8 +81,12 @@ impl Newsletter {
                 _ => n.html.clone(),
             };
             if let Some(source) = source {
-                env.add_template_owned(file, source)
-                    .map_err(|e| invalid(format!("{prefix}.{field}"), format!("template does not parse: {e}")))?;
+                env.add_template_owned(file, source).map_err(|e| {
+                    invalid(
+                        format!("{prefix}.{field}"),
+                        format!("template does not parse: {e}"),
+                    )
+                })?;
                 let tmpl = env.get_template(file).expect("just added");
                 let unknown: Vec<String> = tmpl
                     .undeclared_variables(false)
@@ -108,14 +125,24 @@ impl Newsletter {
     }
 
     /// Renders subject, text and HTML for one recipient; the error names the template.
-    pub fn render(&self, item: &Item, run_key: &str, address: &str) -> Result<Rendered, (String, String)> {
+    pub fn render(
+        &self,
+        item: &Item,
+        run_key: &str,
+        address: &str,
+    ) -> Result<Rendered, (String, String)> {
         let recipient: BTreeMap<String, minijinja::Value> = item
             .columns
             .iter()
             .zip(&item.values)
             .map(|(c, v)| (c.clone(), to_template_value(v)))
             .collect();
-        let unsubscribe_url = mail::unsubscribe_url(&self.config.unsubscribe_url, &self.secret, &self.job, address);
+        let unsubscribe_url = mail::unsubscribe_url(
+            &self.config.unsubscribe_url,
+            &self.secret,
+            &self.job,
+            address,
+        );
         let ctx = minijinja::context! {
             recipient => recipient,
             vars => self.vars.clone(),
@@ -126,18 +153,35 @@ impl Newsletter {
         let mut out: [Option<String>; 3] = [None, None, None];
         for (i, (field, file)) in TEMPLATES.iter().enumerate() {
             if let Ok(t) = self.env.get_template(file) {
-                out[i] = Some(t.render(&ctx).map_err(|e| (self.field(field), describe(&e)))?);
+                out[i] = Some(
+                    t.render(&ctx)
+                        .map_err(|e| (self.field(field), describe(&e)))?,
+                );
             }
         }
         let [subject, text, html] = out;
-        Ok(Rendered { subject: subject.unwrap_or_default().trim().to_owned(), text, html, unsubscribe_url })
+        Ok(Rendered {
+            subject: subject.unwrap_or_default().trim().to_owned(),
+            text,
+            html,
+            unsubscribe_url,
+        })
     }
 
     fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
-        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    fn message(&self, item: &Item, cx: &ItemContext, address: &str, r: &Rendered) -> std::io::Result<OutgoingMail> {
+    fn message(
+        &self,
+        item: &Item,
+        cx: &ItemContext,
+        address: &str,
+        r: &Rendered,
+    ) -> std::io::Result<OutgoingMail> {
         let digest = Sha256::digest(item.key.as_bytes());
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let domain = self.from.1.rsplit('@').next().unwrap_or("baton.invalid");
@@ -158,7 +202,10 @@ impl Newsletter {
             to: address.to_owned(),
             message_id,
             raw,
-            tags: vec![("job".into(), self.job.clone()), ("run".into(), cx.run_key.clone())],
+            tags: vec![
+                ("job".into(), self.job.clone()),
+                ("run".into(), cx.run_key.clone()),
+            ],
         })
     }
 }
@@ -182,7 +229,7 @@ fn describe(e: &minijinja::Error) -> String {
 
 fn to_template_value(v: &Value) -> minijinja::Value {
     match v {
-        Value::Null => minijinja::Value::from(()),
+        Value::Null | Value::NullOf(_) => minijinja::Value::from(()),
         Value::Int(i) => minijinja::Value::from(*i),
         Value::Real(f) => minijinja::Value::from(*f),
         Value::Bool(b) => minijinja::Value::from(*b),
@@ -197,12 +244,20 @@ impl ItemJob for Newsletter {
         if !columns.iter().any(|c| c.eq_ignore_ascii_case(email)) {
             return Err(invalid(
                 self.field("email_column"),
-                format!("the source query has no column `{email}`; its columns are: {}", columns.join(", ")),
+                format!(
+                    "the source query has no column `{email}`; its columns are: {}",
+                    columns.join(", ")
+                ),
             ));
         }
         if let Some(item) = sample {
-            let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
-            self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
+            let address = item
+                .get(email)
+                .as_str()
+                .unwrap_or("sample@example.com")
+                .to_owned();
+            self.render(item, "check", &address)
+                .map_err(|(field, message)| invalid(field, message))?;
         }
         Ok(())
     }
@@ -220,15 +275,20 @@ impl ItemJob for Newsletter {
         let limiter = (per_chain > 0.0).then(|| {
             let period = Duration::from_secs_f64(1.0 / per_chain);
             // A burst of at most 50 ms worth of sends: the rate holds over any window.
-            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
-            Arc::new(RateLimiter::direct(Quota::with_period(period).expect("non-zero period").allow_burst(burst)))
+            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32)
+                .expect("at least 1");
+            Arc::new(RateLimiter::direct(
+                Quota::with_period(period)
+                    .expect("non-zero period")
+                    .allow_burst(burst),
+            ))
         });
         *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
     }
 
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome {
         let address = match item.get(&self.config.email_column) {
-            Value::Null => return ItemOutcome::Skipped("no address".into()),
+            v if v.is_null() => return ItemOutcome::Skipped("no address".into()),
             v => v.to_string().trim().to_owned(),
         };
         if let Err(reason) = mail::check_address(&address) {
@@ -250,13 +310,17 @@ impl ItemJob for Newsletter {
                 return ItemOutcome::Released;
             }
             if let Some(l) = &limiter
-                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready()).await.is_err()
+                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready())
+                    .await
+                    .is_err()
             {
                 return ItemOutcome::Released;
             }
             let pause = match self.mailer.send(&mail).await {
                 Ok(()) => return ItemOutcome::Done,
-                Err(MailError::Permanent(r)) => return ItemOutcome::Failed(format!("rejected: {r}")),
+                Err(MailError::Permanent(r)) => {
+                    return ItemOutcome::Failed(format!("rejected: {r}"));
+                }
                 Err(MailError::AccountStopped(r)) => return ItemOutcome::PauseRun(r),
                 Err(MailError::Ambiguous(r)) if self.ambiguity == Ambiguity::AtMostOnce => {
                     return ItemOutcome::Unknown(format!("send outcome unknown: {r}"));
@@ -284,7 +348,14 @@ impl ItemJob for Newsletter {
                 tokio::time::sleep(pause).await;
             }
         }
-        let reason = format!("gave up after {} attempts: {last_error}", self.config.max_attempts);
-        if maybe_sent { ItemOutcome::Unknown(reason) } else { ItemOutcome::Failed(reason) }
+        let reason = format!(
+            "gave up after {} attempts: {last_error}",
+            self.config.max_attempts
+        );
+        if maybe_sent {
+            ItemOutcome::Unknown(reason)
+        } else {
+            ItemOutcome::Failed(reason)
+        }
     }
 }

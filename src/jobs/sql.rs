@@ -18,19 +18,36 @@ pub struct SqlJob {
 
 impl SqlJob {
     pub fn new(name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Self, JobError> {
-        let statement = config.sql.as_ref().map(|s| s.statement.clone()).ok_or_else(|| JobError::Invalid {
-            field: format!("jobs.{name}.sql"),
-            message: "a `sql` job needs a [jobs.NAME.sql] section with `statement`".into(),
-        })?;
-        Ok(Self { statement, store: deps.store.clone() })
+        let statement = config
+            .sql
+            .as_ref()
+            .map(|s| s.statement.clone())
+            .ok_or_else(|| JobError::Invalid {
+                field: format!("jobs.{name}.sql"),
+                message: "a `sql` job needs a [jobs.NAME.sql] section with `statement`".into(),
+            })?;
+        Ok(Self {
+            statement,
+            store: deps.store.clone(),
+        })
     }
 }
 
 #[async_trait]
 impl RangeJob for SqlJob {
-    async fn process(&self, lo: Option<Value>, hi: Value, _soft_deadline: Instant) -> Result<RangeOutcome, JobError> {
-        let params = Params::new().with("lo", lo.unwrap_or(Value::Null)).with("hi", hi);
-        match self.store.query(Stmt::new(self.statement.clone(), params)).await {
+    async fn process(
+        &self,
+        lo: Option<Value>,
+        hi: Value,
+        _soft_deadline: Instant,
+    ) -> Result<RangeOutcome, JobError> {
+        let lo = lo.unwrap_or_else(|| hi.null_like());
+        let params = Params::new().with("lo", lo).with("hi", hi);
+        match self
+            .store
+            .query(Stmt::new(self.statement.clone(), params))
+            .await
+        {
             Ok(_) => Ok(RangeOutcome::Done),
             Err(e) if e.is_transient() => Err(JobError::Transient(e.to_string())),
             Err(e) => Err(JobError::Fatal(format!("the job's statement failed: {e}"))),

@@ -49,8 +49,16 @@ impl LocalRuntime {
             config: parts.config,
             kinds: parts.kinds,
         }));
-        let queue = tokio::spawn(queue.run(engine.clone(), settings.reserved_concurrency, settings.hop_timeout));
-        LocalRuntime { engine, lambda, queue }
+        let queue = tokio::spawn(queue.run(
+            engine.clone(),
+            settings.reserved_concurrency,
+            settings.hop_timeout,
+        ));
+        LocalRuntime {
+            engine,
+            lambda,
+            queue,
+        }
     }
 
     pub fn lambda_counts(&self) -> LambdaCounts {
@@ -88,10 +96,15 @@ impl LocalRuntime {
                 }
                 next_sweep = Instant::now() + sweep_every;
             }
-            let status = self.engine.status(Some(run_id)).await?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))?;
+            let status = self
+                .engine
+                .status(Some(run_id))
+                .await?
+                .ok_or_else(|| EngineError::RunNotFound(run_id.into()))?;
             update_bar(&bar, &status);
             if status.is_terminal() || status.status == "paused" {
-                self.drain(self.engine.config().settings.hop_timeout * 2).await;
+                self.drain(self.engine.config().settings.hop_timeout * 2)
+                    .await;
                 bar.finish_and_clear();
                 return Ok(self.engine.status(Some(run_id)).await?.expect("run exists"));
             }
@@ -119,9 +132,11 @@ fn progress_bar(show: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar

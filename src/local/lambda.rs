@@ -83,8 +83,19 @@ impl LocalLambda {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(LambdaStats::default());
         (
-            LocalLambda { tx, faults: faults.clone(), seed, sends: Default::default(), stats: stats.clone() },
-            LambdaQueue { rx, faults, seed, stats },
+            LocalLambda {
+                tx,
+                faults: faults.clone(),
+                seed,
+                sends: Default::default(),
+                stats: stats.clone(),
+            },
+            LambdaQueue {
+                rx,
+                faults,
+                seed,
+                stats,
+            },
         )
     }
 
@@ -117,7 +128,10 @@ impl Invoker for LocalLambda {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
         let payload = event.to_json();
         if payload.len() > MAX_ASYNC_PAYLOAD {
-            return Err(InvokeError { message: format!("payload of {} bytes is over 1 MB", payload.len()), fatal: true });
+            return Err(InvokeError {
+                message: format!("payload of {} bytes is over 1 MB", payload.len()),
+                fatal: true,
+            });
         }
         self.stats.accepted.fetch_add(1, Ordering::SeqCst);
         let id = identity(event);
@@ -128,7 +142,12 @@ impl Invoker for LocalLambda {
             *n
         };
         let is_hop = matches!(event, Event::Hop { .. });
-        let roll = |what: &str| dice(self.seed, &[what.as_bytes(), id.as_bytes(), &n.to_le_bytes()]);
+        let roll = |what: &str| {
+            dice(
+                self.seed,
+                &[what.as_bytes(), id.as_bytes(), &n.to_le_bytes()],
+            )
+        };
         if is_hop && roll("drop") < self.faults.drop_hop {
             self.stats.dropped.fetch_add(1, Ordering::SeqCst);
             return Ok(()); // accepted, then lost: the caller cannot tell.
@@ -158,8 +177,14 @@ impl LambdaQueue {
             let n = deliveries.entry(id.clone()).or_default();
             *n += 1;
             let crash_roll = dice(self.seed, &[b"crash", id.as_bytes(), &n.to_le_bytes()]);
-            let crash_at = (matches!(event, Event::Hop { .. }) && crash_roll < self.faults.crash_hop)
-                .then(|| timeout.mul_f64(dice(self.seed, &[b"crash-at", id.as_bytes(), &n.to_le_bytes()])));
+            let crash_at = (matches!(event, Event::Hop { .. })
+                && crash_roll < self.faults.crash_hop)
+                .then(|| {
+                    timeout.mul_f64(dice(
+                        self.seed,
+                        &[b"crash-at", id.as_bytes(), &n.to_le_bytes()],
+                    ))
+                });
             let engine = engine.clone();
             let stats = self.stats.clone();
             stats.delivered.fetch_add(1, Ordering::SeqCst);

@@ -19,8 +19,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, SqlError> {
-        let conn = Connection::open(path)
-            .map_err(|e| SqlError::Config(format!("cannot open SQLite database {}: {e}", path.display())))?;
+        let conn = Connection::open(path).map_err(|e| {
+            SqlError::Config(format!(
+                "cannot open SQLite database {}: {e}",
+                path.display()
+            ))
+        })?;
         Self::configure(conn)
     }
 
@@ -29,10 +33,15 @@ impl SqliteStore {
     }
 
     fn configure(conn: Connection) -> Result<Self, SqlError> {
-        conn.busy_timeout(Duration::from_secs(30)).map_err(SqlError::statement)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(SqlError::statement)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(SqlError::statement)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(SqlError::statement)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(SqlError::statement)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(SqlError::statement)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Runs a closure on the connection on a blocking thread (for bulk loads such as demo data).
@@ -55,7 +64,7 @@ struct Param<'a>(&'a Value);
 impl ToSql for Param<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(match self.0 {
-            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Null | Value::NullOf(_) => ToSqlOutput::Borrowed(ValueRef::Null),
             Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
             Value::Real(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
             Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
@@ -67,7 +76,10 @@ impl ToSql for Param<'_> {
 fn classify(e: rusqlite::Error) -> SqlError {
     match &e {
         rusqlite::Error::SqliteFailure(f, _)
-            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
         {
             SqlError::transient(e)
         }
@@ -80,16 +92,32 @@ fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
     let mut bound: Vec<(String, Param<'_>)> = Vec::new();
     for i in 1..=prepared.parameter_count() {
         let name = prepared.parameter_name(i).unwrap_or_default().to_owned();
-        let value = stmt.params.get(name.trim_start_matches(':')).ok_or_else(|| {
-            rusqlite::Error::InvalidParameterName(format!("{name} (no value given for this parameter)"))
-        })?;
+        let value = stmt
+            .params
+            .get(name.trim_start_matches(':'))
+            .ok_or_else(|| {
+                rusqlite::Error::InvalidParameterName(format!(
+                    "{name} (no value given for this parameter)"
+                ))
+            })?;
         bound.push((name, Param(value)));
     }
-    let refs: Vec<(&str, &dyn ToSql)> = bound.iter().map(|(n, p)| (n.as_str(), p as &dyn ToSql)).collect();
-    let columns: Vec<String> = prepared.column_names().iter().map(|c| c.to_string()).collect();
+    let refs: Vec<(&str, &dyn ToSql)> = bound
+        .iter()
+        .map(|(n, p)| (n.as_str(), p as &dyn ToSql))
+        .collect();
+    let columns: Vec<String> = prepared
+        .column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     if columns.is_empty() {
         let affected = prepared.execute(refs.as_slice())? as u64;
-        return Ok(Rows { columns, rows: Vec::new(), affected });
+        return Ok(Rows {
+            columns,
+            rows: Vec::new(),
+            affected,
+        });
     }
     let width = columns.len();
     let mut rows = Vec::new();
@@ -108,7 +136,11 @@ fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
         rows.push(values);
     }
     let affected = rows.len() as u64;
-    Ok(Rows { columns, rows, affected })
+    Ok(Rows {
+        columns,
+        rows,
+        affected,
+    })
 }
 
 #[async_trait]

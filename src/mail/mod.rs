@@ -14,7 +14,14 @@ pub fn parse_mailbox(s: &str) -> Result<(Option<String>, String), String> {
     let (name, addr) = match (s.rfind('<'), s.ends_with('>')) {
         (Some(open), true) => {
             let name = s[..open].trim().trim_matches('"').trim();
-            (if name.is_empty() { None } else { Some(name.to_owned()) }, s[open + 1..s.len() - 1].trim())
+            (
+                if name.is_empty() {
+                    None
+                } else {
+                    Some(name.to_owned())
+                },
+                s[open + 1..s.len() - 1].trim(),
+            )
         }
         _ => (None, s),
     };
@@ -98,8 +105,14 @@ pub fn build(m: &Message<'_>) -> std::io::Result<Vec<u8>> {
         .subject(m.subject)
         .message_id(m.message_id)
         .date(m.date)
-        .header("List-Unsubscribe", Raw::new(format!("<{}>", m.unsubscribe_url)))
-        .header("List-Unsubscribe-Post", Raw::new("List-Unsubscribe=One-Click"));
+        .header(
+            "List-Unsubscribe",
+            Raw::new(format!("<{}>", m.unsubscribe_url)),
+        )
+        .header(
+            "List-Unsubscribe-Post",
+            Raw::new("List-Unsubscribe=One-Click"),
+        );
     if let Some(t) = m.text {
         b = b.text_body(t);
     }
@@ -115,7 +128,10 @@ mod tests {
 
     #[test]
     fn mailboxes_and_addresses() {
-        assert_eq!(parse_mailbox("News <news@example.com>").unwrap(), (Some("News".into()), "news@example.com".into()));
+        assert_eq!(
+            parse_mailbox("News <news@example.com>").unwrap(),
+            (Some("News".into()), "news@example.com".into())
+        );
         assert_eq!(parse_mailbox("a@b.co").unwrap(), (None, "a@b.co".into()));
         for bad in ["", "  ", "nobody", "a@b", "a b@c.com", "@example.com", "x@"] {
             assert!(check_address(bad).is_err(), "{bad:?} should be rejected");
@@ -124,10 +140,23 @@ mod tests {
 
     #[test]
     fn unsubscribe_tokens_verify_and_resist_tampering() {
-        let url = unsubscribe_url("https://x.test/u", "0123456789abcdef", "news", "Zoë@example.com");
-        let q: std::collections::HashMap<_, _> =
-            url.split_once('?').unwrap().1.split('&').map(|kv| kv.split_once('=').unwrap()).collect();
-        assert_eq!(verify_unsubscribe("0123456789abcdef", "news", q["r"], q["sig"]).as_deref(), Some("Zoë@example.com"));
+        let url = unsubscribe_url(
+            "https://x.test/u",
+            "0123456789abcdef",
+            "news",
+            "Zoë@example.com",
+        );
+        let q: std::collections::HashMap<_, _> = url
+            .split_once('?')
+            .unwrap()
+            .1
+            .split('&')
+            .map(|kv| kv.split_once('=').unwrap())
+            .collect();
+        assert_eq!(
+            verify_unsubscribe("0123456789abcdef", "news", q["r"], q["sig"]).as_deref(),
+            Some("Zoë@example.com")
+        );
         assert!(verify_unsubscribe("0123456789abcdeX", "news", q["r"], q["sig"]).is_none());
         assert!(verify_unsubscribe("0123456789abcdef", "other", q["r"], q["sig"]).is_none());
         let other = URL_SAFE_NO_PAD.encode("eve@example.com");
@@ -149,7 +178,10 @@ mod tests {
         })
         .unwrap();
         let s = String::from_utf8(raw).unwrap();
-        assert!(s.contains("List-Unsubscribe: <https://x.test/u?r=1>\r\n"), "{s}");
+        assert!(
+            s.contains("List-Unsubscribe: <https://x.test/u?r=1>\r\n"),
+            "{s}"
+        );
         assert!(s.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"));
         assert!(s.contains("Message-ID: <m1@baton>"));
     }

@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum Value {
     Null,
+    /// A NULL of a key's type, for engines that must know a parameter's type (PostgreSQL
+    /// cannot infer `:lo` in `:lo IS NULL OR id > :lo`; the Data API needs a `typeHint`).
+    NullOf(KeyType),
     Int(i64),
     Real(f64),
     Text(String),
@@ -52,7 +55,12 @@ impl Value {
     }
 
     pub fn is_null(&self) -> bool {
-        matches!(self, Value::Null)
+        matches!(self, Value::Null | Value::NullOf(_))
+    }
+
+    /// A NULL of the same key type as `self`.
+    pub fn null_like(&self) -> Value {
+        self.key_type().map(Value::NullOf).unwrap_or(Value::Null)
     }
 
     /// The canonical text form of a key, identical to what `CAST(key AS TEXT)` yields on both
@@ -79,7 +87,7 @@ impl Value {
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::Null => f.write_str("NULL"),
+            Value::Null | Value::NullOf(_) => f.write_str("NULL"),
             Value::Int(i) => write!(f, "{i}"),
             Value::Real(r) => write!(f, "{r}"),
             Value::Text(s) | Value::Uuid(s) => f.write_str(s),
@@ -149,7 +157,10 @@ impl KeyType {
     /// Turns a stored key text back into a typed value for binding.
     pub fn value(self, text: &str) -> Value {
         match self {
-            KeyType::Int => text.parse().map(Value::Int).unwrap_or(Value::Text(text.into())),
+            KeyType::Int => text
+                .parse()
+                .map(Value::Int)
+                .unwrap_or(Value::Text(text.into())),
             KeyType::Text => Value::Text(text.into()),
             KeyType::Uuid => Value::Uuid(text.into()),
         }
@@ -188,7 +199,10 @@ pub struct Stmt {
 
 impl Stmt {
     pub fn new(sql: impl Into<String>, params: Params) -> Self {
-        Self { sql: sql.into(), params }
+        Self {
+            sql: sql.into(),
+            params,
+        }
     }
 }
 
@@ -203,12 +217,17 @@ pub struct Rows {
 
 impl Rows {
     pub fn column(&self, name: &str) -> Option<usize> {
-        self.columns.iter().position(|c| c.eq_ignore_ascii_case(name))
+        self.columns
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(name))
     }
 
     /// Rows as maps from column name to value.
     pub fn records(&self) -> impl Iterator<Item = Record<'_>> {
-        self.rows.iter().map(move |r| Record { columns: &self.columns, values: r })
+        self.rows.iter().map(move |r| Record {
+            columns: &self.columns,
+            values: r,
+        })
     }
 
     pub fn first(&self) -> Option<Record<'_>> {
@@ -239,13 +258,17 @@ impl<'a> Record<'a> {
 
     pub fn text(&self, name: &str) -> Option<String> {
         match self.get(name) {
-            Value::Null => None,
+            v if v.is_null() => None,
             v => Some(v.to_string()),
         }
     }
 
     pub fn to_map(&self) -> HashMap<String, Value> {
-        self.columns.iter().cloned().zip(self.values.iter().cloned()).collect()
+        self.columns
+            .iter()
+            .cloned()
+            .zip(self.values.iter().cloned())
+            .collect()
     }
 }
 
@@ -263,10 +286,14 @@ pub enum SqlError {
 
 impl SqlError {
     pub fn statement(message: impl fmt::Display) -> Self {
-        SqlError::Statement { message: message.to_string() }
+        SqlError::Statement {
+            message: message.to_string(),
+        }
     }
     pub fn transient(message: impl fmt::Display) -> Self {
-        SqlError::Transient { message: message.to_string() }
+        SqlError::Transient {
+            message: message.to_string(),
+        }
     }
     pub fn is_transient(&self) -> bool {
         matches!(self, SqlError::Transient { .. })
@@ -300,7 +327,10 @@ pub struct CountingStore<S> {
 
 impl<S> CountingStore<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, statements: AtomicU64::new(0) }
+        Self {
+            inner,
+            statements: AtomicU64::new(0),
+        }
     }
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
@@ -314,7 +344,8 @@ impl<S: SqlStore> SqlStore for CountingStore<S> {
         self.inner.query(stmt).await
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
-        self.statements.fetch_add(stmts.len() as u64, Ordering::Relaxed);
+        self.statements
+            .fetch_add(stmts.len() as u64, Ordering::Relaxed);
         self.inner.transaction(stmts).await
     }
     fn dialect(&self) -> Dialect {

@@ -31,7 +31,9 @@ pub fn run_by_key(job: &str, run_key: &str) -> Stmt {
 
 pub fn latest_run() -> Stmt {
     Stmt::new(
-        format!("SELECT {RUN_COLUMNS} FROM baton_runs ORDER BY created_at DESC, run_id DESC LIMIT 1"),
+        format!(
+            "SELECT {RUN_COLUMNS} FROM baton_runs ORDER BY created_at DESC, run_id DESC LIMIT 1"
+        ),
         Params::new(),
     )
 }
@@ -120,14 +122,24 @@ pub fn plan_run(
 }
 
 /// Sets a run's status if it is currently one of `from`. Returns the row when it changed.
-pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str>, now: i64) -> Stmt {
+pub fn set_run_status(
+    run_id: &str,
+    from: &[&str],
+    to: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Stmt {
     let mut params = Params::new()
         .with("run_id", run_id)
         .with("to", to)
         .with("reason", reason.map(str::to_owned))
         .with("now", now);
     let from_list = in_list(&mut params, "from", from.iter().map(|s| Value::from(*s)));
-    let finished = if matches!(to, "succeeded" | "failed" | "cancelled") { ":now" } else { "finished_at" };
+    let finished = if matches!(to, "succeeded" | "failed" | "cancelled") {
+        ":now"
+    } else {
+        "finished_at"
+    };
     Stmt::new(
         format!(
             "UPDATE baton_runs SET status = :to, reason = COALESCE(:reason, reason), updated_at = :now,
@@ -184,7 +196,9 @@ pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
 /// Runs that may need the sweeper: every run not in a final state.
 pub fn open_runs() -> Stmt {
     Stmt::new(
-        format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"),
+        format!(
+            "SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"
+        ),
         Params::new(),
     )
 }
@@ -198,7 +212,11 @@ pub fn start_hop(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
         "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop AND status = 'active'
          RETURNING chain_no",
-        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("now", now),
     )
 }
 
@@ -206,7 +224,11 @@ pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
     Stmt::new(
         "UPDATE baton_chains SET heartbeat_at = :now
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop + 1",
-        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("now", now),
     )
 }
 
@@ -260,7 +282,10 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
         "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no, next_hop",
-        Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now),
+        Params::new()
+            .with("run_id", run_id)
+            .with("stale_before", stale_before)
+            .with("now", now),
     )
 }
 
@@ -284,7 +309,9 @@ pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
         "UPDATE baton_chains SET status = 'paused'
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no",
-        Params::new().with("run_id", run_id).with("stale_before", stale_before),
+        Params::new()
+            .with("run_id", run_id)
+            .with("stale_before", stale_before),
     )
 }
 
@@ -303,7 +330,15 @@ const CLAIMABLE: &str = "(status = 'pending' OR (status = 'leased' AND lease_exp
 /// Claims one page for a hop, in one statement, only while the run is `running` and the hop is
 /// still its chain's current hop (the kill switch and the fork guard). Chains prefer their own
 /// stripe of pages (`page_no % chains = chain`) so concurrent claims rarely collide.
-pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, now: i64, lease_ms: i64) -> Stmt {
+pub fn claim_page(
+    run_id: &str,
+    chain: i64,
+    hop: i64,
+    chains: i64,
+    owner: &str,
+    now: i64,
+    lease_ms: i64,
+) -> Stmt {
     Stmt::new(
         format!(
             "UPDATE baton_pages SET status = 'leased', lease_owner = :owner,
@@ -361,7 +396,8 @@ pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt 
 
 pub fn page_progress(run_id: &str) -> Stmt {
     Stmt::new(
-        "SELECT status, COUNT(*) AS n FROM baton_pages WHERE run_id = :run_id GROUP BY status",
+        "SELECT status, COUNT(*) AS n, COALESCE(SUM(items), 0) AS items FROM baton_pages
+         WHERE run_id = :run_id GROUP BY status",
         Params::new().with("run_id", run_id),
     )
 }
@@ -398,7 +434,10 @@ pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Para
 /// All rows of one page, in key order.
 pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value) -> Stmt {
     let (cond, params) = range_condition(key, lo, hi);
-    Stmt::new(format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"), params)
+    Stmt::new(
+        format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"),
+        params,
+    )
 }
 
 // ---- the delivery ledger ----------------------------------------------------------------------
@@ -434,7 +473,13 @@ pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[St
 /// A page re-offered after its lease expired may hold items its crashed owner claimed and may
 /// or may not have processed. At-most-once: they become `unknown`, never retried. At-least-once:
 /// the new owner takes the claims over and processes them again.
-pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool, now: i64) -> Stmt {
+pub fn settle_stale_claims(
+    run_id: &str,
+    page_no: i64,
+    owner: &str,
+    resend: bool,
+    now: i64,
+) -> Stmt {
     let params = Params::new()
         .with("run_id", run_id)
         .with("page_no", page_no)
@@ -457,8 +502,16 @@ pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool
 
 /// Results written back in one statement: `(key, state, reason)` for each processed item, only
 /// over rows this owner still holds as `claimed`.
-pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &str, Option<String>)]) -> Stmt {
-    let mut params = Params::new().with("run_id", run_id).with("owner", owner).with("now", now);
+pub fn record_results(
+    run_id: &str,
+    owner: &str,
+    now: i64,
+    results: &[(String, &str, Option<String>)],
+) -> Stmt {
+    let mut params = Params::new()
+        .with("run_id", run_id)
+        .with("owner", owner)
+        .with("now", now);
     let rows: Vec<String> = results
         .iter()
         .enumerate()
@@ -484,8 +537,15 @@ pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &
 /// Claims this owner holds but never acted on (the time budget ran out): definitely not sent,
 /// so they are dropped and the page will claim them again.
 pub fn release_claims(run_id: &str, page_no: i64, owner: &str, keys: &[String]) -> Stmt {
-    let mut params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner);
-    let list = in_list(&mut params, "k", keys.iter().map(|k| Value::from(k.as_str())));
+    let mut params = Params::new()
+        .with("run_id", run_id)
+        .with("page_no", page_no)
+        .with("owner", owner);
+    let list = in_list(
+        &mut params,
+        "k",
+        keys.iter().map(|k| Value::from(k.as_str())),
+    );
     Stmt::new(
         format!(
             "DELETE FROM baton_ledger
@@ -517,7 +577,10 @@ pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
     Stmt::new(
         "SELECT item_key, state, reason FROM baton_ledger
          WHERE run_id = :run_id AND state = :state ORDER BY item_key LIMIT :limit",
-        Params::new().with("run_id", run_id).with("state", state).with("limit", limit),
+        Params::new()
+            .with("run_id", run_id)
+            .with("state", state)
+            .with("limit", limit),
     )
 }
 
@@ -533,5 +596,9 @@ fn in_list(params: &mut Params, prefix: &str, values: impl Iterator<Item = Value
             format!(":{name}")
         })
         .collect();
-    if names.is_empty() { "NULL".to_owned() } else { names.join(", ") }
+    if names.is_empty() {
+        "NULL".to_owned()
+    } else {
+        names.join(", ")
+    }
 }

@@ -19,7 +19,12 @@ fn setup(page_size: u32, chains: u32) -> Setup {
     Setup::new(newsletter_job(page_size, chains))
 }
 
-async fn run_and_check(backend: Backend, kind: KeyKind, users: Vec<User>, s: Setup) -> baton::engine::run::RunStatus {
+async fn run_and_check(
+    backend: Backend,
+    kind: KeyKind,
+    users: Vec<User>,
+    s: Setup,
+) -> baton::engine::run::RunStatus {
     let h = Harness::with_source(backend, kind, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
@@ -31,14 +36,28 @@ async fn run_and_check(backend: Backend, kind: KeyKind, users: Vec<User>, s: Set
 pub async fn migrations_apply_once_and_are_safe_twice(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh_store(b, dir.path()).await; // migrated once already
-    assert!(migrations::migrate(store.as_ref(), 0).await.unwrap().is_empty());
-    let (a, c) = tokio::join!(migrations::migrate(store.as_ref(), 0), migrations::migrate(store.as_ref(), 0));
+    assert!(
+        migrations::migrate(store.as_ref(), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (a, c) = tokio::join!(
+        migrations::migrate(store.as_ref(), 0),
+        migrations::migrate(store.as_ref(), 0)
+    );
     assert!(a.unwrap().is_empty() && c.unwrap().is_empty());
     let rows = store
-        .query(baton::sql::Stmt::new("SELECT COUNT(*) FROM baton_schema_migrations", Default::default()))
+        .query(baton::sql::Stmt::new(
+            "SELECT COUNT(*) FROM baton_schema_migrations",
+            Default::default(),
+        ))
         .await
         .unwrap();
-    assert_eq!(rows.rows[0][0].as_i64(), Some(migrations::MIGRATIONS.len() as i64));
+    assert_eq!(
+        rows.rows[0][0].as_i64(),
+        Some(migrations::MIGRATIONS.len() as i64)
+    );
 }
 
 pub async fn run_sends_each_valid_user_exactly_once(b: Backend) {
@@ -58,11 +77,28 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
     // The same hop delivered twice at once: exactly one runs.
     let (a, c) = tokio::join!(m.deliver(hop1.clone()), m.deliver(hop1.clone()));
     let outcomes = [a.unwrap(), c.unwrap()];
-    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Duplicate).count(), 1, "{outcomes:?}");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == Outcome::Duplicate)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
     m.pump().await;
     // A late third delivery after the run ended is refused too, with no side effect.
     let late = m.deliver(hop1).await.unwrap();
-    assert!(matches!(late, Outcome::Duplicate | Outcome::Hopped { pages: 0, next: HopNext::Stopped }), "{late:?}");
+    assert!(
+        matches!(
+            late,
+            Outcome::Duplicate
+                | Outcome::Hopped {
+                    pages: 0,
+                    next: HopNext::Stopped
+                }
+        ),
+        "{late:?}"
+    );
     let status = m.status(&run).await;
     assert_eq!(status.status, "succeeded");
     assert!(duplicates(&m.sent()).is_empty());
@@ -73,15 +109,26 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
 pub async fn duplicate_deliveries_throughout_a_run_send_nothing_twice(b: Backend) {
     let users = int_users(300);
     let mut s = setup(10, 3);
-    s.faults = Faults { duplicate_hop: 0.5, delay_hop: 0.3, max_delay: Duration::from_millis(50), ..Faults::default() };
+    s.faults = Faults {
+        duplicate_hop: 0.5,
+        delay_hop: 0.3,
+        max_delay: Duration::from_millis(50),
+        ..Faults::default()
+    };
     s.job.newsletter.as_mut().unwrap().send_rate = 600.0; // several hops per chain
     let h = Harness::with_users(b, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
-    assert!(h.local.lambda_counts().duplicated > 0, "the fault must have fired");
+    assert!(
+        h.local.lambda_counts().duplicated > 0,
+        "the fault must have fired"
+    );
     h.assert_exactly_once(&run, &users).await;
-    assert_eq!(status.unknown, 0, "duplicates alone never make anything ambiguous");
+    assert_eq!(
+        status.unknown, 0,
+        "duplicates alone never make anything ambiguous"
+    );
 }
 
 pub async fn start_twice_is_one_run(b: Backend) {
@@ -90,9 +137,15 @@ pub async fn start_twice_is_one_run(b: Backend) {
     let first = m.start().await;
     let queued = m.pending_events();
     let again = m.engine.start(JOB, Some("t")).await.unwrap();
-    assert!(matches!(again, Outcome::Started { ref run_id, existing: true, .. } if *run_id == first), "{again:?}");
+    assert!(
+        matches!(again, Outcome::Started { ref run_id, existing: true, .. } if *run_id == first),
+        "{again:?}"
+    );
     assert_eq!(m.pending_events(), queued, "a second start invokes nothing");
-    let (x, y) = tokio::join!(m.engine.start(JOB, Some("u")), m.engine.start(JOB, Some("u")));
+    let (x, y) = tokio::join!(
+        m.engine.start(JOB, Some("u")),
+        m.engine.start(JOB, Some("u"))
+    );
     let ids: Vec<_> = [x.unwrap(), y.unwrap()]
         .into_iter()
         .map(|o| match o {
@@ -100,7 +153,10 @@ pub async fn start_twice_is_one_run(b: Backend) {
             o => panic!("{o:?}"),
         })
         .collect();
-    assert_eq!(ids[0], ids[1], "two concurrent starts of one run key make one run");
+    assert_eq!(
+        ids[0], ids[1],
+        "two concurrent starts of one run key make one run"
+    );
 }
 
 pub async fn completion_is_marked_exactly_once(b: Backend) {
@@ -112,7 +168,18 @@ pub async fn completion_is_marked_exactly_once(b: Backend) {
     let outcomes = futures::future::join_all(events.into_iter().map(|e| m.deliver(e))).await;
     let mut outcomes: Vec<Outcome> = outcomes.into_iter().map(Result::unwrap).collect();
     outcomes.extend(m.pump().await);
-    let completed = outcomes.iter().filter(|o| matches!(o, Outcome::Hopped { next: HopNext::Completed, .. })).count();
+    let completed = outcomes
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outcome::Hopped {
+                    next: HopNext::Completed,
+                    ..
+                }
+            )
+        })
+        .count();
     assert_eq!(completed, 1, "{outcomes:?}");
     assert_eq!(m.status(&run).await.status, "succeeded");
     // The sweeper finds nothing left to complete.
@@ -137,7 +204,11 @@ pub async fn expired_lease_reoffers_page_without_resending_done_items(b: Backend
     let status = m.status(&run).await;
     assert_eq!(status.status, "succeeded", "{status:?}");
     let sent = m.sent();
-    assert!(duplicates(&sent).is_empty(), "re-offered page re-sent done items: {:?}", duplicates(&sent));
+    assert!(
+        duplicates(&sent).is_empty(),
+        "re-offered page re-sent done items: {:?}",
+        duplicates(&sent)
+    );
     assert_eq!(sent.len(), 20);
     assert_eq!(status.unknown, 0);
 }
@@ -205,17 +276,26 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     let h = Harness::with_users(b, &users, slow_setup()).await;
     let run = h.start().await;
     wait_for_sends(&h, 60).await;
-    h.engine().control(&run, ControlAction::Cancel).await.unwrap();
+    h.engine()
+        .control(&run, ControlAction::Cancel)
+        .await
+        .unwrap();
     let at_cancel = h.mailer.accepted.load(Ordering::SeqCst);
     let status = h.drive(&run).await;
     h.local.drain(Duration::from_secs(2)).await;
     assert_eq!(status.status, "cancelled");
     let after = h.mailer.accepted.load(Ordering::SeqCst) - at_cancel;
-    assert!(after <= 3 * 10, "{after} sends after cancel; at most one page per chain allowed");
+    assert!(
+        after <= 3 * 10,
+        "{after} sends after cancel; at most one page per chain allowed"
+    );
     assert!(duplicates(&h.sent()).is_empty());
     assert!(status.pending > 0, "cancel left the rest unsent");
     // A cancelled run stays cancelled: resume does not revive it.
-    h.engine().control(&run, ControlAction::Resume).await.unwrap();
+    h.engine()
+        .control(&run, ControlAction::Resume)
+        .await
+        .unwrap();
     assert_eq!(h.status(&run).await.status, "cancelled");
 }
 
@@ -224,16 +304,32 @@ pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     let h = Harness::with_users(b, &users, slow_setup()).await;
     let run = h.start().await;
     wait_for_sends(&h, 60).await;
-    h.engine().control(&run, ControlAction::Pause).await.unwrap();
+    h.engine()
+        .control(&run, ControlAction::Pause)
+        .await
+        .unwrap();
     let at_pause = h.mailer.accepted.load(Ordering::SeqCst);
     let paused = h.drive(&run).await;
     assert_eq!(paused.status, "paused");
-    assert!(paused.chains.iter().all(|c| c.status != "active"), "{paused:?}");
+    assert!(
+        paused.chains.iter().all(|c| c.status != "active"),
+        "{paused:?}"
+    );
     let parked = h.mailer.accepted.load(Ordering::SeqCst);
-    assert!(parked - at_pause <= 30, "pause takes effect within one page per chain");
+    assert!(
+        parked - at_pause <= 30,
+        "pause takes effect within one page per chain"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(h.mailer.accepted.load(Ordering::SeqCst), parked, "nothing is sent while paused");
-    h.engine().control(&run, ControlAction::Resume).await.unwrap();
+    assert_eq!(
+        h.mailer.accepted.load(Ordering::SeqCst),
+        parked,
+        "nothing is sent while paused"
+    );
+    h.engine()
+        .control(&run, ControlAction::Resume)
+        .await
+        .unwrap();
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
@@ -244,13 +340,23 @@ pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
     let users = int_users(400);
     let mut s = slow_setup();
     s.job.newsletter.as_mut().unwrap().send_rate = 250.0;
-    s.faults = Faults { drop_hop: 0.3, ..Faults::default() };
+    s.faults = Faults {
+        drop_hop: 0.3,
+        ..Faults::default()
+    };
     let h = Harness::with_users(b, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
-    assert!(h.local.lambda_counts().dropped > 0, "the fault must have fired: {:?} {status:?}", h.local.lambda_counts());
-    assert!(status.chains.iter().map(|c| c.restarts).sum::<i64>() > 0, "the sweeper restarted chains");
+    assert!(
+        h.local.lambda_counts().dropped > 0,
+        "the fault must have fired: {:?} {status:?}",
+        h.local.lambda_counts()
+    );
+    assert!(
+        status.chains.iter().map(|c| c.restarts).sum::<i64>() > 0,
+        "the sweeper restarted chains"
+    );
     h.assert_exactly_once(&run, &users).await;
 }
 
@@ -259,14 +365,22 @@ struct NeverDone;
 
 #[async_trait]
 impl RangeJob for NeverDone {
-    async fn process(&self, _lo: Option<Value>, _hi: Value, _soft: Instant) -> Result<RangeOutcome, JobError> {
+    async fn process(
+        &self,
+        _lo: Option<Value>,
+        _hi: Value,
+        _soft: Instant,
+    ) -> Result<RangeOutcome, JobError> {
         Ok(RangeOutcome::Incomplete)
     }
 }
 
 fn runaway_kinds() -> KindRegistry {
     let mut kinds = KindRegistry::default();
-    kinds.register("never-done", Arc::new(|_, _, _| Ok(Job::Ranges(Arc::new(NeverDone)))));
+    kinds.register(
+        "never-done",
+        Arc::new(|_, _, _| Ok(Job::Ranges(Arc::new(NeverDone)))),
+    );
     kinds
 }
 
@@ -281,12 +395,24 @@ pub async fn hop_budget_stops_a_runaway(b: Backend) {
     let outcomes = m.pump().await;
     let status = m.status(&run).await;
     assert_eq!(status.status, "failed", "{status:?}");
-    assert!(status.reason.as_deref().unwrap().contains("budget"), "{status:?}");
+    assert!(
+        status.reason.as_deref().unwrap().contains("budget"),
+        "{status:?}"
+    );
     let budget = 2 + 3; // two pages, one hop each, plus slack
     assert_eq!(status.chains[0].hop_budget, budget);
-    assert_eq!(status.chains[0].hops, budget, "no hop beyond the budget ran");
+    assert_eq!(
+        status.chains[0].hops, budget,
+        "no hop beyond the budget ran"
+    );
     assert_eq!(status.chains[0].status, "failed");
-    assert!(matches!(outcomes.last(), Some(Outcome::Hopped { next: HopNext::Failed(_), .. })));
+    assert!(matches!(
+        outcomes.last(),
+        Some(Outcome::Hopped {
+            next: HopNext::Failed(_),
+            ..
+        })
+    ));
     assert_eq!(m.pending_events(), 0, "the chain stopped invoking itself");
 }
 
@@ -296,7 +422,16 @@ pub async fn run_deadline_fails_a_run(b: Backend) {
     let run = m.start().await;
     m.clock.advance_ms(601_000);
     let outcome = m.deliver_next().await.unwrap().unwrap();
-    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Failed(_), .. }), "{outcome:?}");
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Hopped {
+                next: HopNext::Failed(_),
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
     let status = m.status(&run).await;
     assert_eq!(status.status, "failed");
     assert!(status.reason.unwrap().contains("deadline"));
@@ -317,10 +452,25 @@ pub async fn failure_threshold_pauses_the_run(b: Backend) {
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "paused", "{status:?}");
-    assert!(status.reason.as_deref().unwrap().contains("failure threshold"), "{status:?}");
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("failure threshold"),
+        "{status:?}"
+    );
     assert!(status.failed > 3 && status.failed < 30, "{status:?}");
-    let failed = h.engine().items_in_state(&run, "failed", 100).await.unwrap();
-    assert!(failed.iter().all(|(_, r)| r.as_deref().unwrap().contains("rejected")));
+    let failed = h
+        .engine()
+        .items_in_state(&run, "failed", 100)
+        .await
+        .unwrap();
+    assert!(
+        failed
+            .iter()
+            .all(|(_, r)| r.as_deref().unwrap().contains("rejected"))
+    );
     assert!(duplicates(&h.sent()).is_empty());
 }
 
@@ -332,22 +482,39 @@ pub async fn account_stop_pauses_the_run_without_losing_items(b: Backend) {
     h.mailer.stopped.store(true, Ordering::SeqCst);
     let status = h.drive(&run).await;
     assert_eq!(status.status, "paused", "{status:?}");
-    assert!(status.reason.as_deref().unwrap().contains("quota"), "{status:?}");
+    assert!(
+        status.reason.as_deref().unwrap().contains("quota"),
+        "{status:?}"
+    );
     h.mailer.stopped.store(false, Ordering::SeqCst);
-    h.engine().control(&run, ControlAction::Resume).await.unwrap();
+    h.engine()
+        .control(&run, ControlAction::Resume)
+        .await
+        .unwrap();
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
-    assert_eq!(status.failed + status.unknown, 0, "items refused by the stop were released, not lost");
+    assert_eq!(
+        status.failed + status.unknown,
+        0,
+        "items refused by the stop were released, not lost"
+    );
 }
 
 pub async fn zero_users(b: Backend) {
     let status = run_and_check(b, KeyKind::Int, Vec::new(), setup(10, 3)).await;
-    assert_eq!((status.total, status.pages_total, status.chains.len()), (0, 0, 1));
+    assert_eq!(
+        (status.total, status.pages_total, status.chains.len()),
+        (0, 0, 1)
+    );
 }
 
 pub async fn one_user(b: Backend) {
-    let users = vec![(Value::Int(42), Some("solo@example.com".to_owned()), "Solo".to_owned())];
+    let users = vec![(
+        Value::Int(42),
+        Some("solo@example.com".to_owned()),
+        "Solo".to_owned(),
+    )];
     let status = run_and_check(b, KeyKind::Int, users, setup(10, 3)).await;
     assert_eq!((status.total, status.done, status.pages_total), (1, 1, 1));
 }
@@ -360,14 +527,22 @@ pub async fn exact_multiple_of_page_size(b: Backend) {
 pub async fn more_chains_than_pages(b: Backend) {
     let status = run_and_check(b, KeyKind::Int, int_users(15), setup(10, 8)).await;
     assert_eq!(status.pages_total, 2);
-    assert_eq!(status.chains.len(), 2, "chains are capped at the page count");
+    assert_eq!(
+        status.chains.len(),
+        2,
+        "chains are capped at the page count"
+    );
 }
 
 pub async fn text_keys(b: Backend) {
     let users: Vec<User> = (0..57)
         .map(|i| {
             let key = format!("k-{}-{i:03}", ["ä", "b", "Z", "é"][i % 4]);
-            (Value::Text(key), Some(format!("t{i}@example.com")), format!("T {i}"))
+            (
+                Value::Text(key),
+                Some(format!("t{i}@example.com")),
+                format!("T {i}"),
+            )
         })
         .collect();
     let status = run_and_check(b, KeyKind::Text, users, setup(10, 3)).await;
@@ -376,16 +551,41 @@ pub async fn text_keys(b: Backend) {
 
 pub async fn uuid_keys(b: Backend) {
     let users: Vec<User> = (0..45)
-        .map(|i| (Value::Uuid(uuid::Uuid::new_v4().to_string()), Some(format!("u{i}@example.com")), format!("U {i}")))
+        .map(|i| {
+            (
+                Value::Uuid(uuid::Uuid::new_v4().to_string()),
+                Some(format!("u{i}@example.com")),
+                format!("U {i}"),
+            )
+        })
         .collect();
     let status = run_and_check(b, KeyKind::Uuid, users, setup(10, 3)).await;
     assert_eq!((status.total, status.done), (45, 45));
 }
 
 pub async fn sparse_and_negative_keys(b: Backend) {
-    let ids = [-9_000_000_000_000i64, -5, 0, 1, 2, 1_000, 1_000_001, 77_777_777_777, i64::MAX - 1, i64::MAX];
-    let users: Vec<User> =
-        ids.iter().map(|id| (Value::Int(*id), Some(format!("s{}@example.com", id.unsigned_abs())), "S".into())).collect();
+    let ids = [
+        -9_000_000_000_000i64,
+        -5,
+        0,
+        1,
+        2,
+        1_000,
+        1_000_001,
+        77_777_777_777,
+        i64::MAX - 1,
+        i64::MAX,
+    ];
+    let users: Vec<User> = ids
+        .iter()
+        .map(|id| {
+            (
+                Value::Int(*id),
+                Some(format!("s{}@example.com", id.unsigned_abs())),
+                "S".into(),
+            )
+        })
+        .collect();
     let status = run_and_check(b, KeyKind::Int, users, setup(3, 2)).await;
     assert_eq!((status.total, status.done, status.pages_total), (10, 10, 4));
 }
@@ -407,22 +607,38 @@ pub async fn sql_kind_runs_one_statement_per_page(b: Backend) {
     job.kind = "sql".into();
     job.newsletter = None;
     job.sql = Some(SqlJobConfig {
-        statement: "UPDATE users SET name = 'done:' || name WHERE (:lo IS NULL OR id > :lo) AND id <= :hi".into(),
+        statement:
+            "UPDATE users SET name = 'done:' || name WHERE (:lo IS NULL OR id > :lo) AND id <= :hi"
+                .into(),
     });
     let h = Harness::with_users(b, &users, Setup::new(job)).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
-    assert_eq!(status.status, "succeeded");
+    assert_eq!(status.status, "succeeded", "{status:?}");
     assert_eq!(status.pages_done, 10);
-    assert_eq!(h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:%'").await, 95);
-    assert_eq!(h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:done:%'").await, 0);
+    assert_eq!(
+        h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:%'")
+            .await,
+        95
+    );
+    assert_eq!(
+        h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:done:%'")
+            .await,
+        0
+    );
 }
 
 pub async fn statements_per_page_are_constant(b: Backend) {
     let mut per_page = Vec::new();
     for (n, page_size) in [(200, 10), (2_000, 100)] {
         let users = int_users(n);
-        let m = Manual::new(b, &users, newsletter_job(page_size, 2), KindRegistry::default()).await;
+        let m = Manual::new(
+            b,
+            &users,
+            newsletter_job(page_size, 2),
+            KindRegistry::default(),
+        )
+        .await;
         let run = m.start().await;
         let before = m.counting.statements();
         m.pump().await;
@@ -436,13 +652,28 @@ pub async fn statements_per_page_are_constant(b: Backend) {
     for p in &per_page {
         assert!(*p <= 12.0, "statements per page: {per_page:?}");
     }
-    assert!(per_page[1] < per_page[0] * 2.0, "cost must not grow with page size: {per_page:?}");
+    assert!(
+        per_page[1] < per_page[0] * 2.0,
+        "cost must not grow with page size: {per_page:?}"
+    );
 }
 
 async fn assert_no_state(m: &Manual) {
     for table in ["baton_runs", "baton_pages", "baton_chains", "baton_ledger"] {
-        let rows = m.engine.store().query(baton::sql::Stmt::new(format!("SELECT COUNT(*) FROM {table}"), Default::default())).await.unwrap();
-        assert_eq!(rows.rows[0][0].as_i64(), Some(0), "{table} has rows after rejected input");
+        let rows = m
+            .engine
+            .store()
+            .query(baton::sql::Stmt::new(
+                format!("SELECT COUNT(*) FROM {table}"),
+                Default::default(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.rows[0][0].as_i64(),
+            Some(0),
+            "{table} has rows after rejected input"
+        );
     }
     assert_eq!(m.pending_events(), 0, "rejected input invoked something");
     assert!(m.sent().is_empty());
@@ -450,53 +681,134 @@ async fn assert_no_state(m: &Manual) {
 
 pub async fn bad_input_changes_nothing(b: Backend) {
     let users = int_users(20);
-    let variants: Vec<(&str, Box<dyn Fn(&mut baton::config::JobConfig)>)> = vec![
-        ("undefined", Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into())),
-        ("undefined variable(s) user", Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ user.name }}".into())),
-        ("no column `id`", Box::new(|j| j.source = "SELECT email, name FROM users".into())),
-        ("no column `mail`", Box::new(|j| j.newsletter.as_mut().unwrap().email_column = "mail".into())),
-        ("source query failed", Box::new(|j| j.source = "SELECT id, email FROM no_such_table".into())),
-        ("not unique", Box::new(|j| {
-            j.source = "SELECT 1 AS id, email, name FROM users".into();
-        })),
+    type Change = Box<dyn Fn(&mut baton::config::JobConfig)>;
+    let variants: Vec<(&str, Change)> = vec![
+        (
+            "undefined",
+            Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into()),
+        ),
+        (
+            "undefined variable(s) user",
+            Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ user.name }}".into()),
+        ),
+        (
+            "no column `id`",
+            Box::new(|j| j.source = "SELECT email, name FROM users".into()),
+        ),
+        (
+            "no column `mail`",
+            Box::new(|j| j.newsletter.as_mut().unwrap().email_column = "mail".into()),
+        ),
+        (
+            "source query failed",
+            Box::new(|j| j.source = "SELECT id, email FROM no_such_table".into()),
+        ),
+        (
+            "not unique",
+            Box::new(|j| {
+                j.source = "SELECT 1 AS id, email, name FROM users".into();
+            }),
+        ),
     ];
     for (expect, change) in variants {
         let mut job = newsletter_job(10, 2);
         change(&mut job);
         let m = Manual::new(b, &users, job, KindRegistry::default()).await;
-        let err = m.engine.start(JOB, Some("t")).await.unwrap_err().to_string();
+        let err = m
+            .engine
+            .start(JOB, Some("t"))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
-        assert!(err.starts_with("jobs.news."), "the error names the field: {err}");
+        assert!(
+            err.starts_with("jobs.news."),
+            "the error names the field: {err}"
+        );
         assert_no_state(&m).await;
     }
     let m = Manual::new(b, &users, newsletter_job(10, 2), KindRegistry::default()).await;
     let deadline = Instant::now() + Duration::from_secs(1);
-    for payload in [&b"{\"type\":\"hop\",\"run_id\":\"x\"}"[..], b"{\"type\":\"explode\"}", b"\xff\xfe", b"[]"] {
-        let err = m.engine.handle_payload(payload, deadline).await.unwrap_err();
+    for payload in [
+        &b"{\"type\":\"hop\",\"run_id\":\"x\"}"[..],
+        b"{\"type\":\"explode\"}",
+        b"\xff\xfe",
+        b"[]",
+    ] {
+        let err = m
+            .engine
+            .handle_payload(payload, deadline)
+            .await
+            .unwrap_err();
         assert!(matches!(err, EngineError::Event(_)), "{err}");
         assert!(err.to_string().contains("malformed event"), "{err}");
     }
-    let unknown_job = m.engine.start("no-such-job", None).await.unwrap_err().to_string();
-    assert!(unknown_job.contains("no job named `no-such-job`") && unknown_job.contains("news"), "{unknown_job}");
-    let bad_key = m.engine.start(JOB, Some("2026/12; DROP")).await.unwrap_err().to_string();
+    let unknown_job = m
+        .engine
+        .start("no-such-job", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown_job.contains("no job named `no-such-job`") && unknown_job.contains("news"),
+        "{unknown_job}"
+    );
+    let bad_key = m
+        .engine
+        .start(JOB, Some("2026/12; DROP"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(bad_key.contains("invalid run key"), "{bad_key}");
-    let hop = Event::Hop { run_id: "nope".into(), chain: 0, hop: 1, traceparent: None };
-    assert!(matches!(m.deliver(hop).await, Err(EngineError::RunNotFound(_))));
-    let control = m.engine.control("nope", ControlAction::Pause).await.unwrap_err();
+    let hop = Event::Hop {
+        run_id: "nope".into(),
+        chain: 0,
+        hop: 1,
+        traceparent: None,
+    };
+    assert!(matches!(
+        m.deliver(hop).await,
+        Err(EngineError::RunNotFound(_))
+    ));
+    let control = m
+        .engine
+        .control("nope", ControlAction::Pause)
+        .await
+        .unwrap_err();
     assert!(matches!(control, EngineError::RunNotFound(_)));
     assert_no_state(&m).await;
 
     // Config values: each names its field.
     for (toml, field) in [
-        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_size=0\n[jobs.a.sql]\nstatement='SELECT :hi'", "jobs.a.page_size"),
-        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\nchains=0\n[jobs.a.sql]\nstatement='SELECT :hi'", "jobs.a.chains"),
-        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\nkey_column='id; DROP'\n[jobs.a.sql]\nstatement='SELECT :hi'", "jobs.a.key_column"),
-        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\n[jobs.a.sql]\nstatement='SELECT :x'", "jobs.a.sql.statement"),
-        ("[jobs.a]\nkind='newsletter'\nsource='SELECT id FROM t'", "jobs.a.newsletter"),
+        (
+            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_size=0\n[jobs.a.sql]\nstatement='SELECT :hi'",
+            "jobs.a.page_size",
+        ),
+        (
+            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\nchains=0\n[jobs.a.sql]\nstatement='SELECT :hi'",
+            "jobs.a.chains",
+        ),
+        (
+            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\nkey_column='id; DROP'\n[jobs.a.sql]\nstatement='SELECT :hi'",
+            "jobs.a.key_column",
+        ),
+        (
+            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\n[jobs.a.sql]\nstatement='SELECT :x'",
+            "jobs.a.sql.statement",
+        ),
+        (
+            "[jobs.a]\nkind='newsletter'\nsource='SELECT id FROM t'",
+            "jobs.a.newsletter",
+        ),
         ("[settings]\nhop_timeout='20m'", "settings.hop_timeout"),
-        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_sise=5", "page_sise"),
+        (
+            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_sise=5",
+            "page_sise",
+        ),
     ] {
-        let err = Config::parse(toml, std::path::Path::new("baton.toml")).unwrap_err().to_string();
+        let err = Config::parse(toml, std::path::Path::new("baton.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(field), "expected {field} in: {err}");
     }
 }
@@ -506,13 +818,15 @@ pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     let users = int_users(30);
     let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
     let run = m.start().await;
-    m.store.fail_next(|s| s.sql.contains("INSERT INTO baton_ledger"));
+    m.store
+        .fail_next(|s| s.sql.contains("INSERT INTO baton_ledger"));
     assert!(m.deliver_next().await.unwrap().is_err());
     assert!(m.sent().is_empty());
     m.expire_leases();
     m.engine.sweep().await.unwrap();
     // And a dropped connection while recording results: sent, not recorded, so `unknown`.
-    m.store.fail_next(|s| s.sql.contains("UPDATE baton_ledger SET state = v.column2"));
+    m.store
+        .fail_next(|s| s.sql.contains("UPDATE baton_ledger SET state = v.column2"));
     assert!(m.deliver_next().await.unwrap().is_err());
     m.expire_leases();
     m.engine.sweep().await.unwrap();
@@ -522,12 +836,18 @@ pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     assert!(duplicates(&m.sent()).is_empty());
     assert_eq!(status.unknown, 10);
     assert_eq!(status.done + status.skipped + status.unknown, 30);
-    assert_eq!(m.sent().len(), 30 - 1, "user 24 has an invalid address; everyone else got one message");
+    assert_eq!(
+        m.sent().len(),
+        30 - 1,
+        "user 24 has an invalid address; everyone else got one message"
+    );
 }
 
 pub async fn randomized_fault_schedules_keep_exactly_once(b: Backend) {
     let users = int_users(240);
-    let seeds: Vec<u64> = (1..=8).map(|i| i * 7919 + if b == Backend::Postgres { 1 } else { 0 }).collect();
+    let seeds: Vec<u64> = (1..=8)
+        .map(|i| i * 7919 + if b == Backend::Postgres { 1 } else { 0 })
+        .collect();
     for seed in seeds {
         let mut s = setup(10, 3);
         s.seed = seed;

@@ -39,12 +39,17 @@ pub async fn fresh_store(backend: Backend, dir: &std::path::Path) -> Arc<dyn Sql
             );
             let admin = PostgresStore::connect(&url, 1).unwrap();
             let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-            admin.query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new())).await.unwrap();
+            admin
+                .query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new()))
+                .await
+                .unwrap();
             let base = url.rsplit_once('/').unwrap().0;
             Arc::new(PostgresStore::connect(&format!("{base}/{name}"), 24).unwrap())
         }
     };
-    baton::sql::migrations::migrate(store.as_ref(), 0).await.unwrap();
+    baton::sql::migrations::migrate(store.as_ref(), 0)
+        .await
+        .unwrap();
     store
 }
 
@@ -63,7 +68,11 @@ pub fn int_users(n: usize) -> Vec<User> {
     (0..n)
         .map(|i| {
             let id = (i as i64) * 13 + 5;
-            let email = if i % 25 == 24 { "not-an-address".to_owned() } else { format!("user{id}@example.com") };
+            let email = if i % 25 == 24 {
+                "not-an-address".to_owned()
+            } else {
+                format!("user{id}@example.com")
+            };
             (Value::Int(id), Some(email), format!("Zoë {i}"))
         })
         .collect()
@@ -75,10 +84,15 @@ pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind,
         (KeyKind::Text, _) | (KeyKind::Uuid, Backend::Sqlite) => "TEXT",
         (KeyKind::Uuid, Backend::Postgres) => "UUID",
     };
-    store.query(Stmt::new("DROP TABLE IF EXISTS users", Params::new())).await.unwrap();
+    store
+        .query(Stmt::new("DROP TABLE IF EXISTS users", Params::new()))
+        .await
+        .unwrap();
     store
         .query(Stmt::new(
-            format!("CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"),
+            format!(
+                "CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"
+            ),
             Params::new(),
         ))
         .await
@@ -95,7 +109,10 @@ pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind,
                 format!("(:i{i}, :e{i}, :n{i})")
             })
             .collect();
-        let sql = format!("INSERT INTO users (id, email, name) VALUES {}", rows.join(", "));
+        let sql = format!(
+            "INSERT INTO users (id, email, name) VALUES {}",
+            rows.join(", ")
+        );
         store.query(Stmt::new(sql, params)).await.unwrap();
     }
 }
@@ -156,12 +173,16 @@ pub struct TestMailer {
 impl Mailer for TestMailer {
     async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
         if self.stopped.load(Ordering::SeqCst) {
-            return Err(MailError::AccountStopped("daily sending quota exceeded".into()));
+            return Err(MailError::AccountStopped(
+                "daily sending quota exceeded".into(),
+            ));
         }
         if let Some(s) = &self.reject_suffix
             && mail.to.ends_with(s.as_str())
         {
-            return Err(MailError::Permanent("address rejected by the provider".into()));
+            return Err(MailError::Permanent(
+                "address rejected by the provider".into(),
+            ));
         }
         let r = self.outbox.send(mail).await;
         if r.is_ok() || matches!(r, Err(MailError::Ambiguous(_))) {
@@ -182,7 +203,14 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(job: JobConfig) -> Self {
-        Setup { job, settings: test_settings(), faults: Faults::default(), seed: 1, kinds: KindRegistry::default(), reject_suffix: None }
+        Setup {
+            job,
+            settings: test_settings(),
+            faults: Faults::default(),
+            seed: 1,
+            kinds: KindRegistry::default(),
+            reject_suffix: None,
+        }
     }
 }
 
@@ -201,14 +229,24 @@ impl Harness {
         Self::with_source(backend, KeyKind::Int, users, setup).await
     }
 
-    pub async fn with_source(backend: Backend, kind: KeyKind, users: &[User], setup: Setup) -> Harness {
+    pub async fn with_source(
+        backend: Backend,
+        kind: KeyKind,
+        users: &[User],
+        setup: Setup,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = fresh_store(backend, dir.path()).await;
         create_users(store.as_ref(), backend, kind, users).await;
         Self::on_store(backend, store, dir, setup)
     }
 
-    pub fn on_store(backend: Backend, store: Arc<dyn SqlStore>, dir: tempfile::TempDir, setup: Setup) -> Harness {
+    pub fn on_store(
+        backend: Backend,
+        store: Arc<dyn SqlStore>,
+        dir: tempfile::TempDir,
+        setup: Setup,
+    ) -> Harness {
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(TestMailer {
             outbox: Outbox::new(&outbox_dir, setup.faults.clone(), setup.seed, None).unwrap(),
@@ -217,7 +255,10 @@ impl Harness {
             accepted: AtomicU64::new(0),
         });
         let clock = ManualClock::default();
-        let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
+        let config = Config {
+            settings: setup.settings,
+            jobs: [(JOB.to_owned(), setup.job)].into(),
+        };
         config.validate().unwrap();
         let local = LocalRuntime::start(LocalParts {
             store: store.clone(),
@@ -228,7 +269,14 @@ impl Harness {
             faults: setup.faults,
             seed: setup.seed,
         });
-        Harness { backend, store, local, mailer, outbox_dir, _dir: dir }
+        Harness {
+            backend,
+            store,
+            local,
+            mailer,
+            outbox_dir,
+            _dir: dir,
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -259,11 +307,21 @@ impl Harness {
     }
 
     pub async fn keys_in(&self, run_id: &str, state: &str) -> HashSet<String> {
-        self.engine().items_in_state(run_id, state, 1_000_000).await.unwrap().into_iter().map(|(k, _)| k).collect()
+        self.engine()
+            .items_in_state(run_id, state, 1_000_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        let rows = self.store.query(Stmt::new(sql, Params::new())).await.unwrap();
+        let rows = self
+            .store
+            .query(Stmt::new(sql, Params::new()))
+            .await
+            .unwrap();
         rows.rows[0][0].as_i64().unwrap()
     }
 
@@ -276,12 +334,19 @@ impl Harness {
             *per_address.entry(a).or_default() += 1;
         }
         let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "{:?}: addresses mailed twice: {twice:?}", self.backend);
+        assert!(
+            twice.is_empty(),
+            "{:?}: addresses mailed twice: {twice:?}",
+            self.backend
+        );
         let unknown = self.keys_in(run_id, "unknown").await;
         for (key, email, _) in users {
             let Some(email) = email else { continue };
             if baton::mail::check_address(email).is_err() {
-                assert!(!per_address.contains_key(email), "invalid address {email} was mailed");
+                assert!(
+                    !per_address.contains_key(email),
+                    "invalid address {email} was mailed"
+                );
                 continue;
             }
             let key = key.key_text().unwrap();
@@ -291,17 +356,24 @@ impl Harness {
                 self.backend
             );
         }
-        assert!(status.accounted(), "done + failed + skipped + unknown != total: {status:?}");
+        assert!(
+            status.accounted(),
+            "done + failed + skipped + unknown != total: {status:?}"
+        );
         for c in &status.chains {
-            assert!(c.hops <= c.hop_budget, "chain {} exceeded its budget: {c:?}", c.chain);
+            assert!(
+                c.hops <= c.hop_budget,
+                "chain {} exceeded its budget: {c:?}",
+                c.chain
+            );
         }
     }
 }
 
 // ---- step-by-step driving -------------------------------------------------------------------
 
-use baton::engine::event::Event;
 use baton::engine::EngineParts;
+use baton::engine::event::Event;
 use baton::ports::{InvokeError, Invoker};
 use baton::sql::{Rows, SqlError};
 use std::sync::Mutex;
@@ -391,12 +463,20 @@ pub struct Manual {
 }
 
 impl Manual {
-    pub async fn new(backend: Backend, users: &[User], job: JobConfig, kinds: KindRegistry) -> Manual {
+    pub async fn new(
+        backend: Backend,
+        users: &[User],
+        job: JobConfig,
+        kinds: KindRegistry,
+    ) -> Manual {
         let dir = tempfile::tempdir().unwrap();
         let raw = fresh_store(backend, dir.path()).await;
         create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
         let counting = Arc::new(CountingStore::new(raw));
-        let store = Arc::new(FaultyStore { inner: counting.clone(), fail_next: Mutex::new(None) });
+        let store = Arc::new(FaultyStore {
+            inner: counting.clone(),
+            fail_next: Mutex::new(None),
+        });
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(HangingMailer {
             inner: TestMailer {
@@ -415,10 +495,23 @@ impl Manual {
             invoker: invoker.clone(),
             mailer: mailer.clone(),
             clock: Arc::new(clock.clone()),
-            config: Config { settings: settings.clone(), jobs: [(JOB.to_owned(), job)].into() },
+            config: Config {
+                settings: settings.clone(),
+                jobs: [(JOB.to_owned(), job)].into(),
+            },
             kinds,
         });
-        Manual { engine, invoker, store, counting, clock, mailer, outbox_dir, settings, _dir: dir }
+        Manual {
+            engine,
+            invoker,
+            store,
+            counting,
+            clock,
+            mailer,
+            outbox_dir,
+            settings,
+            _dir: dir,
+        }
     }
 
     pub fn next_event(&self) -> Option<Event> {
@@ -451,7 +544,8 @@ impl Manual {
 
     /// Moves the clock past every lease and heartbeat, as if the dead hop's time had passed.
     pub fn expire_leases(&self) {
-        self.clock.advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
+        self.clock
+            .advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
     }
 
     pub fn sent(&self) -> Vec<String> {
@@ -472,5 +566,9 @@ impl Manual {
 
 pub fn duplicates(addresses: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
-    addresses.iter().filter(|a| !seen.insert(a.as_str())).cloned().collect()
+    addresses
+        .iter()
+        .filter(|a| !seen.insert(a.as_str()))
+        .cloned()
+        .collect()
 }
