@@ -106,6 +106,64 @@ impl ToSql for PgParam<'_> {
     to_sql_checked!();
 }
 
+/// A `numeric` read as its exact decimal text (as the Data API returns it).
+struct Numeric(String);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Numeric {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let word = |i: usize| -> Result<i16, BoxError> {
+            raw.get(i * 2..i * 2 + 2)
+                .map(|b| i16::from_be_bytes([b[0], b[1]]))
+                .ok_or_else(|| "short numeric".into())
+        };
+        let (ndigits, weight, sign, dscale) = (
+            word(0)? as usize,
+            word(1)? as i32,
+            word(2)? as u16,
+            word(3)? as usize,
+        );
+        if sign == 0xC000 {
+            return Ok(Numeric("NaN".into()));
+        }
+        let digit = |k: i32| -> Result<i16, BoxError> {
+            if k < 0 || k as usize >= ndigits {
+                Ok(0)
+            } else {
+                word(4 + k as usize)
+            }
+        };
+        let mut int_part = String::new();
+        for k in 0..=weight.max(-1) {
+            let d = digit(k)?;
+            if int_part.is_empty() {
+                int_part = d.to_string()
+            } else {
+                int_part.push_str(&format!("{d:04}"))
+            }
+        }
+        if int_part.is_empty() {
+            int_part.push('0');
+        }
+        let mut frac = String::new();
+        let mut k = weight + 1;
+        while frac.len() < dscale {
+            frac.push_str(&format!("{:04}", digit(k)?));
+            k += 1;
+        }
+        frac.truncate(dscale);
+        let sign = if sign == 0x4000 { "-" } else { "" };
+        Ok(Numeric(if dscale > 0 {
+            format!("{sign}{int_part}.{frac}")
+        } else {
+            format!("{sign}{int_part}")
+        }))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::NUMERIC
+    }
+}
+
 fn declared_type(v: &Value) -> Type {
     match v {
         Value::Int(_) | Value::NullOf(KeyType::Int) => Type::INT8,
@@ -136,6 +194,7 @@ fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
         Type::JSON | Type::JSONB => {
             row.try_get::<_, Option<serde_json::Value>>(i).map_err(err)?.map(|j| Value::Text(j.to_string()))
         }
+        Type::NUMERIC => row.try_get::<_, Option<Numeric>>(i).map_err(err)?.map(|n| Value::Text(n.0)),
         _ => {
             return Err(SqlError::statement(format!(
                 "column `{}` has type {ty}, which baton does not read; cast it in the query, e.g. `{}::text`",

@@ -110,7 +110,7 @@ pub fn plan_run(
                 status = 'running',
                 chains = (SELECT COUNT(*) FROM baton_chains WHERE run_id = :run_id),
                 total_pages = (SELECT COUNT(*) FROM baton_pages WHERE run_id = :run_id),
-                total_items = (SELECT COALESCE(SUM(items), 0) FROM baton_pages WHERE run_id = :run_id),
+                total_items = (SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) FROM baton_pages WHERE run_id = :run_id),
                 max_hops = (SELECT COUNT(*) FROM baton_pages WHERE run_id = :run_id) * :hops_per_page + :hop_slack
              WHERE run_id = :run_id",
             Params::new()
@@ -396,7 +396,7 @@ pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt 
 
 pub fn page_progress(run_id: &str) -> Stmt {
     Stmt::new(
-        "SELECT status, COUNT(*) AS n, COALESCE(SUM(items), 0) AS items FROM baton_pages
+        "SELECT status, COUNT(*) AS n, CAST(COALESCE(SUM(items), 0) AS BIGINT) AS items FROM baton_pages
          WHERE run_id = :run_id GROUP BY status",
         Params::new().with("run_id", run_id),
     )

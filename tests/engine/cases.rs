@@ -869,3 +869,25 @@ pub async fn randomized_fault_schedules_keep_exactly_once(b: Backend) {
         h.assert_exactly_once(&run, &users).await;
     }
 }
+
+pub async fn source_column_types_are_read(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(b, dir.path()).await;
+    let sql = "SELECT CAST(12345.678 AS NUMERIC(10,3)) AS a, CAST(-0.05 AS NUMERIC(6,2)) AS b, \
+               CAST(100000000 AS NUMERIC) AS c, CAST(7 AS INTEGER) AS d, 'Zoë' AS e, CAST(1.5 AS DOUBLE PRECISION) AS f";
+    let rows = store
+        .query(baton::sql::Stmt::new(sql, Default::default()))
+        .await
+        .unwrap();
+    let r = rows.first().unwrap();
+    let text = |c: &str| r.get(c).to_string();
+    assert_eq!(text("d"), "7");
+    assert_eq!(text("e"), "Zoë");
+    assert_eq!(text("f"), "1.5");
+    if b == Backend::Postgres {
+        assert_eq!(
+            (text("a"), text("b"), text("c")),
+            ("12345.678".into(), "-0.05".into(), "100000000".into())
+        );
+    }
+}

@@ -56,4 +56,5 @@ on_both_backends!(
     bad_input_changes_nothing,
     database_fault_mid_page_is_recovered,
     randomized_fault_schedules_keep_exactly_once,
+    source_column_types_are_read,
 );
