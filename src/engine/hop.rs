@@ -103,7 +103,9 @@ impl Engine {
         let lease_ms = self.config.settings.lease().as_millis() as i64;
         let mut pages = 0u32;
         let mut retries = 0;
-        while Instant::now() < soft {
+        // Do not start a page that would likely outlast the budget: keep the slowest page seen.
+        let mut slowest = std::time::Duration::ZERO;
+        while Instant::now() + slowest < soft {
             let claim = st::claim_page(
                 run_id,
                 chain,
@@ -129,6 +131,7 @@ impl Engine {
                     None => break,
                 }
             };
+            let page_started = Instant::now();
             let report = match &job {
                 Job::Items(j) => {
                     self.process_items(&run, chain, &owner, &page, j, soft)
@@ -149,6 +152,7 @@ impl Engine {
                 .query(st::heartbeat(run_id, chain, hop, now))
                 .await?;
             pages += 1;
+            slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
                 self.store
                     .query(st::set_run_status(

@@ -30,6 +30,7 @@ async fn run_and_check(
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded", "{status:?}");
     h.assert_exactly_once(&run, &users).await;
+    h.assert_no_unknown_without_kills(&status);
     status
 }
 
@@ -125,10 +126,8 @@ pub async fn duplicate_deliveries_throughout_a_run_send_nothing_twice(b: Backend
         "the fault must have fired"
     );
     h.assert_exactly_once(&run, &users).await;
-    assert_eq!(
-        status.unknown, 0,
-        "duplicates alone never make anything ambiguous"
-    );
+    // Duplicates alone never make anything ambiguous.
+    h.assert_no_unknown_without_kills(&status);
 }
 
 pub async fn start_twice_is_one_run(b: Backend) {
@@ -333,13 +332,58 @@ pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
-    assert_eq!(status.unknown, 0);
+    h.assert_no_unknown_without_kills(&status);
 }
 
 pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
-    let users = int_users(400);
-    let mut s = slow_setup();
-    s.job.newsletter.as_mut().unwrap().send_rate = 250.0;
+    // Step by step: chain 0's hop 2 event is lost. Nothing moves until the chain's heartbeat is
+    // stale; then the sweeper restarts it from its checkpoint and the run completes.
+    let users = int_users(60);
+    let mut job = newsletter_job(10, 1);
+    job.newsletter.as_mut().unwrap().send_rate = 100.0; // ~0.6 s of sending: several hops
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    let hop1 = m.deliver_next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            hop1,
+            Outcome::Hopped {
+                next: HopNext::Continued,
+                ..
+            }
+        ),
+        "{hop1:?}"
+    );
+    let lost = m.next_event().expect("hop 2 was invoked");
+    assert!(matches!(lost, Event::Hop { hop: 2, .. }));
+    assert_eq!(
+        m.engine.sweep().await.unwrap().restarted,
+        0,
+        "a live chain is left alone"
+    );
+    m.expire_leases();
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
+    assert_eq!(
+        m.next_event(),
+        Some(lost.clone()),
+        "restarted from its checkpoint: the same hop"
+    );
+    m.deliver(lost).await.unwrap();
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded");
+    assert_eq!(status.chains[0].restarts, 1);
+    assert!(duplicates(&m.sent()).is_empty());
+    assert_eq!(m.sent().len(), 58);
+
+    // Live, with the fault injector: a seed whose dice surely lose hop 2 of the only chain.
+    let seed = (1..)
+        .find(|s| baton::local::faults::dice(*s, &[b"drop", b"hop/0/2", &1u64.to_le_bytes()]) < 0.3)
+        .unwrap();
+    let users = int_users(300);
+    let mut s = setup(10, 1);
+    s.seed = seed;
+    s.job.newsletter.as_mut().unwrap().send_rate = 300.0;
     s.faults = Faults {
         drop_hop: 0.3,
         ..Faults::default()
@@ -348,15 +392,9 @@ pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
-    assert!(
-        h.local.lambda_counts().dropped > 0,
-        "the fault must have fired: {:?} {status:?}",
-        h.local.lambda_counts()
-    );
-    assert!(
-        status.chains.iter().map(|c| c.restarts).sum::<i64>() > 0,
-        "the sweeper restarted chains"
-    );
+    let counts = h.local.lambda_counts();
+    assert!(counts.dropped > 0, "{counts:?} {status:?}");
+    assert!(status.chains[0].restarts > 0, "{counts:?} {status:?}");
     h.assert_exactly_once(&run, &users).await;
 }
 
@@ -495,10 +533,10 @@ pub async fn account_stop_pauses_the_run_without_losing_items(b: Backend) {
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
     assert_eq!(
-        status.failed + status.unknown,
-        0,
-        "items refused by the stop were released, not lost"
+        status.failed, 0,
+        "items refused by the stop were released, not failed"
     );
+    h.assert_no_unknown_without_kills(&status);
 }
 
 pub async fn zero_users(b: Backend) {
@@ -591,14 +629,13 @@ pub async fn sparse_and_negative_keys(b: Backend) {
 }
 
 pub async fn rate_limited_pages_span_hops(b: Backend) {
-    // 150 messages at 200/s over one chain take ~0.75s: pages outlast 225ms hops and are
-    // released mid-page and finished by later hops.
+    // 150 messages at 200/s over one chain take ~0.75s: pages outlast 300ms hop budgets, are
+    // released mid-page and finished by later hops, and nothing becomes unknown on the way.
     let users = int_users(150);
     let mut s = setup(50, 1);
     s.job.newsletter.as_mut().unwrap().send_rate = 200.0;
     let status = run_and_check(b, KeyKind::Int, users, s).await;
     assert!(status.chains[0].hops >= 3, "{status:?}");
-    assert_eq!(status.unknown, 0);
 }
 
 pub async fn sql_kind_runs_one_statement_per_page(b: Backend) {
