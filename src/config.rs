@@ -14,10 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
@@ -83,9 +80,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.hop_timeout < Duration::from_millis(100)
-            || self.hop_timeout > Duration::from_secs(900)
-        {
+        if self.hop_timeout < Duration::from_millis(100) || self.hop_timeout > Duration::from_secs(900) {
             return Err(invalid(
                 "settings.hop_timeout",
                 "must be between 100ms and 15m (Lambda's maximum function timeout)",
@@ -98,10 +93,7 @@ impl Settings {
             ));
         }
         if self.reserved_concurrency == 0 {
-            return Err(invalid(
-                "settings.reserved_concurrency",
-                "must be at least 1",
-            ));
+            return Err(invalid("settings.reserved_concurrency", "must be at least 1"));
         }
         if self.sweep_interval < Duration::from_millis(50) {
             return Err(invalid("settings.sweep_interval", "must be at least 50ms"));
@@ -308,21 +300,14 @@ impl Config {
 impl JobConfig {
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let f = |field: &str| format!("jobs.{name}.{field}");
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(invalid(
                 format!("jobs.{name}"),
                 "job names use letters, digits, `-` and `_` only",
             ));
         }
         if self.source.trim().is_empty() {
-            return Err(invalid(
-                f("source"),
-                "must be a SELECT that lists the job's items",
-            ));
+            return Err(invalid(f("source"), "must be a SELECT that lists the job's items"));
         }
         if self.source.trim_end().ends_with(';') {
             return Err(invalid(
@@ -370,12 +355,10 @@ impl JobConfig {
                 n.validate(&f("newsletter"))?;
             }
             "sql" => {
-                let s = self.sql.as_ref().ok_or_else(|| {
-                    invalid(
-                        f("sql"),
-                        "a `sql` job needs a [jobs.NAME.sql] section with `statement`",
-                    )
-                })?;
+                let s = self
+                    .sql
+                    .as_ref()
+                    .ok_or_else(|| invalid(f("sql"), "a `sql` job needs a [jobs.NAME.sql] section with `statement`"))?;
                 let names = crate::sql::params::names(&s.statement);
                 if let Some(other) = names.iter().find(|n| *n != "lo" && *n != "hi") {
                     return Err(invalid(
@@ -436,9 +419,7 @@ impl NewsletterConfig {
                 format!("must be between 1 and 50, got {}", self.max_attempts),
             ));
         }
-        if !(self.unsubscribe_url.starts_with("https://")
-            || self.unsubscribe_url.starts_with("http://"))
-        {
+        if !(self.unsubscribe_url.starts_with("https://") || self.unsubscribe_url.starts_with("http://")) {
             return Err(invalid(
                 f("unsubscribe_url"),
                 "must be an http(s) URL (RFC 8058 one-click needs https in production)",
@@ -447,10 +428,7 @@ impl NewsletterConfig {
         if let Some(s) = &self.unsubscribe_secret
             && s.len() < 16
         {
-            return Err(invalid(
-                f("unsubscribe_secret"),
-                "must be at least 16 characters",
-            ));
+            return Err(invalid(f("unsubscribe_secret"), "must be at least 16 characters"));
         }
         for (name, template) in [
             ("subject", Some(&self.subject)),

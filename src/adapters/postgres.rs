@@ -57,8 +57,7 @@ type BoxError = Box<dyn StdError + Sync + Send>;
 
 impl ToSql for PgParam<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
-        let mismatch =
-            || -> BoxError { format!("cannot bind {:?} as a {ty} parameter", self.0).into() };
+        let mismatch = || -> BoxError { format!("cannot bind {:?} as a {ty} parameter", self.0).into() };
         match self.0 {
             Value::Null | Value::NullOf(_) => Ok(IsNull::Yes),
             Value::Int(i) => match *ty {
@@ -68,9 +67,7 @@ impl ToSql for PgParam<'_> {
                 Type::FLOAT8 => (*i as f64).to_sql(ty, out),
                 Type::FLOAT4 => (*i as f32).to_sql(ty, out),
                 Type::BOOL => (*i != 0).to_sql(ty, out),
-                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
-                    i.to_string().to_sql(ty, out)
-                }
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => i.to_string().to_sql(ty, out),
                 _ => Err(mismatch()),
             },
             Value::Real(f) => match *ty {
@@ -81,9 +78,7 @@ impl ToSql for PgParam<'_> {
             },
             Value::Bool(b) => match *ty {
                 Type::BOOL => b.to_sql(ty, out),
-                Type::INT8 | Type::INT4 | Type::INT2 => {
-                    PgParam(&Value::Int(*b as i64)).to_sql(ty, out)
-                }
+                Type::INT8 | Type::INT4 | Type::INT2 => PgParam(&Value::Int(*b as i64)).to_sql(ty, out),
                 _ => Err(mismatch()),
             },
             Value::Text(s) | Value::Uuid(s) => match *ty {
@@ -91,9 +86,7 @@ impl ToSql for PgParam<'_> {
                 Type::INT8 | Type::INT4 | Type::INT2 => {
                     PgParam(&Value::Int(s.parse().map_err(|_| mismatch())?)).to_sql(ty, out)
                 }
-                Type::JSON | Type::JSONB => {
-                    serde_json::from_str::<serde_json::Value>(s)?.to_sql(ty, out)
-                }
+                Type::JSON | Type::JSONB => serde_json::from_str::<serde_json::Value>(s)?.to_sql(ty, out),
                 _ => s.as_str().to_sql(ty, out),
             },
         }
@@ -116,12 +109,7 @@ impl<'a> tokio_postgres::types::FromSql<'a> for Numeric {
                 .map(|b| i16::from_be_bytes([b[0], b[1]]))
                 .ok_or_else(|| "short numeric".into())
         };
-        let (ndigits, weight, sign, dscale) = (
-            word(0)? as usize,
-            word(1)? as i32,
-            word(2)? as u16,
-            word(3)? as usize,
-        );
+        let (ndigits, weight, sign, dscale) = (word(0)? as usize, word(1)? as i32, word(2)? as u16, word(3)? as usize);
         if sign == 0xC000 {
             return Ok(Numeric("NaN".into()));
         }
@@ -178,23 +166,38 @@ fn declared_type(v: &Value) -> Type {
 fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
     let column = &row.columns()[i];
     let ty = column.type_();
-    let err =
-        |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
+    let err = |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
     Ok(match *ty {
         Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(err)?.map(Value::Int),
-        Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
-        Type::INT2 => row.try_get::<_, Option<i16>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(err)?
+            .map(|v| Value::Int(v.into())),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(err)?
+            .map(|v| Value::Int(v.into())),
         Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(err)?.map(Value::Real),
-        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).map_err(err)?.map(|v| Value::Real(v.into())),
+        Type::FLOAT4 => row
+            .try_get::<_, Option<f32>>(i)
+            .map_err(err)?
+            .map(|v| Value::Real(v.into())),
         Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(err)?.map(Value::Bool),
-        Type::UUID => row.try_get::<_, Option<uuid::Uuid>>(i).map_err(err)?.map(|u| Value::Uuid(u.to_string())),
+        Type::UUID => row
+            .try_get::<_, Option<uuid::Uuid>>(i)
+            .map_err(err)?
+            .map(|u| Value::Uuid(u.to_string())),
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
             row.try_get::<_, Option<String>>(i).map_err(err)?.map(Value::Text)
         }
-        Type::JSON | Type::JSONB => {
-            row.try_get::<_, Option<serde_json::Value>>(i).map_err(err)?.map(|j| Value::Text(j.to_string()))
-        }
-        Type::NUMERIC => row.try_get::<_, Option<Numeric>>(i).map_err(err)?.map(|n| Value::Text(n.0)),
+        Type::JSON | Type::JSONB => row
+            .try_get::<_, Option<serde_json::Value>>(i)
+            .map_err(err)?
+            .map(|j| Value::Text(j.to_string())),
+        Type::NUMERIC => row
+            .try_get::<_, Option<Numeric>>(i)
+            .map_err(err)?
+            .map(|n| Value::Text(n.0)),
         _ => {
             return Err(SqlError::statement(format!(
                 "column `{}` has type {ty}, which baton does not read; cast it in the query, e.g. `{}::text`",
@@ -207,9 +210,7 @@ fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
 }
 
 fn classify(e: tokio_postgres::Error) -> SqlError {
-    if e.is_closed()
-        || e.as_db_error().is_none() && e.source().is_some_and(|s| s.is::<std::io::Error>())
-    {
+    if e.is_closed() || e.as_db_error().is_none() && e.source().is_some_and(|s| s.is::<std::io::Error>()) {
         return SqlError::transient(e);
     }
     match e.as_db_error() {
@@ -227,10 +228,7 @@ fn classify(e: tokio_postgres::Error) -> SqlError {
     }
 }
 
-async fn run_one<C: deadpool_postgres::GenericClient>(
-    client: &C,
-    stmt: &Stmt,
-) -> Result<Rows, SqlError> {
+async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {
     let (sql, names) = to_positional(&stmt.sql);
     let mut values = Vec::with_capacity(names.len());
     for name in &names {
@@ -249,19 +247,12 @@ async fn run_one<C: deadpool_postgres::GenericClient>(
                 || e.code() == Some(&tokio_postgres::error::SqlState::INDETERMINATE_DATATYPE) =>
         {
             let types: Vec<Type> = values.iter().map(|v| declared_type(v.0)).collect();
-            client
-                .prepare_typed_cached(&sql, &types)
-                .await
-                .map_err(classify)?
+            client.prepare_typed_cached(&sql, &types).await.map_err(classify)?
         }
         Err(e) => return Err(classify(e)),
     };
     let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-    let columns: Vec<String> = prepared
-        .columns()
-        .iter()
-        .map(|c| c.name().to_owned())
-        .collect();
+    let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
     if columns.is_empty() {
         let affected = client.execute(&prepared, &refs).await.map_err(classify)?;
         return Ok(Rows {

@@ -38,7 +38,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 100)]
     pub page_size: u32,
     /// Each hop's deadline (the function timeout). Short, so every chain makes many hops.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub hop_timeout: Duration,
     /// Messages per second over all chains; 0 for no limit.
     #[arg(long, default_value_t = 0.0)]
@@ -123,22 +123,12 @@ const LAST: [&str; 8] = [
     "Ødegaard",
     "Smith",
 ];
-const CITIES: [&str; 6] = [
-    "Zürich",
-    "Kraków",
-    "São Paulo",
-    "Tōkyō",
-    "Reykjavík",
-    "Montréal",
-];
+const CITIES: [&str; 6] = ["Zürich", "Kraków", "São Paulo", "Tōkyō", "Reykjavík", "Montréal"];
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 
 /// One synthetic user: sparse ids, unicode names, unique addresses but every 997th invalid and
 /// every 1499th empty.
-pub fn synthetic_user(
-    i: u32,
-    seed: u64,
-) -> (i64, Option<String>, String, &'static str, &'static str) {
+pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'static str, &'static str) {
     let r = crate::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
     let id = i as i64 * 7 + (r * 7.0) as i64 + 1;
     let pick = |n: usize, salt: u32| ((r * 1e6) as usize + salt as usize * 7919 + i as usize) % n;
@@ -151,11 +141,7 @@ pub fn synthetic_user(
     } else {
         Some(format!("user{id}@example.com"))
     };
-    let name = format!(
-        "{} {}",
-        FIRST[pick(FIRST.len(), 1)],
-        LAST[pick(LAST.len(), 2)]
-    );
+    let name = format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)]);
     (
         id,
         email,
@@ -174,7 +160,8 @@ async fn create_users(store: &SqliteStore, n: u32, seed: u64) -> Result<()> {
                  CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT);",
             )?;
             {
-                let mut insert = tx.prepare("INSERT INTO users (id, email, name, city, plan) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+                let mut insert =
+                    tx.prepare("INSERT INTO users (id, email, name, city, plan) VALUES (?1, ?2, ?3, ?4, ?5)")?;
                 for i in 0..n {
                     let (id, email, name, city, plan) = synthetic_user(i, seed);
                     insert.execute(rusqlite::params![id, email, name, city, plan])?;
@@ -204,12 +191,9 @@ pub struct DemoSummary {
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let dir = &args.common.data_dir;
     if args.common.database_url.is_some() {
-        bail!(
-            "the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)"
-        );
+        bail!("the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)");
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
     for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
@@ -219,7 +203,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let job = demo_job(&args);
     let settings = Settings {
         hop_timeout: args.hop_timeout,
-        hop_margin: args.hop_timeout / 4,
+        hop_margin: args.hop_timeout * 2 / 5,
         sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
         reserved_concurrency: args.chains * 2 + 2,
     };
@@ -228,11 +212,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         jobs: [(JOB.to_owned(), job)].into(),
     };
     config.validate()?;
-    let faults = if args.chaos {
-        Faults::chaos()
-    } else {
-        Faults::default()
-    };
+    let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
     let store = SqliteStore::open(&dir.join("baton.db"))?;
     crate::sql::migrations::migrate(&store, crate::ports::Clock::now_ms(&SystemClock)).await?;
@@ -257,10 +237,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         seed: args.seed,
     });
     let Outcome::Started {
-        run_id,
-        pages,
-        chains,
-        ..
+        run_id, pages, chains, ..
     } = local.engine.start(JOB, Some("demo")).await?
     else {
         unreachable!("start returns Started")
@@ -269,11 +246,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         eprintln!(
             "Run {run_id}: {pages} pages through {chains} chains, hop timeout {}{}",
             humantime::format_duration(args.hop_timeout),
-            if args.chaos {
-                ", with injected faults"
-            } else {
-                ""
-            }
+            if args.chaos { ", with injected faults" } else { "" }
         );
     }
     let show = !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -297,13 +270,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     } else {
         print_summary(&summary, &outbox_dir);
     }
-    Ok(
-        if summary.run.status == "succeeded" && summary.checks_passed {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    Ok(if summary.run.status == "succeeded" && summary.checks_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -321,9 +292,7 @@ async fn check(
     let run_id = run_id.to_owned();
     let unknown_keys: HashSet<String> = store
         .with_conn(move |conn| {
-            let mut q = conn.prepare(
-                "SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'",
-            )?;
+            let mut q = conn.prepare("SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'")?;
             let keys = q
                 .query_map([&run_id], |r| r.get::<_, String>(0))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -403,14 +372,6 @@ fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
         s.run.unknown,
         s.run.total
     );
-    let over: Vec<_> = s
-        .run
-        .chains
-        .iter()
-        .filter(|c| c.hops > c.hop_budget)
-        .collect();
-    println!(
-        "  {} every chain within its hop budget",
-        mark(over.is_empty())
-    );
+    let over: Vec<_> = s.run.chains.iter().filter(|c| c.hops > c.hop_budget).collect();
+    println!("  {} every chain within its hop budget", mark(over.is_empty()));
 }

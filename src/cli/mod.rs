@@ -24,8 +24,7 @@ use crate::local::sqlite::SqliteStore;
 use crate::ports::SystemClock;
 use crate::sql::SqlStore;
 
-const ABOUT: &str =
-    "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
+const ABOUT: &str = "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
 
 const LONG_ABOUT: &str = "\
 Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.
@@ -54,28 +53,13 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Folder for the embedded default: `baton.db` (SQLite state and sources) and `outbox/`.
-    #[arg(
-        long,
-        env = "BATON_DATA_DIR",
-        default_value = "baton-data",
-        global = true
-    )]
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data", global = true)]
     pub data_dir: PathBuf,
     /// Use PostgreSQL for state and job sources instead of `DATA_DIR/baton.db`.
-    #[arg(
-        long,
-        env = "BATON_DATABASE_URL",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "BATON_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// The configuration file.
-    #[arg(
-        long,
-        env = "BATON_CONFIG",
-        default_value = "baton.toml",
-        global = true
-    )]
+    #[arg(long, env = "BATON_CONFIG", default_value = "baton.toml", global = true)]
     pub config: PathBuf,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -176,8 +160,7 @@ fn init_logging(verbose: u8) {
         1 => "info,baton=info",
         _ => "debug",
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -187,17 +170,10 @@ fn init_logging(verbose: u8) {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
-        Command::Run {
-            job,
-            run_key,
-            common,
-        } => {
+        Command::Run { job, run_key, common } => {
             let local = open_local(&common, true).await?;
             let started = local.engine.start(&job, run_key.as_deref()).await?;
-            let Outcome::Started {
-                run_id, existing, ..
-            } = &started
-            else {
+            let Outcome::Started { run_id, existing, .. } = &started else {
                 unreachable!()
             };
             if *existing {
@@ -218,11 +194,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             }
             finish(&local, run_id, &common).await
         }
-        Command::Status {
-            run_id,
-            list,
-            common,
-        } => {
+        Command::Status { run_id, list, common } => {
             let engine = open_engine(&common, false).await?;
             let Some(status) = engine.status(run_id.as_deref()).await? else {
                 bail!(
@@ -254,12 +226,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 println!(
                     "swept {} open run(s): {} chain(s) restarted, {} revived, {} parked, {} completed, {} failed",
-                    report.runs,
-                    report.restarted,
-                    report.revived,
-                    report.parked,
-                    report.completed,
-                    report.failed
+                    report.runs, report.restarted, report.revived, report.parked, report.completed, report.failed
                 );
             }
             if report.restarted + report.revived > 0
@@ -282,10 +249,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     serde_json::json!({"subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
                 ),
                 Some(r) => {
-                    println!(
-                        "Subject: {}\nList-Unsubscribe: <{}>\n",
-                        r.subject, r.unsubscribe_url
-                    );
+                    println!("Subject: {}\nList-Unsubscribe: <{}>\n", r.subject, r.unsubscribe_url);
                     if let Some(t) = r.text {
                         println!("--- text ---\n{t}");
                     }
@@ -299,11 +263,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-async fn control(
-    common: &Common,
-    run_id: Option<String>,
-    action: ControlAction,
-) -> Result<ExitCode> {
+async fn control(common: &Common, run_id: Option<String>, action: ControlAction) -> Result<ExitCode> {
     let engine = open_engine(common, false).await?;
     let id = latest_or(&engine, run_id, common).await?;
     let outcome = engine.control(&id, action).await?;
@@ -356,14 +316,12 @@ pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
     let store: Arc<dyn SqlStore> = match &common.database_url {
         Some(url) => Arc::new(PostgresStore::connect(url, 16)?),
         None => {
-            std::fs::create_dir_all(&common.data_dir).with_context(|| {
-                format!("cannot create --data-dir {}", common.data_dir.display())
-            })?;
+            std::fs::create_dir_all(&common.data_dir)
+                .with_context(|| format!("cannot create --data-dir {}", common.data_dir.display()))?;
             Arc::new(SqliteStore::open(&common.data_dir.join("baton.db"))?)
         }
     };
-    crate::sql::migrations::migrate(store.as_ref(), crate::ports::Clock::now_ms(&SystemClock))
-        .await?;
+    crate::sql::migrations::migrate(store.as_ref(), crate::ports::Clock::now_ms(&SystemClock)).await?;
     Ok(store)
 }
 
@@ -420,16 +378,10 @@ pub async fn open_local(common: &Common, config_required: bool) -> Result<LocalR
 
 pub fn print_status(s: &RunStatus, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(s).expect("status serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
     }
-    println!(
-        "run {} of `{}` ({}): {}",
-        s.run_id, s.job, s.run_key, s.status
-    );
+    println!("run {} of `{}` ({}): {}", s.run_id, s.job, s.run_key, s.status);
     if let Some(r) = &s.reason {
         println!("  reason:  {r}");
     }
@@ -456,10 +408,7 @@ pub fn print_status(s: &RunStatus, json: bool) {
             c.hops,
             c.hop_budget,
             c.restarts,
-            c.reason
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
+            c.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
         );
     }
 }

@@ -28,10 +28,7 @@ pub enum Event {
     /// Find stuck chains and expired leases and restart them.
     Sweep {},
     /// Pause, resume or cancel a run.
-    Control {
-        run_id: String,
-        action: ControlAction,
-    },
+    Control { run_id: String, action: ControlAction },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,10 +100,7 @@ mod tests {
             "not json",
         ] {
             let err = Event::parse(bad.as_bytes()).unwrap_err();
-            assert!(
-                err.to_string().starts_with("malformed event"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().starts_with("malformed event"), "{bad}: {err}");
         }
     }
 }

@@ -13,9 +13,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
-use crate::jobs::{
-    ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous,
-};
+use crate::jobs::{ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::sql::{Record, statements as st};
 
 /// A leased page.
@@ -51,13 +49,7 @@ const CLAIM_RETRIES: u32 = 3;
 
 impl Engine {
     #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
-    pub async fn hop(
-        &self,
-        run_id: &str,
-        chain: u32,
-        hop: u64,
-        deadline: Instant,
-    ) -> Result<Outcome, EngineError> {
+    pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
@@ -76,11 +68,7 @@ impl Engine {
         }
         if now > run.deadline_at {
             return self
-                .fail_run(
-                    &run,
-                    chain,
-                    "the run passed its deadline (jobs.NAME.run_deadline)",
-                )
+                .fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)")
                 .await;
         }
         // The fork guard: only one delivery of hop `hop` gets past this.
@@ -94,6 +82,7 @@ impl Engine {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
         }
+        tracing::debug!("hop started");
         let job = self.build_job(&run.job, &run.job_config)?;
         if let Job::Items(j) = &job {
             j.begin_hop(run.chains as u32);
@@ -106,22 +95,8 @@ impl Engine {
         // Do not start a page that would likely outlast the budget: keep the slowest page seen.
         let mut slowest = std::time::Duration::ZERO;
         while Instant::now() + slowest < soft {
-            let claim = st::claim_page(
-                run_id,
-                chain,
-                hop,
-                run.chains,
-                &owner,
-                self.now_ms(),
-                lease_ms,
-            );
-            let Some(page) = self
-                .store
-                .query(claim)
-                .await?
-                .first()
-                .map(Page::from_record)
-            else {
+            let claim = st::claim_page(run_id, chain, hop, run.chains, &owner, self.now_ms(), lease_ms);
+            let Some(page) = self.store.query(claim).await?.first().map(Page::from_record) else {
                 match self.no_page(&run, chain, hop).await? {
                     Some(next) => return Ok(Outcome::Hopped { pages, next }),
                     None if retries < CLAIM_RETRIES => {
@@ -134,23 +109,22 @@ impl Engine {
             let page_started = Instant::now();
             let report = match &job {
                 Job::Items(j) => {
-                    self.process_items(&run, chain, &owner, &page, j, soft)
+                    self.process_items(&run, chain, &owner, &page, j, (soft, deadline))
                         .await?
                 }
                 Job::Ranges(j) => self.process_range(&run, &page, j, soft).await?,
             };
+            tracing::debug!(
+                page = page.page_no,
+                ms = page_started.elapsed().as_millis() as u64,
+                finished = report.finished,
+                "page processed"
+            );
             let now = self.now_ms();
             self.store
-                .query(st::finish_page(
-                    run_id,
-                    page.page_no,
-                    &owner,
-                    report.finished,
-                ))
+                .query(st::finish_page(run_id, page.page_no, &owner, report.finished))
                 .await?;
-            self.store
-                .query(st::heartbeat(run_id, chain, hop, now))
-                .await?;
+            self.store.query(st::heartbeat(run_id, chain, hop, now)).await?;
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
@@ -165,13 +139,7 @@ impl Engine {
                     .await?;
             } else if let Some(reason) = report.pause_reason {
                 self.store
-                    .query(st::set_run_status(
-                        run_id,
-                        &["running"],
-                        "pausing",
-                        Some(&reason),
-                        now,
-                    ))
+                    .query(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now))
                     .await?;
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
@@ -200,12 +168,7 @@ impl Engine {
 
     /// No page could be claimed. Decide why: `None` means pages are claimable (a concurrent
     /// claim won the race) and the caller should try again.
-    async fn no_page(
-        &self,
-        run: &RunRow,
-        chain: i64,
-        hop: i64,
-    ) -> Result<Option<HopNext>, EngineError> {
+    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<HopNext>, EngineError> {
         let id = run.run_id.as_str();
         let now = self.now_ms();
         let summary = self.store.query(st::page_summary(id, now)).await?;
@@ -213,8 +176,7 @@ impl Engine {
             return Err(EngineError::RunNotFound(id.into()));
         };
         let status = s.text("run_status").unwrap_or_default();
-        let end =
-            |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
+        let end = |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
         match status.as_str() {
             "running" if s.int("claimable") > 0 => {
                 // Still our hop? If the chain moved on (a restart overtook us), stop quietly.
@@ -222,14 +184,7 @@ impl Engine {
             }
             "running" => {
                 self.store.query(end("ended")).await?;
-                if s.int("leased") == 0
-                    && !self
-                        .store
-                        .query(st::complete_run(id, now))
-                        .await?
-                        .rows
-                        .is_empty()
-                {
+                if s.int("leased") == 0 && !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
                     self.store.query(st::end_chains(id)).await?;
                     return Ok(Some(HopNext::Completed));
@@ -248,12 +203,7 @@ impl Engine {
         }
     }
 
-    async fn fail_run(
-        &self,
-        run: &RunRow,
-        chain: i64,
-        reason: &str,
-    ) -> Result<Outcome, EngineError> {
+    async fn fail_run(&self, run: &RunRow, chain: i64, reason: &str) -> Result<Outcome, EngineError> {
         let now = self.now_ms();
         tracing::error!(run_id = run.run_id, chain, reason, "run failed");
         self.store
@@ -286,10 +236,7 @@ impl Engine {
         if cfg.max_failures.is_none() && cfg.max_failure_percent.is_none() {
             return Ok(());
         }
-        let rows = self
-            .store
-            .query(st::failures_since_baseline(&run.run_id))
-            .await?;
+        let rows = self.store.query(st::failures_since_baseline(&run.run_id)).await?;
         let Some(r) = rows.first() else { return Ok(()) };
         let (failures, total) = (r.int("failures"), r.int("total").max(1));
         let over_count = cfg.max_failures.is_some_and(|m| failures as u64 > m);
@@ -327,7 +274,7 @@ impl Engine {
         owner: &str,
         page: &Page,
         job: &Arc<dyn ItemJob>,
-        soft: Instant,
+        (soft, deadline): (Instant, Instant),
     ) -> Result<PageReport, EngineError> {
         let id = run.run_id.as_str();
         let cfg = &run.job_config;
@@ -337,19 +284,10 @@ impl Engine {
             let resend = resend_ambiguous(cfg);
             let settled = self
                 .store
-                .query(st::settle_stale_claims(
-                    id,
-                    page.page_no,
-                    owner,
-                    resend,
-                    self.now_ms(),
-                ))
+                .query(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms()))
                 .await?;
             if resend {
-                retaken = settled
-                    .records()
-                    .filter_map(|r| r.text("item_key"))
-                    .collect();
+                retaken = settled.records().filter_map(|r| r.text("item_key")).collect();
             }
         }
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
@@ -373,18 +311,9 @@ impl Engine {
         let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
         let claimed = self
             .store
-            .query(st::claim_items(
-                id,
-                page.page_no,
-                owner,
-                self.now_ms(),
-                &keys,
-            ))
+            .query(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys))
             .await?;
-        let mut mine: HashSet<String> = claimed
-            .records()
-            .filter_map(|r| r.text("item_key"))
-            .collect();
+        let mut mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
         mine.extend(retaken);
         let cx = ItemContext {
             run_id: id.to_owned(),
@@ -392,22 +321,60 @@ impl Engine {
             chain: chain as u32,
             soft_deadline: soft,
         };
-        let outcomes: Vec<(String, ItemOutcome)> =
-            futures::stream::iter(items.into_iter().filter(|i| mine.contains(&i.key)))
-                .map(|item| {
-                    let (job, cx) = (job.clone(), &cx);
+        tracing::debug!(page = page.page_no, claimed = mine.len(), "items claimed");
+        // Past `soft` no send starts. Halfway from `soft` to the hard deadline the hop stops
+        // waiting for sends still in flight, so it can always record what it knows: those few
+        // are `unknown` (they may or may not go out), never-started ones are released. Without
+        // this cut-off a slow provider would get the hop killed and its whole page's claims
+        // would become `unknown`.
+        let cutoff = soft + deadline.saturating_duration_since(soft) / 2;
+        let started: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
+        let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(mine.len());
+        {
+            let work: Vec<crate::jobs::Item> = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
+            let (job, cx, started) = (job.clone(), Arc::new(cx), started.clone());
+            let in_flight = job.in_flight().max(1);
+            let mut stream = futures::stream::iter(work)
+                .map(move |item| {
+                    let (job, cx, started) = (job.clone(), cx.clone(), started.clone());
                     async move {
                         if Instant::now() >= cx.soft_deadline {
                             return (item.key, ItemOutcome::Released);
                         }
-                        let outcome = job.process(&item, cx).await;
+                        started.lock().expect("not poisoned").insert(item.key.clone());
+                        let outcome = job.process(&item, &cx).await;
                         (item.key, outcome)
                     }
                 })
-                .buffer_unordered(job.in_flight().max(1))
-                .collect()
-                .await;
-
+                .buffer_unordered(in_flight)
+                .boxed();
+            while let Ok(Some(done)) = tokio::time::timeout_at(cutoff, stream.next()).await {
+                outcomes.push(done);
+            }
+        }
+        if outcomes.len() < mine.len() {
+            let finished: HashSet<&String> = outcomes.iter().map(|(k, _)| k).collect();
+            let started = started.lock().expect("not poisoned");
+            let left: Vec<(String, ItemOutcome)> = mine
+                .iter()
+                .filter(|k| !finished.contains(k))
+                .map(|k| {
+                    let outcome = if started.contains(k) {
+                        ItemOutcome::Unknown("the send was still in flight when the hop had to stop".into())
+                    } else {
+                        ItemOutcome::Released
+                    };
+                    (k.clone(), outcome)
+                })
+                .collect();
+            tracing::warn!(
+                page = page.page_no,
+                stopped = left.len(),
+                "stopped waiting for sends at the hop's cut-off"
+            );
+            outcomes.extend(left);
+        }
+        tracing::debug!(page = page.page_no, outcomes = outcomes.len(), "items processed");
         let mut report = PageReport {
             finished: true,
             ..Default::default()
@@ -430,9 +397,7 @@ impl Engine {
         }
         let now = self.now_ms();
         if !results.is_empty() {
-            self.store
-                .query(st::record_results(id, owner, now, &results))
-                .await?;
+            self.store.query(st::record_results(id, owner, now, &results)).await?;
         }
         if !released.is_empty() {
             self.store

@@ -159,11 +159,7 @@ impl Engine {
     }
 
     /// Decodes and routes one Lambda payload. `deadline` is when the invocation will be killed.
-    pub async fn handle_payload(
-        &self,
-        payload: &[u8],
-        deadline: Instant,
-    ) -> Result<Outcome, EngineError> {
+    pub async fn handle_payload(&self, payload: &[u8], deadline: Instant) -> Result<Outcome, EngineError> {
         let event = Event::parse(payload)?;
         self.handle(event, deadline).await
     }
@@ -171,9 +167,7 @@ impl Engine {
     pub async fn handle(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
         match event {
             Event::Start { job, run_key } => self.start(&job, run_key.as_deref()).await,
-            Event::Hop {
-                run_id, chain, hop, ..
-            } => self.hop(&run_id, chain, hop, deadline).await,
+            Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
             Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
             Event::Control { run_id, action } => self.control(&run_id, action).await,
         }
@@ -206,12 +200,7 @@ impl Engine {
             .ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
-    pub(crate) async fn invoke_hop(
-        &self,
-        run_id: &str,
-        chain: i64,
-        hop: i64,
-    ) -> Result<(), InvokeError> {
+    pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
         let event = Event::Hop {
             run_id: run_id.to_owned(),
             chain: chain as u32,
@@ -225,10 +214,7 @@ impl Engine {
     pub(crate) async fn invoke_chains(&self, run_id: &str, rows: &crate::sql::Rows) -> usize {
         let mut invoked = 0;
         for r in rows.records() {
-            match self
-                .invoke_hop(run_id, r.int("chain_no"), r.int("next_hop"))
-                .await
-            {
+            match self.invoke_hop(run_id, r.int("chain_no"), r.int("next_hop")).await {
                 Ok(()) => invoked += 1,
                 Err(e) => {
                     tracing::warn!(run_id, chain = r.int("chain_no"), error = %e, "invoke failed; the sweeper will retry")
@@ -241,21 +227,13 @@ impl Engine {
     // ---- start ------------------------------------------------------------------------------
 
     /// Validates, plans and starts a run; returns the existing run if `(job, run_key)` exists.
-    pub async fn start(
-        &self,
-        job_name: &str,
-        run_key: Option<&str>,
-    ) -> Result<Outcome, EngineError> {
+    pub async fn start(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
         let config = self.config.job(job_name)?.clone();
         let run_key = match run_key {
             Some(k) => k.to_owned(),
             None => month_key(self.now_ms()),
         };
-        if run_key.is_empty()
-            || !run_key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if run_key.is_empty() || !run_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(EngineError::RunKey(run_key));
         }
         if let Some(existing) = self.existing_run(job_name, &run_key).await? {
@@ -327,12 +305,7 @@ impl Engine {
 
     /// Runs the source once on a sample: the key column exists, is unique and of a sortable
     /// type, and the job accepts the columns and the first item. Returns the key's type.
-    async fn check_source(
-        &self,
-        name: &str,
-        config: &JobConfig,
-        job: &Job,
-    ) -> Result<KeyType, EngineError> {
+    async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<KeyType, EngineError> {
         let key = &config.key_column;
         let field = format!("jobs.{name}.source");
         let mut stmts = st::source_sample(&config.source, key);
@@ -352,40 +325,22 @@ impl Engine {
             }
             .into());
         }
-        let counts = self
-            .store
-            .query(counts)
-            .await
-            .map_err(|e| source_error(name, e))?;
-        let (n, distinct) = counts
-            .first()
-            .map(|r| (r.int("n"), r.int("d")))
-            .unwrap_or((0, 0));
+        let counts = self.store.query(counts).await.map_err(|e| source_error(name, e))?;
+        let (n, distinct) = counts.first().map(|r| (r.int("n"), r.int("d"))).unwrap_or((0, 0));
         if n != distinct {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
-                message: format!(
-                    "`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"
-                ),
+                message: format!("`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"),
             }
             .into());
         }
         let columns = Arc::new(sample.columns.clone());
-        let item = sample
-            .rows
-            .first()
-            .map(|values| item_of(&columns, key, values.clone()));
-        let key_type = match sample
-            .rows
-            .first()
-            .map(|v| &v[sample.column(key).expect("checked")])
-        {
+        let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
+        let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
             None => KeyType::Text,
             Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
                 field,
-                message: format!(
-                    "key `{key}` must be an integer, text or uuid column, found {v:?}"
-                ),
+                message: format!("key `{key}` must be an integer, text or uuid column, found {v:?}"),
             })?,
         };
         match job {
@@ -409,10 +364,7 @@ impl Engine {
         match per_item {
             Some(s) => {
                 let page_secs = s * config.chains as f64 * config.page_size as f64;
-                (page_secs / usable.as_secs_f64().max(0.001))
-                    .ceil()
-                    .max(1.0) as i64
-                    + 1
+                (page_secs / usable.as_secs_f64().max(0.001)).ceil().max(1.0) as i64 + 1
             }
             None => 1,
         }
@@ -420,11 +372,7 @@ impl Engine {
 
     // ---- control ----------------------------------------------------------------------------
 
-    pub async fn control(
-        &self,
-        run_id: &str,
-        action: ControlAction,
-    ) -> Result<Outcome, EngineError> {
+    pub async fn control(&self, run_id: &str, action: ControlAction) -> Result<Outcome, EngineError> {
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
         match action {
@@ -460,13 +408,7 @@ impl Engine {
             }
         }
         let after = self.load_run(run_id).await?;
-        tracing::info!(
-            run_id,
-            ?action,
-            from = run.status,
-            to = after.status,
-            "control"
-        );
+        tracing::info!(run_id, ?action, from = run.status, to = after.status, "control");
         Ok(Outcome::Controlled {
             run_id: run_id.to_owned(),
             status: after.status,
@@ -479,9 +421,7 @@ impl Engine {
     pub async fn status(&self, run_id: Option<&str>) -> Result<Option<RunStatus>, EngineError> {
         let run = match run_id {
             Some(id) => self.load_run(id).await?,
-            None => match RunRow::first(&self.store.query(st::latest_run()).await?)
-                .map_err(EngineError::State)?
-            {
+            None => match RunRow::first(&self.store.query(st::latest_run()).await?).map_err(EngineError::State)? {
                 Some(r) => r,
                 None => return Ok(None),
             },
@@ -536,6 +476,26 @@ impl Engine {
         }))
     }
 
+    /// Progress without scanning the ledger: cheap enough to poll while the run goes.
+    pub async fn progress(&self, run_id: &str) -> Result<run::RunProgress, EngineError> {
+        let run = self.load_run(run_id).await?;
+        let pages = self.store.query(st::page_progress(run_id)).await?;
+        let chains = self.store.query(st::chains_of(run_id)).await?;
+        let done = pages.records().find(|r| r.text("status").as_deref() == Some("done"));
+        Ok(run::RunProgress {
+            status: run.status,
+            total: run.total_items,
+            items_done: done.map(|r| r.int("items")).unwrap_or(0),
+            pages_done: done.map(|r| r.int("n")).unwrap_or(0),
+            pages_total: run.total_pages,
+            active_chains: chains
+                .records()
+                .filter(|c| c.text("status").as_deref() == Some("active"))
+                .count(),
+            hops: chains.records().map(|c| c.int("next_hop") - 1).sum(),
+        })
+    }
+
     /// Items of a run in one ledger state (e.g. the `unknown` ones to check by hand).
     pub async fn items_in_state(
         &self,
@@ -543,10 +503,7 @@ impl Engine {
         state: &str,
         limit: i64,
     ) -> Result<Vec<(String, Option<String>)>, EngineError> {
-        let rows = self
-            .store
-            .query(st::ledger_items(run_id, state, limit))
-            .await?;
+        let rows = self.store.query(st::ledger_items(run_id, state, limit)).await?;
         Ok(rows
             .records()
             .map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason")))
@@ -560,11 +517,7 @@ impl Engine {
         key: Option<&str>,
     ) -> Result<Option<crate::jobs::newsletter::Rendered>, EngineError> {
         let config = self.config.job(job_name)?.clone();
-        let job = crate::jobs::newsletter::Newsletter::new(
-            job_name,
-            &config,
-            &self.deps(job_name, &config),
-        )?;
+        let job = crate::jobs::newsletter::Newsletter::new(job_name, &config, &self.deps(job_name, &config))?;
         let stmt = match key {
             None => st::source_sample(&config.source, &config.key_column).remove(0),
             Some(k) => {
@@ -578,11 +531,7 @@ impl Engine {
                 )
             }
         };
-        let rows = self
-            .store
-            .query(stmt)
-            .await
-            .map_err(|e| source_error(job_name, e))?;
+        let rows = self.store.query(stmt).await.map_err(|e| source_error(job_name, e))?;
         let columns = Arc::new(rows.columns.clone());
         let Some(values) = rows.rows.into_iter().next() else {
             return Ok(None);

@@ -37,8 +37,7 @@ impl RunRow {
             status: r.text("status").unwrap_or_default(),
             reason: r.text("reason"),
             job_config,
-            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default())
-                .unwrap_or(KeyType::Text),
+            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default()).unwrap_or(KeyType::Text),
             chains: r.int("chains"),
             total_items: r.int("total_items"),
             total_pages: r.int("total_pages"),
@@ -103,5 +102,24 @@ impl RunStatus {
     /// The identity that must hold when a run succeeded.
     pub fn accounted(&self) -> bool {
         self.done + self.failed + self.skipped + self.unknown == self.total
+    }
+}
+
+/// A cheap view of a run for progress displays: no ledger scan (O(pages + chains)).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunProgress {
+    pub status: String,
+    pub total: i64,
+    /// Items of finished pages.
+    pub items_done: i64,
+    pub pages_done: i64,
+    pub pages_total: i64,
+    pub active_chains: usize,
+    pub hops: i64,
+}
+
+impl RunProgress {
+    pub fn is_settled(&self) -> bool {
+        TERMINAL.contains(&self.status.as_str()) || self.status == "paused"
     }
 }

@@ -73,13 +73,7 @@ impl Engine {
             report.restarted += self.invoke_chains(id, &stale).await;
             let revived = self.store.query(st::revive_chain(id, now)).await?;
             report.revived += self.invoke_chains(id, &revived).await;
-            if !self
-                .store
-                .query(st::complete_run(id, now))
-                .await?
-                .rows
-                .is_empty()
-            {
+            if !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
                 report.completed += 1;
                 self.store.query(st::end_chains(id)).await?;
             }

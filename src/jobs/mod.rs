@@ -124,12 +124,7 @@ pub trait RangeJob: Send + Sync {
     fn check(&self, _columns: &[String]) -> Result<(), JobError> {
         Ok(())
     }
-    async fn process(
-        &self,
-        lo: Option<Value>,
-        hi: Value,
-        soft_deadline: Instant,
-    ) -> Result<RangeOutcome, JobError>;
+    async fn process(&self, lo: Option<Value>, hi: Value, soft_deadline: Instant) -> Result<RangeOutcome, JobError>;
 }
 
 #[derive(Clone)]
@@ -148,8 +143,7 @@ pub struct JobDeps {
     pub secret: Option<String>,
 }
 
-pub type KindBuilder =
-    Arc<dyn Fn(&str, &JobConfig, &JobDeps) -> Result<Job, JobError> + Send + Sync>;
+pub type KindBuilder = Arc<dyn Fn(&str, &JobConfig, &JobDeps) -> Result<Job, JobError> + Send + Sync>;
 
 /// Builds jobs from their config by `kind`: the built-in `newsletter` and `sql`, plus any
 /// registered in Rust.
@@ -165,17 +159,13 @@ impl KindRegistry {
 
     pub fn build(&self, name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Job, JobError> {
         match config.kind.as_str() {
-            "newsletter" => Ok(Job::Items(Arc::new(newsletter::Newsletter::new(
-                name, config, deps,
-            )?))),
+            "newsletter" => Ok(Job::Items(Arc::new(newsletter::Newsletter::new(name, config, deps)?))),
             "sql" => Ok(Job::Ranges(Arc::new(sql::SqlJob::new(name, config, deps)?))),
             other => match self.custom.get(other) {
                 Some(builder) => builder(name, config, deps),
                 None => Err(JobError::Invalid {
                     field: format!("jobs.{name}.kind"),
-                    message: format!(
-                        "unknown kind `{other}`: use `newsletter`, `sql`, or register it in Rust"
-                    ),
+                    message: format!("unknown kind `{other}`: use `newsletter`, `sql`, or register it in Rust"),
                 }),
             },
         }
@@ -189,8 +179,6 @@ pub fn resend_ambiguous(config: &JobConfig) -> bool {
 
 /// Exponential backoff with full jitter: attempt 1 waits up to `base`, doubling to `cap`.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
-    let exp = base
-        .saturating_mul(1u32 << attempt.min(16).saturating_sub(1))
-        .min(cap);
+    let exp = base.saturating_mul(1u32 << attempt.min(16).saturating_sub(1)).min(cap);
     exp.mul_f64(rand::random::<f64>().max(0.1))
 }

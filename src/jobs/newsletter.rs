@@ -24,11 +24,7 @@ use crate::mail;
 use crate::ports::{Clock, MailError, Mailer, OutgoingMail};
 use crate::sql::Value;
 
-const TEMPLATES: [(&str, &str); 3] = [
-    ("subject", "subject.txt"),
-    ("text", "text.txt"),
-    ("html", "body.html"),
-];
+const TEMPLATES: [(&str, &str); 3] = [("subject", "subject.txt"), ("text", "text.txt"), ("html", "body.html")];
 /// Names a template may use at top level.
 const CONTEXT_NAMES: [&str; 5] = ["recipient", "vars", "unsubscribe_url", "run_key", "job"];
 
@@ -70,8 +66,7 @@ impl Newsletter {
                 ),
             )
         })?;
-        let from =
-            mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
+        let from = mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         for (field, file) in TEMPLATES {
@@ -81,12 +76,8 @@ impl Newsletter {
                 _ => n.html.clone(),
             };
             if let Some(source) = source {
-                env.add_template_owned(file, source).map_err(|e| {
-                    invalid(
-                        format!("{prefix}.{field}"),
-                        format!("template does not parse: {e}"),
-                    )
-                })?;
+                env.add_template_owned(file, source)
+                    .map_err(|e| invalid(format!("{prefix}.{field}"), format!("template does not parse: {e}")))?;
                 let tmpl = env.get_template(file).expect("just added");
                 let unknown: Vec<String> = tmpl
                     .undeclared_variables(false)
@@ -125,24 +116,14 @@ impl Newsletter {
     }
 
     /// Renders subject, text and HTML for one recipient; the error names the template.
-    pub fn render(
-        &self,
-        item: &Item,
-        run_key: &str,
-        address: &str,
-    ) -> Result<Rendered, (String, String)> {
+    pub fn render(&self, item: &Item, run_key: &str, address: &str) -> Result<Rendered, (String, String)> {
         let recipient: BTreeMap<String, minijinja::Value> = item
             .columns
             .iter()
             .zip(&item.values)
             .map(|(c, v)| (c.clone(), to_template_value(v)))
             .collect();
-        let unsubscribe_url = mail::unsubscribe_url(
-            &self.config.unsubscribe_url,
-            &self.secret,
-            &self.job,
-            address,
-        );
+        let unsubscribe_url = mail::unsubscribe_url(&self.config.unsubscribe_url, &self.secret, &self.job, address);
         let ctx = minijinja::context! {
             recipient => recipient,
             vars => self.vars.clone(),
@@ -153,10 +134,7 @@ impl Newsletter {
         let mut out: [Option<String>; 3] = [None, None, None];
         for (i, (field, file)) in TEMPLATES.iter().enumerate() {
             if let Ok(t) = self.env.get_template(file) {
-                out[i] = Some(
-                    t.render(&ctx)
-                        .map_err(|e| (self.field(field), describe(&e)))?,
-                );
+                out[i] = Some(t.render(&ctx).map_err(|e| (self.field(field), describe(&e)))?);
             }
         }
         let [subject, text, html] = out;
@@ -169,19 +147,10 @@ impl Newsletter {
     }
 
     fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
-        self.limiter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn message(
-        &self,
-        item: &Item,
-        cx: &ItemContext,
-        address: &str,
-        r: &Rendered,
-    ) -> std::io::Result<OutgoingMail> {
+    fn message(&self, item: &Item, cx: &ItemContext, address: &str, r: &Rendered) -> std::io::Result<OutgoingMail> {
         let digest = Sha256::digest(item.key.as_bytes());
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let domain = self.from.1.rsplit('@').next().unwrap_or("baton.invalid");
@@ -202,10 +171,7 @@ impl Newsletter {
             to: address.to_owned(),
             message_id,
             raw,
-            tags: vec![
-                ("job".into(), self.job.clone()),
-                ("run".into(), cx.run_key.clone()),
-            ],
+            tags: vec![("job".into(), self.job.clone()), ("run".into(), cx.run_key.clone())],
         })
     }
 }
@@ -251,11 +217,7 @@ impl ItemJob for Newsletter {
             ));
         }
         if let Some(item) = sample {
-            let address = item
-                .get(email)
-                .as_str()
-                .unwrap_or("sample@example.com")
-                .to_owned();
+            let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
             self.render(item, "check", &address)
                 .map_err(|(field, message)| invalid(field, message))?;
         }
@@ -275,12 +237,9 @@ impl ItemJob for Newsletter {
         let limiter = (per_chain > 0.0).then(|| {
             let period = Duration::from_secs_f64(1.0 / per_chain);
             // A burst of at most 50 ms worth of sends: the rate holds over any window.
-            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32)
-                .expect("at least 1");
+            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
             Arc::new(RateLimiter::direct(
-                Quota::with_period(period)
-                    .expect("non-zero period")
-                    .allow_burst(burst),
+                Quota::with_period(period).expect("non-zero period").allow_burst(burst),
             ))
         });
         *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
@@ -316,7 +275,12 @@ impl ItemJob for Newsletter {
             {
                 return ItemOutcome::Released;
             }
-            let pause = match self.mailer.send(&mail).await {
+            let sent_at = Instant::now();
+            let result = self.mailer.send(&mail).await;
+            if sent_at.elapsed() > Duration::from_millis(50) {
+                tracing::debug!(ms = sent_at.elapsed().as_millis() as u64, ?result, "slow send");
+            }
+            let pause = match result {
                 Ok(()) => return ItemOutcome::Done,
                 Err(MailError::Permanent(r)) => {
                     return ItemOutcome::Failed(format!("rejected: {r}"));
@@ -348,10 +312,7 @@ impl ItemJob for Newsletter {
                 tokio::time::sleep(pause).await;
             }
         }
-        let reason = format!(
-            "gave up after {} attempts: {last_error}",
-            self.config.max_attempts
-        );
+        let reason = format!("gave up after {} attempts: {last_error}", self.config.max_attempts);
         if maybe_sent {
             ItemOutcome::Unknown(reason)
         } else {

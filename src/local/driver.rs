@@ -14,7 +14,7 @@ use super::faults::Faults;
 use super::lambda::{LambdaCounts, LocalLambda};
 use crate::config::Config;
 use crate::engine::event::ControlAction;
-use crate::engine::run::RunStatus;
+use crate::engine::run::{RunProgress, RunStatus};
 use crate::engine::{Engine, EngineError, EngineParts};
 use crate::jobs::KindRegistry;
 use crate::ports::{Clock, Mailer};
@@ -49,16 +49,8 @@ impl LocalRuntime {
             config: parts.config,
             kinds: parts.kinds,
         }));
-        let queue = tokio::spawn(queue.run(
-            engine.clone(),
-            settings.reserved_concurrency,
-            settings.hop_timeout,
-        ));
-        LocalRuntime {
-            engine,
-            lambda,
-            queue,
-        }
+        let queue = tokio::spawn(queue.run(engine.clone(), settings.reserved_concurrency, settings.hop_timeout));
+        LocalRuntime { engine, lambda, queue }
     }
 
     pub fn lambda_counts(&self) -> LambdaCounts {
@@ -96,15 +88,10 @@ impl LocalRuntime {
                 }
                 next_sweep = Instant::now() + sweep_every;
             }
-            let status = self
-                .engine
-                .status(Some(run_id))
-                .await?
-                .ok_or_else(|| EngineError::RunNotFound(run_id.into()))?;
-            update_bar(&bar, &status);
-            if status.is_terminal() || status.status == "paused" {
-                self.drain(self.engine.config().settings.hop_timeout * 2)
-                    .await;
+            let progress = self.engine.progress(run_id).await?;
+            update_bar(&bar, &progress);
+            if progress.is_settled() {
+                self.drain(self.engine.config().settings.hop_timeout * 2).await;
                 bar.finish_and_clear();
                 return Ok(self.engine.status(Some(run_id)).await?.expect("run exists"));
             }
@@ -132,23 +119,19 @@ fn progress_bar(show: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
 }
 
-fn update_bar(bar: &ProgressBar, s: &RunStatus) {
-    bar.set_length(s.total as u64);
-    bar.set_position((s.done + s.failed + s.skipped + s.unknown) as u64);
-    let active = s.chains.iter().filter(|c| c.status == "active").count();
-    let hops: i64 = s.chains.iter().map(|c| c.hops).sum();
+fn update_bar(bar: &ProgressBar, p: &RunProgress) {
+    bar.set_length(p.total as u64);
+    bar.set_position(p.items_done as u64);
     bar.set_message(format!(
         "| pages {}/{} | {} chains active, {} hops | {}",
-        s.pages_done, s.pages_total, active, hops, s.status
+        p.pages_done, p.pages_total, p.active_chains, p.hops, p.status
     ));
 }

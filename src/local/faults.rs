@@ -71,9 +71,7 @@ mod tests {
         assert_eq!(dice(7, &[b"a", b"1"]), dice(7, &[b"a", b"1"]));
         assert_ne!(dice(7, &[b"a", b"1"]), dice(8, &[b"a", b"1"]));
         let n: u64 = 20_000;
-        let below: usize = (0..n)
-            .filter(|i| dice(1, &[&i.to_le_bytes()]) < 0.1)
-            .count();
+        let below: usize = (0..n).filter(|i| dice(1, &[&i.to_le_bytes()]) < 0.1).count();
         assert!((1_700..2_300).contains(&below), "{below}");
     }
 }

@@ -142,12 +142,7 @@ impl Invoker for LocalLambda {
             *n
         };
         let is_hop = matches!(event, Event::Hop { .. });
-        let roll = |what: &str| {
-            dice(
-                self.seed,
-                &[what.as_bytes(), id.as_bytes(), &n.to_le_bytes()],
-            )
-        };
+        let roll = |what: &str| dice(self.seed, &[what.as_bytes(), id.as_bytes(), &n.to_le_bytes()]);
         if is_hop && roll("drop") < self.faults.drop_hop {
             self.stats.dropped.fetch_add(1, Ordering::SeqCst);
             return Ok(()); // accepted, then lost: the caller cannot tell.
@@ -177,14 +172,8 @@ impl LambdaQueue {
             let n = deliveries.entry(id.clone()).or_default();
             *n += 1;
             let crash_roll = dice(self.seed, &[b"crash", id.as_bytes(), &n.to_le_bytes()]);
-            let crash_at = (matches!(event, Event::Hop { .. })
-                && crash_roll < self.faults.crash_hop)
-                .then(|| {
-                    timeout.mul_f64(dice(
-                        self.seed,
-                        &[b"crash-at", id.as_bytes(), &n.to_le_bytes()],
-                    ))
-                });
+            let crash_at = (matches!(event, Event::Hop { .. }) && crash_roll < self.faults.crash_hop)
+                .then(|| timeout.mul_f64(dice(self.seed, &[b"crash-at", id.as_bytes(), &n.to_le_bytes()])));
             let engine = engine.clone();
             let stats = self.stats.clone();
             stats.delivered.fetch_add(1, Ordering::SeqCst);

@@ -27,12 +27,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// `max_rate`: messages per second the "provider" accepts, if capped.
-    pub fn new(
-        dir: &Path,
-        faults: Faults,
-        seed: u64,
-        max_rate: Option<f64>,
-    ) -> std::io::Result<Self> {
+    pub fn new(dir: &Path, faults: Faults, seed: u64, max_rate: Option<f64>) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let cap = max_rate.filter(|r| *r > 0.0).map(|r| {
             let burst = std::num::NonZeroU32::new(r.ceil().max(1.0) as u32).expect("at least 1");
@@ -75,11 +70,7 @@ fn write_unique(dir: &Path, name: &str, raw: &[u8]) -> std::io::Result<PathBuf> 
         } else {
             dir.join(format!("{stem}.{n}.eml"))
         };
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
                 f.write_all(raw)?;
                 return Ok(path);

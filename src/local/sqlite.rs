@@ -19,12 +19,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, SqlError> {
-        let conn = Connection::open(path).map_err(|e| {
-            SqlError::Config(format!(
-                "cannot open SQLite database {}: {e}",
-                path.display()
-            ))
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|e| SqlError::Config(format!("cannot open SQLite database {}: {e}", path.display())))?;
         Self::configure(conn)
     }
 
@@ -51,8 +47,19 @@ impl SqliteStore {
     ) -> Result<T, SqlError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
+            let waited = std::time::Instant::now();
             let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut guard).map_err(classify)
+            let started = std::time::Instant::now();
+            let result = f(&mut guard).map_err(classify);
+            let (wait, held) = (started - waited, started.elapsed());
+            if held > Duration::from_millis(30) || wait > Duration::from_millis(30) {
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    held_ms = held.as_millis() as u64,
+                    "slow SQLite call"
+                );
+            }
+            result
         })
         .await
         .map_err(|e| SqlError::statement(format!("database task failed: {e}")))?
@@ -92,25 +99,13 @@ fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
     let mut bound: Vec<(String, Param<'_>)> = Vec::new();
     for i in 1..=prepared.parameter_count() {
         let name = prepared.parameter_name(i).unwrap_or_default().to_owned();
-        let value = stmt
-            .params
-            .get(name.trim_start_matches(':'))
-            .ok_or_else(|| {
-                rusqlite::Error::InvalidParameterName(format!(
-                    "{name} (no value given for this parameter)"
-                ))
-            })?;
+        let value = stmt.params.get(name.trim_start_matches(':')).ok_or_else(|| {
+            rusqlite::Error::InvalidParameterName(format!("{name} (no value given for this parameter)"))
+        })?;
         bound.push((name, Param(value)));
     }
-    let refs: Vec<(&str, &dyn ToSql)> = bound
-        .iter()
-        .map(|(n, p)| (n.as_str(), p as &dyn ToSql))
-        .collect();
-    let columns: Vec<String> = prepared
-        .column_names()
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
+    let refs: Vec<(&str, &dyn ToSql)> = bound.iter().map(|(n, p)| (n.as_str(), p as &dyn ToSql)).collect();
+    let columns: Vec<String> = prepared.column_names().iter().map(|c| c.to_string()).collect();
     if columns.is_empty() {
         let affected = prepared.execute(refs.as_slice())? as u64;
         return Ok(Rows {

@@ -15,11 +15,7 @@ pub fn parse_mailbox(s: &str) -> Result<(Option<String>, String), String> {
         (Some(open), true) => {
             let name = s[..open].trim().trim_matches('"').trim();
             (
-                if name.is_empty() {
-                    None
-                } else {
-                    Some(name.to_owned())
-                },
+                if name.is_empty() { None } else { Some(name.to_owned()) },
                 s[open + 1..s.len() - 1].trim(),
             )
         }
@@ -105,14 +101,8 @@ pub fn build(m: &Message<'_>) -> std::io::Result<Vec<u8>> {
         .subject(m.subject)
         .message_id(m.message_id)
         .date(m.date)
-        .header(
-            "List-Unsubscribe",
-            Raw::new(format!("<{}>", m.unsubscribe_url)),
-        )
-        .header(
-            "List-Unsubscribe-Post",
-            Raw::new("List-Unsubscribe=One-Click"),
-        );
+        .header("List-Unsubscribe", Raw::new(format!("<{}>", m.unsubscribe_url)))
+        .header("List-Unsubscribe-Post", Raw::new("List-Unsubscribe=One-Click"));
     if let Some(t) = m.text {
         b = b.text_body(t);
     }
@@ -140,12 +130,7 @@ mod tests {
 
     #[test]
     fn unsubscribe_tokens_verify_and_resist_tampering() {
-        let url = unsubscribe_url(
-            "https://x.test/u",
-            "0123456789abcdef",
-            "news",
-            "Zoë@example.com",
-        );
+        let url = unsubscribe_url("https://x.test/u", "0123456789abcdef", "news", "Zoë@example.com");
         let q: std::collections::HashMap<_, _> = url
             .split_once('?')
             .unwrap()
@@ -178,10 +163,7 @@ mod tests {
         })
         .unwrap();
         let s = String::from_utf8(raw).unwrap();
-        assert!(
-            s.contains("List-Unsubscribe: <https://x.test/u?r=1>\r\n"),
-            "{s}"
-        );
+        assert!(s.contains("List-Unsubscribe: <https://x.test/u?r=1>\r\n"), "{s}");
         assert!(s.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"));
         assert!(s.contains("Message-ID: <m1@baton>"));
     }

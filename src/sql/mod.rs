@@ -157,10 +157,7 @@ impl KeyType {
     /// Turns a stored key text back into a typed value for binding.
     pub fn value(self, text: &str) -> Value {
         match self {
-            KeyType::Int => text
-                .parse()
-                .map(Value::Int)
-                .unwrap_or(Value::Text(text.into())),
+            KeyType::Int => text.parse().map(Value::Int).unwrap_or(Value::Text(text.into())),
             KeyType::Text => Value::Text(text.into()),
             KeyType::Uuid => Value::Uuid(text.into()),
         }
@@ -217,9 +214,7 @@ pub struct Rows {
 
 impl Rows {
     pub fn column(&self, name: &str) -> Option<usize> {
-        self.columns
-            .iter()
-            .position(|c| c.eq_ignore_ascii_case(name))
+        self.columns.iter().position(|c| c.eq_ignore_ascii_case(name))
     }
 
     /// Rows as maps from column name to value.
@@ -264,11 +259,7 @@ impl<'a> Record<'a> {
     }
 
     pub fn to_map(&self) -> HashMap<String, Value> {
-        self.columns
-            .iter()
-            .cloned()
-            .zip(self.values.iter().cloned())
-            .collect()
+        self.columns.iter().cloned().zip(self.values.iter().cloned()).collect()
     }
 }
 
@@ -344,8 +335,7 @@ impl<S: SqlStore> SqlStore for CountingStore<S> {
         self.inner.query(stmt).await
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
-        self.statements
-            .fetch_add(stmts.len() as u64, Ordering::Relaxed);
+        self.statements.fetch_add(stmts.len() as u64, Ordering::Relaxed);
         self.inner.transaction(stmts).await
     }
     fn dialect(&self) -> Dialect {

@@ -23,10 +23,7 @@ pub fn to_positional(sql: &str) -> (String, Vec<String>) {
                 i = end;
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let end = sql[i + 2..]
-                    .find("*/")
-                    .map(|n| i + 2 + n + 2)
-                    .unwrap_or(bytes.len());
+                let end = sql[i + 2..].find("*/").map(|n| i + 2 + n + 2).unwrap_or(bytes.len());
                 out.push_str(&sql[i..end]);
                 i = end;
             }
@@ -34,15 +31,10 @@ pub fn to_positional(sql: &str) -> (String, Vec<String>) {
                 out.push_str("::");
                 i += 2;
             }
-            b':' if bytes
-                .get(i + 1)
-                .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_') =>
-            {
+            b':' if bytes.get(i + 1).is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_') => {
                 let start = i + 1;
                 let mut end = start;
-                while end < bytes.len()
-                    && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_')
-                {
+                while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
                     end += 1;
                 }
                 let name = &sql[start..end];
@@ -100,9 +92,8 @@ mod tests {
 
     #[test]
     fn leaves_literals_casts_and_comments_alone() {
-        let (sql, names) = to_positional(
-            "SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = :yes",
-        );
+        let (sql, names) =
+            to_positional("SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = :yes");
         assert_eq!(
             sql,
             "SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = $1"

@@ -31,9 +31,7 @@ pub fn run_by_key(job: &str, run_key: &str) -> Stmt {
 
 pub fn latest_run() -> Stmt {
     Stmt::new(
-        format!(
-            "SELECT {RUN_COLUMNS} FROM baton_runs ORDER BY created_at DESC, run_id DESC LIMIT 1"
-        ),
+        format!("SELECT {RUN_COLUMNS} FROM baton_runs ORDER BY created_at DESC, run_id DESC LIMIT 1"),
         Params::new(),
     )
 }
@@ -122,13 +120,7 @@ pub fn plan_run(
 }
 
 /// Sets a run's status if it is currently one of `from`. Returns the row when it changed.
-pub fn set_run_status(
-    run_id: &str,
-    from: &[&str],
-    to: &str,
-    reason: Option<&str>,
-    now: i64,
-) -> Stmt {
+pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str>, now: i64) -> Stmt {
     let mut params = Params::new()
         .with("run_id", run_id)
         .with("to", to)
@@ -196,9 +188,7 @@ pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
 /// Runs that may need the sweeper: every run not in a final state.
 pub fn open_runs() -> Stmt {
     Stmt::new(
-        format!(
-            "SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"
-        ),
+        format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"),
         Params::new(),
     )
 }
@@ -309,9 +299,7 @@ pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
         "UPDATE baton_chains SET status = 'paused'
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no",
-        Params::new()
-            .with("run_id", run_id)
-            .with("stale_before", stale_before),
+        Params::new().with("run_id", run_id).with("stale_before", stale_before),
     )
 }
 
@@ -330,15 +318,7 @@ const CLAIMABLE: &str = "(status = 'pending' OR (status = 'leased' AND lease_exp
 /// Claims one page for a hop, in one statement, only while the run is `running` and the hop is
 /// still its chain's current hop (the kill switch and the fork guard). Chains prefer their own
 /// stripe of pages (`page_no % chains = chain`) so concurrent claims rarely collide.
-pub fn claim_page(
-    run_id: &str,
-    chain: i64,
-    hop: i64,
-    chains: i64,
-    owner: &str,
-    now: i64,
-    lease_ms: i64,
-) -> Stmt {
+pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, now: i64, lease_ms: i64) -> Stmt {
     Stmt::new(
         format!(
             "UPDATE baton_pages SET status = 'leased', lease_owner = :owner,
@@ -390,7 +370,10 @@ pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt 
              WHERE run_id = :run_id AND page_no = :page_no AND status = 'leased' AND lease_owner = :owner
              RETURNING page_no"
         ),
-        Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner),
+        Params::new()
+            .with("run_id", run_id)
+            .with("page_no", page_no)
+            .with("owner", owner),
     )
 }
 
@@ -409,10 +392,7 @@ pub fn page_progress(run_id: &str) -> Stmt {
 /// and distinct keys, since a key that is not unique cannot page.
 pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     vec![
-        Stmt::new(
-            format!("SELECT * FROM ({source}) AS src LIMIT 1"),
-            Params::new(),
-        ),
+        Stmt::new(format!("SELECT * FROM ({source}) AS src LIMIT 1"), Params::new()),
         Stmt::new(
             format!("SELECT COUNT(*) AS n, COUNT(DISTINCT src.{key}) AS d FROM ({source}) AS src"),
             Params::new(),
@@ -473,13 +453,7 @@ pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[St
 /// A page re-offered after its lease expired may hold items its crashed owner claimed and may
 /// or may not have processed. At-most-once: they become `unknown`, never retried. At-least-once:
 /// the new owner takes the claims over and processes them again.
-pub fn settle_stale_claims(
-    run_id: &str,
-    page_no: i64,
-    owner: &str,
-    resend: bool,
-    now: i64,
-) -> Stmt {
+pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool, now: i64) -> Stmt {
     let params = Params::new()
         .with("run_id", run_id)
         .with("page_no", page_no)
@@ -502,12 +476,7 @@ pub fn settle_stale_claims(
 
 /// Results written back in one statement: `(key, state, reason)` for each processed item, only
 /// over rows this owner still holds as `claimed`.
-pub fn record_results(
-    run_id: &str,
-    owner: &str,
-    now: i64,
-    results: &[(String, &str, Option<String>)],
-) -> Stmt {
+pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &str, Option<String>)]) -> Stmt {
     let mut params = Params::new()
         .with("run_id", run_id)
         .with("owner", owner)
@@ -541,11 +510,7 @@ pub fn release_claims(run_id: &str, page_no: i64, owner: &str, keys: &[String]) 
         .with("run_id", run_id)
         .with("page_no", page_no)
         .with("owner", owner);
-    let list = in_list(
-        &mut params,
-        "k",
-        keys.iter().map(|k| Value::from(k.as_str())),
-    );
+    let list = in_list(&mut params, "k", keys.iter().map(|k| Value::from(k.as_str())));
     Stmt::new(
         format!(
             "DELETE FROM baton_ledger

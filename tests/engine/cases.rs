@@ -19,12 +19,7 @@ fn setup(page_size: u32, chains: u32) -> Setup {
     Setup::new(newsletter_job(page_size, chains))
 }
 
-async fn run_and_check(
-    backend: Backend,
-    kind: KeyKind,
-    users: Vec<User>,
-    s: Setup,
-) -> baton::engine::run::RunStatus {
+async fn run_and_check(backend: Backend, kind: KeyKind, users: Vec<User>, s: Setup) -> baton::engine::run::RunStatus {
     let h = Harness::with_source(backend, kind, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
@@ -37,12 +32,7 @@ async fn run_and_check(
 pub async fn migrations_apply_once_and_are_safe_twice(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh_store(b, dir.path()).await; // migrated once already
-    assert!(
-        migrations::migrate(store.as_ref(), 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(migrations::migrate(store.as_ref(), 0).await.unwrap().is_empty());
     let (a, c) = tokio::join!(
         migrations::migrate(store.as_ref(), 0),
         migrations::migrate(store.as_ref(), 0)
@@ -55,10 +45,7 @@ pub async fn migrations_apply_once_and_are_safe_twice(b: Backend) {
         ))
         .await
         .unwrap();
-    assert_eq!(
-        rows.rows[0][0].as_i64(),
-        Some(migrations::MIGRATIONS.len() as i64)
-    );
+    assert_eq!(rows.rows[0][0].as_i64(), Some(migrations::MIGRATIONS.len() as i64));
 }
 
 pub async fn run_sends_each_valid_user_exactly_once(b: Backend) {
@@ -79,10 +66,7 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
     let (a, c) = tokio::join!(m.deliver(hop1.clone()), m.deliver(hop1.clone()));
     let outcomes = [a.unwrap(), c.unwrap()];
     assert_eq!(
-        outcomes
-            .iter()
-            .filter(|o| **o == Outcome::Duplicate)
-            .count(),
+        outcomes.iter().filter(|o| **o == Outcome::Duplicate).count(),
         1,
         "{outcomes:?}"
     );
@@ -121,10 +105,7 @@ pub async fn duplicate_deliveries_throughout_a_run_send_nothing_twice(b: Backend
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
-    assert!(
-        h.local.lambda_counts().duplicated > 0,
-        "the fault must have fired"
-    );
+    assert!(h.local.lambda_counts().duplicated > 0, "the fault must have fired");
     h.assert_exactly_once(&run, &users).await;
     // Duplicates alone never make anything ambiguous.
     h.assert_no_unknown_without_kills(&status);
@@ -141,10 +122,7 @@ pub async fn start_twice_is_one_run(b: Backend) {
         "{again:?}"
     );
     assert_eq!(m.pending_events(), queued, "a second start invokes nothing");
-    let (x, y) = tokio::join!(
-        m.engine.start(JOB, Some("u")),
-        m.engine.start(JOB, Some("u"))
-    );
+    let (x, y) = tokio::join!(m.engine.start(JOB, Some("u")), m.engine.start(JOB, Some("u")));
     let ids: Vec<_> = [x.unwrap(), y.unwrap()]
         .into_iter()
         .map(|o| match o {
@@ -152,10 +130,7 @@ pub async fn start_twice_is_one_run(b: Backend) {
             o => panic!("{o:?}"),
         })
         .collect();
-    assert_eq!(
-        ids[0], ids[1],
-        "two concurrent starts of one run key make one run"
-    );
+    assert_eq!(ids[0], ids[1], "two concurrent starts of one run key make one run");
 }
 
 pub async fn completion_is_marked_exactly_once(b: Backend) {
@@ -275,10 +250,7 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     let h = Harness::with_users(b, &users, slow_setup()).await;
     let run = h.start().await;
     wait_for_sends(&h, 60).await;
-    h.engine()
-        .control(&run, ControlAction::Cancel)
-        .await
-        .unwrap();
+    h.engine().control(&run, ControlAction::Cancel).await.unwrap();
     let at_cancel = h.mailer.accepted.load(Ordering::SeqCst);
     let status = h.drive(&run).await;
     h.local.drain(Duration::from_secs(2)).await;
@@ -291,10 +263,7 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     assert!(duplicates(&h.sent()).is_empty());
     assert!(status.pending > 0, "cancel left the rest unsent");
     // A cancelled run stays cancelled: resume does not revive it.
-    h.engine()
-        .control(&run, ControlAction::Resume)
-        .await
-        .unwrap();
+    h.engine().control(&run, ControlAction::Resume).await.unwrap();
     assert_eq!(h.status(&run).await.status, "cancelled");
 }
 
@@ -303,32 +272,20 @@ pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     let h = Harness::with_users(b, &users, slow_setup()).await;
     let run = h.start().await;
     wait_for_sends(&h, 60).await;
-    h.engine()
-        .control(&run, ControlAction::Pause)
-        .await
-        .unwrap();
+    h.engine().control(&run, ControlAction::Pause).await.unwrap();
     let at_pause = h.mailer.accepted.load(Ordering::SeqCst);
     let paused = h.drive(&run).await;
     assert_eq!(paused.status, "paused");
-    assert!(
-        paused.chains.iter().all(|c| c.status != "active"),
-        "{paused:?}"
-    );
+    assert!(paused.chains.iter().all(|c| c.status != "active"), "{paused:?}");
     let parked = h.mailer.accepted.load(Ordering::SeqCst);
-    assert!(
-        parked - at_pause <= 30,
-        "pause takes effect within one page per chain"
-    );
+    assert!(parked - at_pause <= 30, "pause takes effect within one page per chain");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         h.mailer.accepted.load(Ordering::SeqCst),
         parked,
         "nothing is sent while paused"
     );
-    h.engine()
-        .control(&run, ControlAction::Resume)
-        .await
-        .unwrap();
+    h.engine().control(&run, ControlAction::Resume).await.unwrap();
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
@@ -403,22 +360,14 @@ struct NeverDone;
 
 #[async_trait]
 impl RangeJob for NeverDone {
-    async fn process(
-        &self,
-        _lo: Option<Value>,
-        _hi: Value,
-        _soft: Instant,
-    ) -> Result<RangeOutcome, JobError> {
+    async fn process(&self, _lo: Option<Value>, _hi: Value, _soft: Instant) -> Result<RangeOutcome, JobError> {
         Ok(RangeOutcome::Incomplete)
     }
 }
 
 fn runaway_kinds() -> KindRegistry {
     let mut kinds = KindRegistry::default();
-    kinds.register(
-        "never-done",
-        Arc::new(|_, _, _| Ok(Job::Ranges(Arc::new(NeverDone)))),
-    );
+    kinds.register("never-done", Arc::new(|_, _, _| Ok(Job::Ranges(Arc::new(NeverDone)))));
     kinds
 }
 
@@ -433,16 +382,10 @@ pub async fn hop_budget_stops_a_runaway(b: Backend) {
     let outcomes = m.pump().await;
     let status = m.status(&run).await;
     assert_eq!(status.status, "failed", "{status:?}");
-    assert!(
-        status.reason.as_deref().unwrap().contains("budget"),
-        "{status:?}"
-    );
+    assert!(status.reason.as_deref().unwrap().contains("budget"), "{status:?}");
     let budget = 2 + 3; // two pages, one hop each, plus slack
     assert_eq!(status.chains[0].hop_budget, budget);
-    assert_eq!(
-        status.chains[0].hops, budget,
-        "no hop beyond the budget ran"
-    );
+    assert_eq!(status.chains[0].hops, budget, "no hop beyond the budget ran");
     assert_eq!(status.chains[0].status, "failed");
     assert!(matches!(
         outcomes.last(),
@@ -491,24 +434,12 @@ pub async fn failure_threshold_pauses_the_run(b: Backend) {
     let status = h.drive(&run).await;
     assert_eq!(status.status, "paused", "{status:?}");
     assert!(
-        status
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("failure threshold"),
+        status.reason.as_deref().unwrap().contains("failure threshold"),
         "{status:?}"
     );
     assert!(status.failed > 3 && status.failed < 30, "{status:?}");
-    let failed = h
-        .engine()
-        .items_in_state(&run, "failed", 100)
-        .await
-        .unwrap();
-    assert!(
-        failed
-            .iter()
-            .all(|(_, r)| r.as_deref().unwrap().contains("rejected"))
-    );
+    let failed = h.engine().items_in_state(&run, "failed", 100).await.unwrap();
+    assert!(failed.iter().all(|(_, r)| r.as_deref().unwrap().contains("rejected")));
     assert!(duplicates(&h.sent()).is_empty());
 }
 
@@ -520,39 +451,23 @@ pub async fn account_stop_pauses_the_run_without_losing_items(b: Backend) {
     h.mailer.stopped.store(true, Ordering::SeqCst);
     let status = h.drive(&run).await;
     assert_eq!(status.status, "paused", "{status:?}");
-    assert!(
-        status.reason.as_deref().unwrap().contains("quota"),
-        "{status:?}"
-    );
+    assert!(status.reason.as_deref().unwrap().contains("quota"), "{status:?}");
     h.mailer.stopped.store(false, Ordering::SeqCst);
-    h.engine()
-        .control(&run, ControlAction::Resume)
-        .await
-        .unwrap();
+    h.engine().control(&run, ControlAction::Resume).await.unwrap();
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
     h.assert_exactly_once(&run, &users).await;
-    assert_eq!(
-        status.failed, 0,
-        "items refused by the stop were released, not failed"
-    );
+    assert_eq!(status.failed, 0, "items refused by the stop were released, not failed");
     h.assert_no_unknown_without_kills(&status);
 }
 
 pub async fn zero_users(b: Backend) {
     let status = run_and_check(b, KeyKind::Int, Vec::new(), setup(10, 3)).await;
-    assert_eq!(
-        (status.total, status.pages_total, status.chains.len()),
-        (0, 0, 1)
-    );
+    assert_eq!((status.total, status.pages_total, status.chains.len()), (0, 0, 1));
 }
 
 pub async fn one_user(b: Backend) {
-    let users = vec![(
-        Value::Int(42),
-        Some("solo@example.com".to_owned()),
-        "Solo".to_owned(),
-    )];
+    let users = vec![(Value::Int(42), Some("solo@example.com".to_owned()), "Solo".to_owned())];
     let status = run_and_check(b, KeyKind::Int, users, setup(10, 3)).await;
     assert_eq!((status.total, status.done, status.pages_total), (1, 1, 1));
 }
@@ -565,22 +480,14 @@ pub async fn exact_multiple_of_page_size(b: Backend) {
 pub async fn more_chains_than_pages(b: Backend) {
     let status = run_and_check(b, KeyKind::Int, int_users(15), setup(10, 8)).await;
     assert_eq!(status.pages_total, 2);
-    assert_eq!(
-        status.chains.len(),
-        2,
-        "chains are capped at the page count"
-    );
+    assert_eq!(status.chains.len(), 2, "chains are capped at the page count");
 }
 
 pub async fn text_keys(b: Backend) {
     let users: Vec<User> = (0..57)
         .map(|i| {
             let key = format!("k-{}-{i:03}", ["ä", "b", "Z", "é"][i % 4]);
-            (
-                Value::Text(key),
-                Some(format!("t{i}@example.com")),
-                format!("T {i}"),
-            )
+            (Value::Text(key), Some(format!("t{i}@example.com")), format!("T {i}"))
         })
         .collect();
     let status = run_and_check(b, KeyKind::Text, users, setup(10, 3)).await;
@@ -644,20 +551,14 @@ pub async fn sql_kind_runs_one_statement_per_page(b: Backend) {
     job.kind = "sql".into();
     job.newsletter = None;
     job.sql = Some(SqlJobConfig {
-        statement:
-            "UPDATE users SET name = 'done:' || name WHERE (:lo IS NULL OR id > :lo) AND id <= :hi"
-                .into(),
+        statement: "UPDATE users SET name = 'done:' || name WHERE (:lo IS NULL OR id > :lo) AND id <= :hi".into(),
     });
     let h = Harness::with_users(b, &users, Setup::new(job)).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded", "{status:?}");
     assert_eq!(status.pages_done, 10);
-    assert_eq!(
-        h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:%'")
-            .await,
-        95
-    );
+    assert_eq!(h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:%'").await, 95);
     assert_eq!(
         h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:done:%'")
             .await,
@@ -669,13 +570,7 @@ pub async fn statements_per_page_are_constant(b: Backend) {
     let mut per_page = Vec::new();
     for (n, page_size) in [(200, 10), (2_000, 100)] {
         let users = int_users(n);
-        let m = Manual::new(
-            b,
-            &users,
-            newsletter_job(page_size, 2),
-            KindRegistry::default(),
-        )
-        .await;
+        let m = Manual::new(b, &users, newsletter_job(page_size, 2), KindRegistry::default()).await;
         let run = m.start().await;
         let before = m.counting.statements();
         m.pump().await;
@@ -751,17 +646,9 @@ pub async fn bad_input_changes_nothing(b: Backend) {
         let mut job = newsletter_job(10, 2);
         change(&mut job);
         let m = Manual::new(b, &users, job, KindRegistry::default()).await;
-        let err = m
-            .engine
-            .start(JOB, Some("t"))
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = m.engine.start(JOB, Some("t")).await.unwrap_err().to_string();
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
-        assert!(
-            err.starts_with("jobs.news."),
-            "the error names the field: {err}"
-        );
+        assert!(err.starts_with("jobs.news."), "the error names the field: {err}");
         assert_no_state(&m).await;
     }
     let m = Manual::new(b, &users, newsletter_job(10, 2), KindRegistry::default()).await;
@@ -772,20 +659,11 @@ pub async fn bad_input_changes_nothing(b: Backend) {
         b"\xff\xfe",
         b"[]",
     ] {
-        let err = m
-            .engine
-            .handle_payload(payload, deadline)
-            .await
-            .unwrap_err();
+        let err = m.engine.handle_payload(payload, deadline).await.unwrap_err();
         assert!(matches!(err, EngineError::Event(_)), "{err}");
         assert!(err.to_string().contains("malformed event"), "{err}");
     }
-    let unknown_job = m
-        .engine
-        .start("no-such-job", None)
-        .await
-        .unwrap_err()
-        .to_string();
+    let unknown_job = m.engine.start("no-such-job", None).await.unwrap_err().to_string();
     assert!(
         unknown_job.contains("no job named `no-such-job`") && unknown_job.contains("news"),
         "{unknown_job}"
@@ -803,15 +681,8 @@ pub async fn bad_input_changes_nothing(b: Backend) {
         hop: 1,
         traceparent: None,
     };
-    assert!(matches!(
-        m.deliver(hop).await,
-        Err(EngineError::RunNotFound(_))
-    ));
-    let control = m
-        .engine
-        .control("nope", ControlAction::Pause)
-        .await
-        .unwrap_err();
+    assert!(matches!(m.deliver(hop).await, Err(EngineError::RunNotFound(_))));
+    let control = m.engine.control("nope", ControlAction::Pause).await.unwrap_err();
     assert!(matches!(control, EngineError::RunNotFound(_)));
     assert_no_state(&m).await;
 
@@ -855,8 +726,7 @@ pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     let users = int_users(30);
     let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
     let run = m.start().await;
-    m.store
-        .fail_next(|s| s.sql.contains("INSERT INTO baton_ledger"));
+    m.store.fail_next(|s| s.sql.contains("INSERT INTO baton_ledger"));
     assert!(m.deliver_next().await.unwrap().is_err());
     assert!(m.sent().is_empty());
     m.expire_leases();

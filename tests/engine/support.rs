@@ -47,9 +47,7 @@ pub async fn fresh_store(backend: Backend, dir: &std::path::Path) -> Arc<dyn Sql
             Arc::new(PostgresStore::connect(&format!("{base}/{name}"), 24).unwrap())
         }
     };
-    baton::sql::migrations::migrate(store.as_ref(), 0)
-        .await
-        .unwrap();
+    baton::sql::migrations::migrate(store.as_ref(), 0).await.unwrap();
     store
 }
 
@@ -90,9 +88,7 @@ pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind,
         .unwrap();
     store
         .query(Stmt::new(
-            format!(
-                "CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"
-            ),
+            format!("CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"),
             Params::new(),
         ))
         .await
@@ -109,10 +105,7 @@ pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind,
                 format!("(:i{i}, :e{i}, :n{i})")
             })
             .collect();
-        let sql = format!(
-            "INSERT INTO users (id, email, name) VALUES {}",
-            rows.join(", ")
-        );
+        let sql = format!("INSERT INTO users (id, email, name) VALUES {}", rows.join(", "));
         store.query(Stmt::new(sql, params)).await.unwrap();
     }
 }
@@ -173,16 +166,12 @@ pub struct TestMailer {
 impl Mailer for TestMailer {
     async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
         if self.stopped.load(Ordering::SeqCst) {
-            return Err(MailError::AccountStopped(
-                "daily sending quota exceeded".into(),
-            ));
+            return Err(MailError::AccountStopped("daily sending quota exceeded".into()));
         }
         if let Some(s) = &self.reject_suffix
             && mail.to.ends_with(s.as_str())
         {
-            return Err(MailError::Permanent(
-                "address rejected by the provider".into(),
-            ));
+            return Err(MailError::Permanent("address rejected by the provider".into()));
         }
         let r = self.outbox.send(mail).await;
         if r.is_ok() || matches!(r, Err(MailError::Ambiguous(_))) {
@@ -229,24 +218,14 @@ impl Harness {
         Self::with_source(backend, KeyKind::Int, users, setup).await
     }
 
-    pub async fn with_source(
-        backend: Backend,
-        kind: KeyKind,
-        users: &[User],
-        setup: Setup,
-    ) -> Harness {
+    pub async fn with_source(backend: Backend, kind: KeyKind, users: &[User], setup: Setup) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = fresh_store(backend, dir.path()).await;
         create_users(store.as_ref(), backend, kind, users).await;
         Self::on_store(backend, store, dir, setup)
     }
 
-    pub fn on_store(
-        backend: Backend,
-        store: Arc<dyn SqlStore>,
-        dir: tempfile::TempDir,
-        setup: Setup,
-    ) -> Harness {
+    pub fn on_store(backend: Backend, store: Arc<dyn SqlStore>, dir: tempfile::TempDir, setup: Setup) -> Harness {
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(TestMailer {
             outbox: Outbox::new(&outbox_dir, setup.faults.clone(), setup.seed, None).unwrap(),
@@ -327,11 +306,7 @@ impl Harness {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        let rows = self
-            .store
-            .query(Stmt::new(sql, Params::new()))
-            .await
-            .unwrap();
+        let rows = self.store.query(Stmt::new(sql, Params::new())).await.unwrap();
         rows.rows[0][0].as_i64().unwrap()
     }
 
@@ -353,10 +328,7 @@ impl Harness {
         for (key, email, _) in users {
             let Some(email) = email else { continue };
             if baton::mail::check_address(email).is_err() {
-                assert!(
-                    !per_address.contains_key(email),
-                    "invalid address {email} was mailed"
-                );
+                assert!(!per_address.contains_key(email), "invalid address {email} was mailed");
                 continue;
             }
             let key = key.key_text().unwrap();
@@ -371,11 +343,7 @@ impl Harness {
             "done + failed + skipped + unknown != total: {status:?}"
         );
         for c in &status.chains {
-            assert!(
-                c.hops <= c.hop_budget,
-                "chain {} exceeded its budget: {c:?}",
-                c.chain
-            );
+            assert!(c.hops <= c.hop_budget, "chain {} exceeded its budget: {c:?}", c.chain);
         }
     }
 }
@@ -473,12 +441,7 @@ pub struct Manual {
 }
 
 impl Manual {
-    pub async fn new(
-        backend: Backend,
-        users: &[User],
-        job: JobConfig,
-        kinds: KindRegistry,
-    ) -> Manual {
+    pub async fn new(backend: Backend, users: &[User], job: JobConfig, kinds: KindRegistry) -> Manual {
         let dir = tempfile::tempdir().unwrap();
         let raw = fresh_store(backend, dir.path()).await;
         create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
@@ -576,9 +539,5 @@ impl Manual {
 
 pub fn duplicates(addresses: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
-    addresses
-        .iter()
-        .filter(|a| !seen.insert(a.as_str()))
-        .cloned()
-        .collect()
+    addresses.iter().filter(|a| !seen.insert(a.as_str())).cloned().collect()
 }
