@@ -798,3 +798,39 @@ pub async fn source_column_types_are_read(b: Backend) {
         );
     }
 }
+
+pub async fn hung_send_is_cut_off_and_only_it_is_unknown(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(10, 1);
+    job.newsletter.as_mut().unwrap().in_flight = 1;
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.mailer.limit.store(4, Ordering::SeqCst);
+    // The fifth send hangs. The hop is not killed: at its cut-off it stops waiting, records the
+    // four that went out, marks the hung one unknown, releases the rest and hands over.
+    let started = Instant::now();
+    let outcome = m.deliver_next().await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < m.settings.hop_timeout,
+        "the hop ended before its deadline"
+    );
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Hopped {
+                next: HopNext::Continued,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    let mid = m.status(&run).await;
+    assert_eq!((mid.done, mid.unknown, mid.claimed), (4, 1, 0), "{mid:?}");
+    m.mailer.limit.store(u64::MAX, Ordering::SeqCst);
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded");
+    assert_eq!((status.done, status.unknown), (19, 1));
+    assert!(duplicates(&m.sent()).is_empty());
+    assert_eq!(m.sent().len(), 19);
+}

@@ -57,4 +57,5 @@ on_both_backends!(
     database_fault_mid_page_is_recovered,
     randomized_fault_schedules_keep_exactly_once,
     source_column_types_are_read,
+    hung_send_is_cut_off_and_only_it_is_unknown,
 );
