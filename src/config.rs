@@ -54,6 +54,9 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// Concurrent invocations of the local Lambda model (Lambda's reserved concurrency).
     pub reserved_concurrency: u32,
+    /// Hand over to the next hop after this many pages even with time left (none: hops run
+    /// until their time budget is nearly spent). Bounds each invocation's work.
+    pub max_pages_per_hop: Option<u32>,
 }
 
 impl Default for Settings {
@@ -63,6 +66,7 @@ impl Default for Settings {
             hop_margin: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(120),
             reserved_concurrency: 100,
+            max_pages_per_hop: None,
         }
     }
 }
@@ -94,6 +98,12 @@ impl Settings {
         }
         if self.reserved_concurrency == 0 {
             return Err(invalid("settings.reserved_concurrency", "must be at least 1"));
+        }
+        if self.max_pages_per_hop == Some(0) {
+            return Err(invalid(
+                "settings.max_pages_per_hop",
+                "must be at least 1 (or left out for no cap)",
+            ));
         }
         if self.sweep_interval < Duration::from_millis(50) {
             return Err(invalid("settings.sweep_interval", "must be at least 50ms"));

@@ -40,6 +40,10 @@ pub struct DemoArgs {
     /// Each hop's deadline (the function timeout). Short, so every chain makes many hops.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub hop_timeout: Duration,
+    /// Pages a hop processes before it hands over to the next hop, so every chain makes many
+    /// hops however fast the machine is.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pages_per_hop: u32,
     /// Messages per second over all chains; 0 for no limit.
     #[arg(long, default_value_t = 0.0)]
     pub send_rate: f64,
@@ -184,6 +188,9 @@ pub struct DemoSummary {
     pub missed_users: usize,
     pub unknown_users: usize,
     pub hops: LambdaCounts,
+    /// Statements the engine issued for the run (planning, hops, sweeps, progress polls).
+    pub sql_statements: u64,
+    pub sql_statements_per_page: f64,
     pub faults: Faults,
     pub checks_passed: bool,
 }
@@ -206,6 +213,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         hop_margin: args.hop_timeout * 2 / 5,
         sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
         reserved_concurrency: args.chains * 2 + 2,
+        max_pages_per_hop: Some(args.pages_per_hop),
     };
     let config = Config {
         settings,
@@ -227,8 +235,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
 
     let started = Instant::now();
+    let counting = Arc::new(crate::sql::CountingStore::new(store.clone()));
     let local = LocalRuntime::start(LocalParts {
-        store: Arc::new(store.clone()),
+        store: counting.clone(),
         mailer: Arc::new(outbox),
         clock: Arc::new(SystemClock),
         config,
@@ -253,7 +262,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let status = local.drive(&run_id, show).await?;
     let wall = started.elapsed().as_secs_f64();
 
-    let summary = check(
+    let statements = counting.statements();
+    let mut summary = check(
         &store,
         &run_id,
         &outbox_dir,
@@ -265,6 +275,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         args.seed,
     )
     .await?;
+    summary.sql_statements = statements;
+    summary.sql_statements_per_page = statements as f64 / summary.run.pages_total.max(1) as f64;
     if args.common.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -333,6 +345,8 @@ async fn check(
         hops,
         faults,
         checks_passed,
+        sql_statements: 0,
+        sql_statements_per_page: 0.0,
         run,
     })
 }
@@ -349,6 +363,10 @@ fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
         outbox_dir.display(),
         s.messages_per_second,
         s.wall_seconds
+    );
+    println!(
+        "  sql:     {} statements, {:.1} per page (planning, hops, sweeps and progress polls included)",
+        s.sql_statements, s.sql_statements_per_page
     );
     let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
     println!(

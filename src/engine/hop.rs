@@ -144,6 +144,9 @@ impl Engine {
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
+            if self.config.settings.max_pages_per_hop.is_some_and(|max| pages >= max) {
+                break;
+            }
             if !report.finished {
                 // The page needs another invocation (budget spent mid-page, or the kind said
                 // so): hand over to the next hop rather than spin on it here.

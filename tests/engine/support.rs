@@ -150,6 +150,7 @@ pub fn test_settings() -> Settings {
         hop_margin: Duration::from_millis(100),
         sweep_interval: Duration::from_millis(100),
         reserved_concurrency: 16,
+        max_pages_per_hop: None,
     }
 }
 
