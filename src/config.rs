@@ -24,10 +24,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -91,19 +88,13 @@ impl Settings {
             ));
         }
         if self.hop_margin >= self.hop_timeout {
-            return Err(invalid(
-                "settings.hop_margin",
-                "must be shorter than settings.hop_timeout",
-            ));
+            return Err(invalid("settings.hop_margin", "must be shorter than settings.hop_timeout"));
         }
         if self.reserved_concurrency == 0 {
             return Err(invalid("settings.reserved_concurrency", "must be at least 1"));
         }
         if self.max_pages_per_hop == Some(0) {
-            return Err(invalid(
-                "settings.max_pages_per_hop",
-                "must be at least 1 (or left out for no cap)",
-            ));
+            return Err(invalid("settings.max_pages_per_hop", "must be at least 1 (or left out for no cap)"));
         }
         if self.sweep_interval < Duration::from_millis(50) {
             return Err(invalid("settings.sweep_interval", "must be at least 50ms"));
@@ -251,26 +242,21 @@ pub fn is_identifier(s: &str) -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates; template files are resolved relative to `path`'s folder.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for (name, job) in &mut config.jobs {
             if let Some(n) = &mut job.newsletter {
-                for (file, slot, field) in [
-                    (n.text_file.take(), &mut n.text, "text_file"),
-                    (n.html_file.take(), &mut n.html, "html_file"),
-                ] {
+                for (file, slot, field) in
+                    [(n.text_file.take(), &mut n.text, "text_file"), (n.html_file.take(), &mut n.html, "html_file")]
+                {
                     if let Some(file) = file {
                         let full = base.join(&file);
                         *slot = Some(std::fs::read_to_string(&full).map_err(|e| {
@@ -311,45 +297,27 @@ impl JobConfig {
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let f = |field: &str| format!("jobs.{name}.{field}");
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(invalid(
-                format!("jobs.{name}"),
-                "job names use letters, digits, `-` and `_` only",
-            ));
+            return Err(invalid(format!("jobs.{name}"), "job names use letters, digits, `-` and `_` only"));
         }
         if self.source.trim().is_empty() {
             return Err(invalid(f("source"), "must be a SELECT that lists the job's items"));
         }
         if self.source.trim_end().ends_with(';') {
-            return Err(invalid(
-                f("source"),
-                "must be one query without a trailing `;` (it is used as a subquery)",
-            ));
+            return Err(invalid(f("source"), "must be one query without a trailing `;` (it is used as a subquery)"));
         }
         if !is_identifier(&self.key_column) {
-            return Err(invalid(
-                f("key_column"),
-                "must be a plain column name (letters, digits, `_`)",
-            ));
+            return Err(invalid(f("key_column"), "must be a plain column name (letters, digits, `_`)"));
         }
         if !(1..=10_000).contains(&self.page_size) {
-            return Err(invalid(
-                f("page_size"),
-                format!("must be between 1 and 10000, got {}", self.page_size),
-            ));
+            return Err(invalid(f("page_size"), format!("must be between 1 and 10000, got {}", self.page_size)));
         }
         if !(1..=1000).contains(&self.chains) {
-            return Err(invalid(
-                f("chains"),
-                format!("must be between 1 and 1000, got {}", self.chains),
-            ));
+            return Err(invalid(f("chains"), format!("must be between 1 and 1000, got {}", self.chains)));
         }
         if let Some(p) = self.max_failure_percent
             && !(0.0..=100.0).contains(&p)
         {
-            return Err(invalid(
-                f("max_failure_percent"),
-                format!("must be between 0 and 100, got {p}"),
-            ));
+            return Err(invalid(f("max_failure_percent"), format!("must be between 0 and 100, got {p}")));
         }
         if self.run_deadline < Duration::from_secs(1) {
             return Err(invalid(f("run_deadline"), "must be at least 1s"));
@@ -357,10 +325,7 @@ impl JobConfig {
         match self.kind.as_str() {
             "newsletter" => {
                 let n = self.newsletter.as_ref().ok_or_else(|| {
-                    invalid(
-                        f("newsletter"),
-                        "a `newsletter` job needs a [jobs.NAME.newsletter] section",
-                    )
+                    invalid(f("newsletter"), "a `newsletter` job needs a [jobs.NAME.newsletter] section")
                 })?;
                 n.validate(&f("newsletter"))?;
             }
@@ -371,23 +336,14 @@ impl JobConfig {
                     .ok_or_else(|| invalid(f("sql"), "a `sql` job needs a [jobs.NAME.sql] section with `statement`"))?;
                 let names = crate::sql::params::names(&s.statement);
                 if let Some(other) = names.iter().find(|n| *n != "lo" && *n != "hi") {
-                    return Err(invalid(
-                        f("sql.statement"),
-                        format!("only :lo and :hi are bound, not :{other}"),
-                    ));
+                    return Err(invalid(f("sql.statement"), format!("only :lo and :hi are bound, not :{other}")));
                 }
                 if !names.iter().any(|n| n == "hi") {
-                    return Err(invalid(
-                        f("sql.statement"),
-                        "must use :hi (and usually :lo) to stay within its page",
-                    ));
+                    return Err(invalid(f("sql.statement"), "must use :hi (and usually :lo) to stay within its page"));
                 }
             }
             "" => {
-                return Err(invalid(
-                    f("kind"),
-                    "must be `newsletter`, `sql` or a kind registered in Rust",
-                ));
+                return Err(invalid(f("kind"), "must be `newsletter`, `sql` or a kind registered in Rust"));
             }
             _ => {}
         }
@@ -399,35 +355,20 @@ impl NewsletterConfig {
     fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let f = |field: &str| format!("{prefix}.{field}");
         if !is_identifier(&self.email_column) {
-            return Err(invalid(
-                f("email_column"),
-                "must be a plain column name (letters, digits, `_`)",
-            ));
+            return Err(invalid(f("email_column"), "must be a plain column name (letters, digits, `_`)"));
         }
         crate::mail::parse_mailbox(&self.from).map_err(|e| invalid(f("from"), e))?;
         if self.text.is_none() && self.html.is_none() {
-            return Err(invalid(
-                f("text"),
-                "give `text` or `html` (or `text_file` / `html_file`)",
-            ));
+            return Err(invalid(f("text"), "give `text` or `html` (or `text_file` / `html_file`)"));
         }
         if !(self.send_rate >= 0.0 && self.send_rate.is_finite()) {
-            return Err(invalid(
-                f("send_rate"),
-                "must be a number of messages per second, 0 for no limit",
-            ));
+            return Err(invalid(f("send_rate"), "must be a number of messages per second, 0 for no limit"));
         }
         if !(1..=512).contains(&self.in_flight) {
-            return Err(invalid(
-                f("in_flight"),
-                format!("must be between 1 and 512, got {}", self.in_flight),
-            ));
+            return Err(invalid(f("in_flight"), format!("must be between 1 and 512, got {}", self.in_flight)));
         }
         if !(1..=50).contains(&self.max_attempts) {
-            return Err(invalid(
-                f("max_attempts"),
-                format!("must be between 1 and 50, got {}", self.max_attempts),
-            ));
+            return Err(invalid(f("max_attempts"), format!("must be between 1 and 50, got {}", self.max_attempts)));
         }
         if !(self.unsubscribe_url.starts_with("https://") || self.unsubscribe_url.starts_with("http://")) {
             return Err(invalid(
@@ -440,15 +381,12 @@ impl NewsletterConfig {
         {
             return Err(invalid(f("unsubscribe_secret"), "must be at least 16 characters"));
         }
-        for (name, template) in [
-            ("subject", Some(&self.subject)),
-            ("text", self.text.as_ref()),
-            ("html", self.html.as_ref()),
-        ] {
+        for (name, template) in
+            [("subject", Some(&self.subject)), ("text", self.text.as_ref()), ("html", self.html.as_ref())]
+        {
             if let Some(t) = template {
                 let env = minijinja::Environment::new();
-                env.template_from_str(t)
-                    .map_err(|e| invalid(f(name), format!("template does not parse: {e}")))?;
+                env.template_from_str(t).map_err(|e| invalid(f(name), format!("template does not parse: {e}")))?;
             }
         }
         Ok(())
@@ -456,8 +394,6 @@ impl NewsletterConfig {
 
     /// The unsubscribe secret: from the file, else from the environment variable it names.
     pub fn secret(&self) -> Option<String> {
-        self.unsubscribe_secret
-            .clone()
-            .or_else(|| std::env::var(&self.unsubscribe_secret_env).ok())
+        self.unsubscribe_secret.clone().or_else(|| std::env::var(&self.unsubscribe_secret_env).ok())
     }
 }

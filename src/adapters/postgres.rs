@@ -28,13 +28,7 @@ impl PostgresStore {
     pub fn connect(url: &str, max_connections: usize) -> Result<Self, SqlError> {
         let config = tokio_postgres::Config::from_str(url)
             .map_err(|e| SqlError::Config(format!("invalid database URL: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .build()
@@ -43,10 +37,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, SqlError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
+        self.pool.get().await.map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
     }
 }
 
@@ -105,29 +96,19 @@ struct Numeric(String);
 impl<'a> tokio_postgres::types::FromSql<'a> for Numeric {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
         let word = |i: usize| -> Result<i16, BoxError> {
-            raw.get(i * 2..i * 2 + 2)
-                .map(|b| i16::from_be_bytes([b[0], b[1]]))
-                .ok_or_else(|| "short numeric".into())
+            raw.get(i * 2..i * 2 + 2).map(|b| i16::from_be_bytes([b[0], b[1]])).ok_or_else(|| "short numeric".into())
         };
         let (ndigits, weight, sign, dscale) = (word(0)? as usize, word(1)? as i32, word(2)? as u16, word(3)? as usize);
         if sign == 0xC000 {
             return Ok(Numeric("NaN".into()));
         }
         let digit = |k: i32| -> Result<i16, BoxError> {
-            if k < 0 || k as usize >= ndigits {
-                Ok(0)
-            } else {
-                word(4 + k as usize)
-            }
+            if k < 0 || k as usize >= ndigits { Ok(0) } else { word(4 + k as usize) }
         };
         let mut int_part = String::new();
         for k in 0..=weight.max(-1) {
             let d = digit(k)?;
-            if int_part.is_empty() {
-                int_part = d.to_string()
-            } else {
-                int_part.push_str(&format!("{d:04}"))
-            }
+            if int_part.is_empty() { int_part = d.to_string() } else { int_part.push_str(&format!("{d:04}")) }
         }
         if int_part.is_empty() {
             int_part.push('0');
@@ -140,11 +121,7 @@ impl<'a> tokio_postgres::types::FromSql<'a> for Numeric {
         }
         frac.truncate(dscale);
         let sign = if sign == 0x4000 { "-" } else { "" };
-        Ok(Numeric(if dscale > 0 {
-            format!("{sign}{int_part}.{frac}")
-        } else {
-            format!("{sign}{int_part}")
-        }))
+        Ok(Numeric(if dscale > 0 { format!("{sign}{int_part}.{frac}") } else { format!("{sign}{int_part}") }))
     }
 
     fn accepts(ty: &Type) -> bool {
@@ -169,35 +146,19 @@ fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
     let err = |e: tokio_postgres::Error| SqlError::statement(format!("column {}: {e}", column.name()));
     Ok(match *ty {
         Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(err)?.map(Value::Int),
-        Type::INT4 => row
-            .try_get::<_, Option<i32>>(i)
-            .map_err(err)?
-            .map(|v| Value::Int(v.into())),
-        Type::INT2 => row
-            .try_get::<_, Option<i16>>(i)
-            .map_err(err)?
-            .map(|v| Value::Int(v.into())),
+        Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
+        Type::INT2 => row.try_get::<_, Option<i16>>(i).map_err(err)?.map(|v| Value::Int(v.into())),
         Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(err)?.map(Value::Real),
-        Type::FLOAT4 => row
-            .try_get::<_, Option<f32>>(i)
-            .map_err(err)?
-            .map(|v| Value::Real(v.into())),
+        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).map_err(err)?.map(|v| Value::Real(v.into())),
         Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(err)?.map(Value::Bool),
-        Type::UUID => row
-            .try_get::<_, Option<uuid::Uuid>>(i)
-            .map_err(err)?
-            .map(|u| Value::Uuid(u.to_string())),
+        Type::UUID => row.try_get::<_, Option<uuid::Uuid>>(i).map_err(err)?.map(|u| Value::Uuid(u.to_string())),
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
             row.try_get::<_, Option<String>>(i).map_err(err)?.map(Value::Text)
         }
-        Type::JSON | Type::JSONB => row
-            .try_get::<_, Option<serde_json::Value>>(i)
-            .map_err(err)?
-            .map(|j| Value::Text(j.to_string())),
-        Type::NUMERIC => row
-            .try_get::<_, Option<Numeric>>(i)
-            .map_err(err)?
-            .map(|n| Value::Text(n.0)),
+        Type::JSON | Type::JSONB => {
+            row.try_get::<_, Option<serde_json::Value>>(i).map_err(err)?.map(|j| Value::Text(j.to_string()))
+        }
+        Type::NUMERIC => row.try_get::<_, Option<Numeric>>(i).map_err(err)?.map(|n| Value::Text(n.0)),
         _ => {
             return Err(SqlError::statement(format!(
                 "column `{}` has type {ty}, which baton does not read; cast it in the query, e.g. `{}::text`",
@@ -255,27 +216,14 @@ async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -
     let columns: Vec<String> = prepared.columns().iter().map(|c| c.name().to_owned()).collect();
     if columns.is_empty() {
         let affected = client.execute(&prepared, &refs).await.map_err(classify)?;
-        return Ok(Rows {
-            columns,
-            rows: Vec::new(),
-            affected,
-        });
+        return Ok(Rows { columns, rows: Vec::new(), affected });
     }
     let found = client.query(&prepared, &refs).await.map_err(classify)?;
     let mut rows = Vec::with_capacity(found.len());
     for row in &found {
-        rows.push(
-            (0..columns.len())
-                .map(|i| decode(row, i))
-                .collect::<Result<Vec<_>, _>>()?,
-        );
+        rows.push((0..columns.len()).map(|i| decode(row, i)).collect::<Result<Vec<_>, _>>()?);
     }
-    let affected = rows.len() as u64;
-    Ok(Rows {
-        columns,
-        rows,
-        affected,
-    })
+    Ok(Rows::returned(columns, rows))
 }
 
 #[async_trait]

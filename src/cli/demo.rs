@@ -103,30 +103,9 @@ pub fn demo_job(args: &DemoArgs) -> JobConfig {
     }
 }
 
-const FIRST: [&str; 12] = [
-    "Zoë",
-    "José",
-    "Łukasz",
-    "美咲",
-    "Ольга",
-    "Søren",
-    "Aoife",
-    "Nguyễn",
-    "François",
-    "Ayşe",
-    "Đorđe",
-    "María",
-];
-const LAST: [&str; 8] = [
-    "Müller",
-    "O'Brien",
-    "García",
-    "Kowalski",
-    "田中",
-    "Иванова",
-    "Ødegaard",
-    "Smith",
-];
+const FIRST: [&str; 12] =
+    ["Zoë", "José", "Łukasz", "美咲", "Ольга", "Søren", "Aoife", "Nguyễn", "François", "Ayşe", "Đorđe", "María"];
+const LAST: [&str; 8] = ["Müller", "O'Brien", "García", "Kowalski", "田中", "Иванова", "Ødegaard", "Smith"];
 const CITIES: [&str; 6] = ["Zürich", "Kraków", "São Paulo", "Tōkyō", "Reykjavík", "Montréal"];
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 
@@ -146,13 +125,7 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
         Some(format!("user{id}@example.com"))
     };
     let name = format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)]);
-    (
-        id,
-        email,
-        name,
-        CITIES[pick(CITIES.len(), 3)],
-        PLANS[pick(PLANS.len(), 4)],
-    )
+    (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
 }
 
 async fn create_users(store: &SqliteStore, n: u32, seed: u64) -> Result<()> {
@@ -215,21 +188,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         reserved_concurrency: args.chains * 2 + 2,
         max_pages_per_hop: Some(args.pages_per_hop),
     };
-    let config = Config {
-        settings,
-        jobs: [(JOB.to_owned(), job)].into(),
-    };
+    let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
     config.validate()?;
     let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
     let store = SqliteStore::open(&dir.join("baton.db"))?;
     crate::sql::migrations::migrate(&store, crate::ports::Clock::now_ms(&SystemClock)).await?;
     if !args.common.json {
-        eprintln!(
-            "Creating {} synthetic users in {} ...",
-            args.users,
-            dir.join("baton.db").display()
-        );
+        eprintln!("Creating {} synthetic users in {} ...", args.users, dir.join("baton.db").display());
     }
     create_users(&store, args.users, args.seed).await?;
     let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
@@ -245,10 +211,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         faults: faults.clone(),
         seed: args.seed,
     });
-    let Outcome::Started {
-        run_id, pages, chains, ..
-    } = local.engine.start(JOB, Some("demo")).await?
-    else {
+    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some("demo")).await? else {
         unreachable!("start returns Started")
     };
     if !args.common.json {
@@ -263,18 +226,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let wall = started.elapsed().as_secs_f64();
 
     let statements = counting.statements();
-    let mut summary = check(
-        &store,
-        &run_id,
-        &outbox_dir,
-        status,
-        wall,
-        local.lambda_counts(),
-        faults,
-        args.users,
-        args.seed,
-    )
-    .await?;
+    let mut summary =
+        check(&store, &run_id, &outbox_dir, status, wall, local.lambda_counts(), faults, args.users, args.seed).await?;
     summary.sql_statements = statements;
     summary.sql_statements_per_page = statements as f64 / summary.run.pages_total.max(1) as f64;
     if args.common.json {
@@ -282,11 +235,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     } else {
         print_summary(&summary, &outbox_dir);
     }
-    Ok(if summary.run.status == "succeeded" && summary.checks_passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -305,9 +254,7 @@ async fn check(
     let unknown_keys: HashSet<String> = store
         .with_conn(move |conn| {
             let mut q = conn.prepare("SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'")?;
-            let keys = q
-                .query_map([&run_id], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let keys = q.query_map([&run_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
             Ok(keys)
         })
         .await?;
@@ -316,11 +263,7 @@ async fn check(
     for a in &sent {
         *per_address.entry(a.as_str()).or_default() += 1;
     }
-    let mut duplicated: Vec<String> = per_address
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(a, _)| a.to_string())
-        .collect();
+    let mut duplicated: Vec<String> = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
     duplicated.sort();
     let (mut valid, mut missed) = (0, 0);
     for i in 0..users {

@@ -141,10 +141,7 @@ pub fn main() -> ExitCode {
         | Command::Preview { common, .. } => common.verbose,
     };
     init_logging(verbose);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -161,10 +158,7 @@ fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
@@ -173,23 +167,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run { job, run_key, common } => {
             let local = open_local(&common, true).await?;
             let started = local.engine.start(&job, run_key.as_deref()).await?;
-            let Outcome::Started { run_id, existing, .. } = &started else {
-                unreachable!()
-            };
+            let Outcome::Started { run_id, existing, .. } = &started else { unreachable!() };
             if *existing {
                 let status = local.engine.status(Some(run_id)).await?.expect("exists");
                 if status.is_terminal() {
                     print_status(&status, common.json);
-                    eprintln!(
-                        "run {run_id} of `{job}` already {}; use --run-key for a new run",
-                        status.status
-                    );
+                    eprintln!("run {run_id} of `{job}` already {}; use --run-key for a new run", status.status);
                     return Ok(exit_for(&status));
                 }
-                eprintln!(
-                    "continuing run {run_id} (already {}); the sweeper restarts its chains",
-                    status.status
-                );
+                eprintln!("continuing run {run_id} (already {}); the sweeper restarts its chains", status.status);
                 local.engine.sweep().await?;
             }
             finish(&local, run_id, &common).await
@@ -197,10 +183,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Status { run_id, list, common } => {
             let engine = open_engine(&common, false).await?;
             let Some(status) = engine.status(run_id.as_deref()).await? else {
-                bail!(
-                    "no runs yet in {}; start one with `baton run JOB` or `baton demo`",
-                    where_is(&common)
-                );
+                bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
             };
             print_status(&status, common.json);
             if let Some(state) = list {
@@ -240,10 +223,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Preview { job, key, common } => {
             let engine = open_engine(&common, true).await?;
             match engine.preview(&job, key.as_deref()).await? {
-                None => bail!(
-                    "no recipient found{}",
-                    key.map(|k| format!(" with key {k}")).unwrap_or_default()
-                ),
+                None => bail!("no recipient found{}", key.map(|k| format!(" with key {k}")).unwrap_or_default()),
                 Some(r) if common.json => println!(
                     "{}",
                     serde_json::json!({"subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
@@ -286,12 +266,7 @@ async fn latest_or(engine: &Engine, run_id: Option<String>, common: &Common) -> 
 }
 
 async fn finish(local: &LocalRuntime, run_id: &str, common: &Common) -> Result<ExitCode> {
-    let status = local
-        .drive(
-            run_id,
-            !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
-        .await?;
+    let status = local.drive(run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
     print_status(&status, common.json);
     Ok(exit_for(&status))
 }
@@ -347,12 +322,7 @@ async fn open_engine(common: &Common, config_required: bool) -> Result<Engine> {
     Ok(Engine::new(crate::engine::EngineParts {
         store,
         invoker: Arc::new(lambda),
-        mailer: Arc::new(Outbox::new(
-            &common.data_dir.join("outbox"),
-            Faults::default(),
-            0,
-            None,
-        )?),
+        mailer: Arc::new(Outbox::new(&common.data_dir.join("outbox"), Faults::default(), 0, None)?),
         clock: Arc::new(SystemClock),
         config,
         kinds: KindRegistry::default(),
@@ -394,12 +364,7 @@ pub fn print_status(s: &RunStatus, json: bool) {
         s.unknown,
         s.pending + s.claimed
     );
-    println!(
-        "  pages:   {}/{} done   elapsed {:.1}s",
-        s.pages_done,
-        s.pages_total,
-        s.elapsed_ms as f64 / 1000.0
-    );
+    println!("  pages:   {}/{} done   elapsed {:.1}s", s.pages_done, s.pages_total, s.elapsed_ms as f64 / 1000.0);
     for c in &s.chains {
         println!(
             "  chain {:>3}: {:<7} {:>4} hops of {} budget, {} restarts{}",

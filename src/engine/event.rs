@@ -70,21 +70,10 @@ mod tests {
     #[test]
     fn round_trips_every_event() {
         for e in [
-            Event::Start {
-                job: "j".into(),
-                run_key: Some("2026-12".into()),
-            },
-            Event::Hop {
-                run_id: "r".into(),
-                chain: 2,
-                hop: 7,
-                traceparent: None,
-            },
+            Event::Start { job: "j".into(), run_key: Some("2026-12".into()) },
+            Event::Hop { run_id: "r".into(), chain: 2, hop: 7, traceparent: None },
             Event::Sweep {},
-            Event::Control {
-                run_id: "r".into(),
-                action: ControlAction::Cancel,
-            },
+            Event::Control { run_id: "r".into(), action: ControlAction::Cancel },
         ] {
             assert_eq!(Event::parse(e.to_json().as_bytes()).unwrap(), e);
         }

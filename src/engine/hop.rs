@@ -54,10 +54,7 @@ impl Engine {
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
         if run.is_terminal() {
-            return Ok(Outcome::Hopped {
-                pages: 0,
-                next: HopNext::Stopped,
-            });
+            return Ok(Outcome::Hopped { pages: 0, next: HopNext::Stopped });
         }
         if hop > run.max_hops {
             let reason = format!(
@@ -67,18 +64,10 @@ impl Engine {
             return self.fail_run(&run, chain, &reason).await;
         }
         if now > run.deadline_at {
-            return self
-                .fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)")
-                .await;
+            return self.fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)").await;
         }
         // The fork guard: only one delivery of hop `hop` gets past this.
-        if self
-            .store
-            .query(st::start_hop(run_id, chain, hop, now))
-            .await?
-            .rows
-            .is_empty()
-        {
+        if self.store.query(st::start_hop(run_id, chain, hop, now)).await?.rows.is_empty() {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
         }
@@ -108,10 +97,7 @@ impl Engine {
             };
             let page_started = Instant::now();
             let report = match &job {
-                Job::Items(j) => {
-                    self.process_items(&run, chain, &owner, &page, j, (soft, deadline))
-                        .await?
-                }
+                Job::Items(j) => self.process_items(&run, chain, &owner, &page, j, (soft, deadline)).await?,
                 Job::Ranges(j) => self.process_range(&run, &page, j, soft).await?,
             };
             tracing::debug!(
@@ -121,26 +107,16 @@ impl Engine {
                 "page processed"
             );
             let now = self.now_ms();
-            self.store
-                .query(st::finish_page(run_id, page.page_no, &owner, report.finished))
-                .await?;
+            self.store.query(st::finish_page(run_id, page.page_no, &owner, report.finished)).await?;
             self.store.query(st::heartbeat(run_id, chain, hop, now)).await?;
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
                 self.store
-                    .query(st::set_run_status(
-                        run_id,
-                        &["running", "pausing"],
-                        "failed",
-                        Some(&reason),
-                        now,
-                    ))
+                    .query(st::set_run_status(run_id, &["running", "pausing"], "failed", Some(&reason), now))
                     .await?;
             } else if let Some(reason) = report.pause_reason {
-                self.store
-                    .query(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now))
-                    .await?;
+                self.store.query(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now)).await?;
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
@@ -154,17 +130,11 @@ impl Engine {
             }
         }
         match self.invoke_hop(run_id, chain, hop + 1).await {
-            Ok(()) => Ok(Outcome::Hopped {
-                pages,
-                next: HopNext::Continued,
-            }),
+            Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
             Err(e) if e.fatal => self.fail_run(&run, chain, &e.message).await,
             Err(e) => {
                 tracing::warn!(error = %e, "next hop not accepted; the sweeper will restart this chain");
-                Ok(Outcome::Hopped {
-                    pages,
-                    next: HopNext::Continued,
-                })
+                Ok(Outcome::Hopped { pages, next: HopNext::Continued })
             }
         }
     }
@@ -220,18 +190,9 @@ impl Engine {
             ))
             .await?;
         self.store
-            .query(st::set_run_status(
-                &run.run_id,
-                &["running", "pausing", "paused"],
-                "failed",
-                Some(reason),
-                now,
-            ))
+            .query(st::set_run_status(&run.run_id, &["running", "pausing", "paused"], "failed", Some(reason), now))
             .await?;
-        Ok(Outcome::Hopped {
-            pages: 0,
-            next: HopNext::Failed(reason.to_owned()),
-        })
+        Ok(Outcome::Hopped { pages: 0, next: HopNext::Failed(reason.to_owned()) })
     }
 
     async fn check_failure_threshold(&self, run: &RunRow) -> Result<(), EngineError> {
@@ -243,9 +204,7 @@ impl Engine {
         let Some(r) = rows.first() else { return Ok(()) };
         let (failures, total) = (r.int("failures"), r.int("total").max(1));
         let over_count = cfg.max_failures.is_some_and(|m| failures as u64 > m);
-        let over_percent = cfg
-            .max_failure_percent
-            .is_some_and(|p| failures as f64 * 100.0 / total as f64 > p);
+        let over_percent = cfg.max_failure_percent.is_some_and(|p| failures as f64 * 100.0 / total as f64 > p);
         if over_count || over_percent {
             let reason = format!(
                 "{failures} items failed, over the failure threshold ({}); `baton status` lists them, `baton resume` continues",
@@ -258,13 +217,7 @@ impl Engine {
             );
             tracing::warn!(run_id = run.run_id, reason, "pausing run");
             self.store
-                .query(st::set_run_status(
-                    &run.run_id,
-                    &["running"],
-                    "pausing",
-                    Some(&reason),
-                    self.now_ms(),
-                ))
+                .query(st::set_run_status(&run.run_id, &["running"], "pausing", Some(&reason), self.now_ms()))
                 .await?;
         }
         Ok(())
@@ -285,37 +238,22 @@ impl Engine {
         if page.attempts > 1 {
             // A re-offered page: settle what a dead owner left claimed (see the ambiguity policy).
             let resend = resend_ambiguous(cfg);
-            let settled = self
-                .store
-                .query(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms()))
-                .await?;
+            let settled =
+                self.store.query(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
             if resend {
                 retaken = settled.records().filter_map(|r| r.text("item_key")).collect();
             }
         }
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
-        let rows = self
-            .store
-            .query(st::load_page(&cfg.source, &cfg.key_column, lo, hi))
-            .await?;
+        let rows = self.store.query(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
         let columns = Arc::new(rows.columns.clone());
-        let items: Vec<_> = rows
-            .rows
-            .into_iter()
-            .map(|v| item_of(&columns, &cfg.key_column, v))
-            .collect();
+        let items: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
         if items.is_empty() {
-            return Ok(PageReport {
-                finished: true,
-                ..Default::default()
-            });
+            return Ok(PageReport { finished: true, ..Default::default() });
         }
         let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
-        let claimed = self
-            .store
-            .query(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys))
-            .await?;
+        let claimed = self.store.query(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys)).await?;
         let mut mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
         mine.extend(retaken);
         let cx = ItemContext {
@@ -370,18 +308,11 @@ impl Engine {
                     (k.clone(), outcome)
                 })
                 .collect();
-            tracing::warn!(
-                page = page.page_no,
-                stopped = left.len(),
-                "stopped waiting for sends at the hop's cut-off"
-            );
+            tracing::warn!(page = page.page_no, stopped = left.len(), "stopped waiting for sends at the hop's cut-off");
             outcomes.extend(left);
         }
         tracing::debug!(page = page.page_no, outcomes = outcomes.len(), "items processed");
-        let mut report = PageReport {
-            finished: true,
-            ..Default::default()
-        };
+        let mut report = PageReport { finished: true, ..Default::default() };
         let mut results = Vec::new();
         let mut released = Vec::new();
         for (key, outcome) in outcomes {
@@ -403,9 +334,7 @@ impl Engine {
             self.store.query(st::record_results(id, owner, now, &results)).await?;
         }
         if !released.is_empty() {
-            self.store
-                .query(st::release_claims(id, page.page_no, owner, &released))
-                .await?;
+            self.store.query(st::release_claims(id, page.page_no, owner, &released)).await?;
             report.finished = false;
         }
         Ok(report)
@@ -421,19 +350,13 @@ impl Engine {
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
         Ok(match job.process(lo, hi, soft).await {
-            Ok(RangeOutcome::Done) => PageReport {
-                finished: true,
-                ..Default::default()
-            },
+            Ok(RangeOutcome::Done) => PageReport { finished: true, ..Default::default() },
             Ok(RangeOutcome::Incomplete) => PageReport::default(),
             Err(JobError::Transient(e)) => {
                 tracing::warn!(page = page.page_no, error = e, "page will be retried");
                 PageReport::default()
             }
-            Err(e) => PageReport {
-                fail_reason: Some(format!("page {}: {e}", page.page_no)),
-                ..Default::default()
-            },
+            Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
         })
     }
 }

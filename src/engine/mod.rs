@@ -123,22 +123,8 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
-        let EngineParts {
-            store,
-            invoker,
-            mailer,
-            clock,
-            config,
-            kinds,
-        } = parts;
-        Self {
-            store,
-            invoker,
-            mailer,
-            clock,
-            config,
-            kinds,
-        }
+        let EngineParts { store, invoker, mailer, clock, config, kinds } = parts;
+        Self { store, invoker, mailer, clock, config, kinds }
     }
 
     pub fn store(&self) -> &Arc<dyn SqlStore> {
@@ -181,12 +167,7 @@ impl Engine {
             .and_then(|j| j.newsletter.as_ref())
             .or(config.newsletter.as_ref())
             .and_then(|n| n.secret());
-        JobDeps {
-            store: self.store.clone(),
-            mailer: self.mailer.clone(),
-            clock: self.clock.clone(),
-            secret,
-        }
+        JobDeps { store: self.store.clone(), mailer: self.mailer.clone(), clock: self.clock.clone(), secret }
     }
 
     pub fn build_job(&self, name: &str, config: &JobConfig) -> Result<Job, JobError> {
@@ -195,18 +176,11 @@ impl Engine {
 
     pub(crate) async fn load_run(&self, run_id: &str) -> Result<RunRow, EngineError> {
         let rows = self.store.query(st::run_by_id(run_id)).await?;
-        RunRow::first(&rows)
-            .map_err(EngineError::State)?
-            .ok_or_else(|| EngineError::RunNotFound(run_id.into()))
+        RunRow::first(&rows).map_err(EngineError::State)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
     pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
-        let event = Event::Hop {
-            run_id: run_id.to_owned(),
-            chain: chain as u32,
-            hop: hop as u64,
-            traceparent: None,
-        };
+        let event = Event::Hop { run_id: run_id.to_owned(), chain: chain as u32, hop: hop as u64, traceparent: None };
         self.invoker.invoke(&event).await
     }
 
@@ -292,15 +266,13 @@ impl Engine {
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
         let rows = self.store.query(st::run_by_key(job, run_key)).await?;
-        Ok(RunRow::first(&rows)
-            .map_err(EngineError::State)?
-            .map(|r| Outcome::Started {
-                run_id: r.run_id,
-                chains: r.chains,
-                pages: r.total_pages,
-                items: r.total_items,
-                existing: true,
-            }))
+        Ok(RunRow::first(&rows).map_err(EngineError::State)?.map(|r| Outcome::Started {
+            run_id: r.run_id,
+            chains: r.chains,
+            pages: r.total_pages,
+            items: r.total_items,
+            existing: true,
+        }))
     }
 
     /// Runs the source once on a sample: the key column exists, is unique and of a sortable
@@ -310,11 +282,7 @@ impl Engine {
         let field = format!("jobs.{name}.source");
         let mut stmts = st::source_sample(&config.source, key);
         let counts = stmts.pop().expect("two statements");
-        let sample = self
-            .store
-            .query(stmts.pop().expect("two statements"))
-            .await
-            .map_err(|e| source_error(name, e))?;
+        let sample = self.store.query(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
         if sample.column(key).is_none() {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
@@ -352,11 +320,7 @@ impl Engine {
 
     /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
     fn hops_per_page(&self, config: &JobConfig, job: &Job) -> i64 {
-        let usable = self
-            .config
-            .settings
-            .hop_timeout
-            .saturating_sub(self.config.settings.hop_margin);
+        let usable = self.config.settings.hop_timeout.saturating_sub(self.config.settings.hop_margin);
         let per_item = match job {
             Job::Items(j) => j.seconds_per_item(),
             Job::Ranges(_) => None,
@@ -378,13 +342,7 @@ impl Engine {
         match action {
             ControlAction::Pause => {
                 self.store
-                    .query(st::set_run_status(
-                        run_id,
-                        &["running"],
-                        "pausing",
-                        Some("paused by operator"),
-                        now,
-                    ))
+                    .query(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now))
                     .await?;
                 self.store.query(st::settle_pause(run_id, now)).await?;
             }
@@ -409,10 +367,7 @@ impl Engine {
         }
         let after = self.load_run(run_id).await?;
         tracing::info!(run_id, ?action, from = run.status, to = after.status, "control");
-        Ok(Outcome::Controlled {
-            run_id: run_id.to_owned(),
-            status: after.status,
-        })
+        Ok(Outcome::Controlled { run_id: run_id.to_owned(), status: after.status })
     }
 
     // ---- status -----------------------------------------------------------------------------
@@ -488,10 +443,7 @@ impl Engine {
             items_done: done.map(|r| r.int("items")).unwrap_or(0),
             pages_done: done.map(|r| r.int("n")).unwrap_or(0),
             pages_total: run.total_pages,
-            active_chains: chains
-                .records()
-                .filter(|c| c.text("status").as_deref() == Some("active"))
-                .count(),
+            active_chains: chains.records().filter(|c| c.text("status").as_deref() == Some("active")).count(),
             hops: chains.records().map(|c| c.int("next_hop") - 1).sum(),
         })
     }
@@ -504,10 +456,7 @@ impl Engine {
         limit: i64,
     ) -> Result<Vec<(String, Option<String>)>, EngineError> {
         let rows = self.store.query(st::ledger_items(run_id, state, limit)).await?;
-        Ok(rows
-            .records()
-            .map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason")))
-            .collect())
+        Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
     }
 
     /// Renders one item's message without sending (the `preview` command).
@@ -537,11 +486,7 @@ impl Engine {
             return Ok(None);
         };
         let item = item_of(&columns, &config.key_column, values);
-        let email_col = config
-            .newsletter
-            .as_ref()
-            .map(|n| n.email_column.clone())
-            .unwrap_or_default();
+        let email_col = config.newsletter.as_ref().map(|n| n.email_column.clone()).unwrap_or_default();
         let address = item.get(&email_col).to_string();
         job.render(&item, "preview", &address)
             .map(Some)
@@ -552,11 +497,7 @@ impl Engine {
 pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>) -> Item {
     let idx = columns.iter().position(|c| c.eq_ignore_ascii_case(key));
     let key = idx.and_then(|i| values[i].key_text()).unwrap_or_default();
-    Item {
-        key,
-        columns: columns.clone(),
-        values,
-    }
+    Item { key, columns: columns.clone(), values }
 }
 
 fn source_error(job: &str, e: SqlError) -> EngineError {
@@ -571,9 +512,7 @@ fn source_error(job: &str, e: SqlError) -> EngineError {
 }
 
 fn count_by(rows: &crate::sql::Rows, column: &str) -> HashMap<String, i64> {
-    rows.records()
-        .map(|r| (r.text(column).unwrap_or_default(), r.int("n")))
-        .collect()
+    rows.records().map(|r| (r.text(column).unwrap_or_default(), r.int("n"))).collect()
 }
 
 /// `YYYY-MM` (UTC) of an epoch-milliseconds instant: the default run key.

@@ -33,13 +33,7 @@ impl Engine {
                 let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
                 if !self
                     .store
-                    .query(st::set_run_status(
-                        id,
-                        &["running", "pausing"],
-                        "failed",
-                        Some(reason),
-                        now,
-                    ))
+                    .query(st::set_run_status(id, &["running", "pausing"], "failed", Some(reason), now))
                     .await?
                     .rows
                     .is_empty()
@@ -49,19 +43,11 @@ impl Engine {
                 continue;
             }
             if run.status == "pausing" {
-                report.parked += self
-                    .store
-                    .query(st::park_stale_chains(id, now - stale_ms))
-                    .await?
-                    .rows
-                    .len();
+                report.parked += self.store.query(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
                 self.store.query(st::settle_pause(id, now)).await?;
                 continue;
             }
-            let stale = self
-                .store
-                .query(st::claim_stale_chains(id, now - stale_ms, now))
-                .await?;
+            let stale = self.store.query(st::claim_stale_chains(id, now - stale_ms, now)).await?;
             for c in stale.records() {
                 tracing::info!(
                     run_id = id,

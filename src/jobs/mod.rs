@@ -33,11 +33,7 @@ pub struct Item {
 impl Item {
     pub fn get(&self, column: &str) -> &Value {
         const NULL: &Value = &Value::Null;
-        self.columns
-            .iter()
-            .position(|c| c.eq_ignore_ascii_case(column))
-            .map(|i| &self.values[i])
-            .unwrap_or(NULL)
+        self.columns.iter().position(|c| c.eq_ignore_ascii_case(column)).map(|i| &self.values[i]).unwrap_or(NULL)
     }
 }
 

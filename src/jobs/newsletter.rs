@@ -42,28 +42,20 @@ pub struct Newsletter {
 }
 
 fn invalid(field: String, message: impl Into<String>) -> JobError {
-    JobError::Invalid {
-        field,
-        message: message.into(),
-    }
+    JobError::Invalid { field, message: message.into() }
 }
 
 impl Newsletter {
     pub fn new(name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Self, JobError> {
         let prefix = format!("jobs.{name}.newsletter");
-        let n = config.newsletter.clone().ok_or_else(|| {
-            invalid(
-                prefix.clone(),
-                "a `newsletter` job needs a [jobs.NAME.newsletter] section",
-            )
-        })?;
+        let n = config
+            .newsletter
+            .clone()
+            .ok_or_else(|| invalid(prefix.clone(), "a `newsletter` job needs a [jobs.NAME.newsletter] section"))?;
         let secret = deps.secret.clone().ok_or_else(|| {
             invalid(
                 format!("{prefix}.unsubscribe_secret"),
-                format!(
-                    "not set: set it in the config or in the environment variable {}",
-                    n.unsubscribe_secret_env
-                ),
+                format!("not set: set it in the config or in the environment variable {}", n.unsubscribe_secret_env),
             )
         })?;
         let from = mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
@@ -117,12 +109,8 @@ impl Newsletter {
 
     /// Renders subject, text and HTML for one recipient; the error names the template.
     pub fn render(&self, item: &Item, run_key: &str, address: &str) -> Result<Rendered, (String, String)> {
-        let recipient: BTreeMap<String, minijinja::Value> = item
-            .columns
-            .iter()
-            .zip(&item.values)
-            .map(|(c, v)| (c.clone(), to_template_value(v)))
-            .collect();
+        let recipient: BTreeMap<String, minijinja::Value> =
+            item.columns.iter().zip(&item.values).map(|(c, v)| (c.clone(), to_template_value(v))).collect();
         let unsubscribe_url = mail::unsubscribe_url(&self.config.unsubscribe_url, &self.secret, &self.job, address);
         let ctx = minijinja::context! {
             recipient => recipient,
@@ -138,12 +126,7 @@ impl Newsletter {
             }
         }
         let [subject, text, html] = out;
-        Ok(Rendered {
-            subject: subject.unwrap_or_default().trim().to_owned(),
-            text,
-            html,
-            unsubscribe_url,
-        })
+        Ok(Rendered { subject: subject.unwrap_or_default().trim().to_owned(), text, html, unsubscribe_url })
     }
 
     fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
@@ -210,16 +193,12 @@ impl ItemJob for Newsletter {
         if !columns.iter().any(|c| c.eq_ignore_ascii_case(email)) {
             return Err(invalid(
                 self.field("email_column"),
-                format!(
-                    "the source query has no column `{email}`; its columns are: {}",
-                    columns.join(", ")
-                ),
+                format!("the source query has no column `{email}`; its columns are: {}", columns.join(", ")),
             ));
         }
         if let Some(item) = sample {
             let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
-            self.render(item, "check", &address)
-                .map_err(|(field, message)| invalid(field, message))?;
+            self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
         }
         Ok(())
     }
@@ -238,9 +217,7 @@ impl ItemJob for Newsletter {
             let period = Duration::from_secs_f64(1.0 / per_chain);
             // A burst of at most 50 ms worth of sends: the rate holds over any window.
             let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
-            Arc::new(RateLimiter::direct(
-                Quota::with_period(period).expect("non-zero period").allow_burst(burst),
-            ))
+            Arc::new(RateLimiter::direct(Quota::with_period(period).expect("non-zero period").allow_burst(burst)))
         });
         *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
     }
@@ -269,9 +246,7 @@ impl ItemJob for Newsletter {
                 return ItemOutcome::Released;
             }
             if let Some(l) = &limiter
-                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready())
-                    .await
-                    .is_err()
+                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready()).await.is_err()
             {
                 return ItemOutcome::Released;
             }
@@ -313,10 +288,6 @@ impl ItemJob for Newsletter {
             }
         }
         let reason = format!("gave up after {} attempts: {last_error}", self.config.max_attempts);
-        if maybe_sent {
-            ItemOutcome::Unknown(reason)
-        } else {
-            ItemOutcome::Failed(reason)
-        }
+        if maybe_sent { ItemOutcome::Unknown(reason) } else { ItemOutcome::Failed(reason) }
     }
 }

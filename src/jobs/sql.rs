@@ -18,18 +18,11 @@ pub struct SqlJob {
 
 impl SqlJob {
     pub fn new(name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Self, JobError> {
-        let statement = config
-            .sql
-            .as_ref()
-            .map(|s| s.statement.clone())
-            .ok_or_else(|| JobError::Invalid {
-                field: format!("jobs.{name}.sql"),
-                message: "a `sql` job needs a [jobs.NAME.sql] section with `statement`".into(),
-            })?;
-        Ok(Self {
-            statement,
-            store: deps.store.clone(),
-        })
+        let statement = config.sql.as_ref().map(|s| s.statement.clone()).ok_or_else(|| JobError::Invalid {
+            field: format!("jobs.{name}.sql"),
+            message: "a `sql` job needs a [jobs.NAME.sql] section with `statement`".into(),
+        })?;
+        Ok(Self { statement, store: deps.store.clone() })
     }
 }
 

@@ -83,19 +83,8 @@ impl LocalLambda {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(LambdaStats::default());
         (
-            LocalLambda {
-                tx,
-                faults: faults.clone(),
-                seed,
-                sends: Default::default(),
-                stats: stats.clone(),
-            },
-            LambdaQueue {
-                rx,
-                faults,
-                seed,
-                stats,
-            },
+            LocalLambda { tx, faults: faults.clone(), seed, sends: Default::default(), stats: stats.clone() },
+            LambdaQueue { rx, faults, seed, stats },
         )
     }
 

@@ -32,19 +32,10 @@ impl Outbox {
         let cap = max_rate.filter(|r| *r > 0.0).map(|r| {
             let burst = std::num::NonZeroU32::new(r.ceil().max(1.0) as u32).expect("at least 1");
             RateLimiter::direct(
-                Quota::with_period(Duration::from_secs_f64(1.0 / r))
-                    .expect("positive")
-                    .allow_burst(burst),
+                Quota::with_period(Duration::from_secs_f64(1.0 / r)).expect("positive").allow_burst(burst),
             )
         });
-        Ok(Self {
-            dir: dir.to_owned(),
-            faults,
-            seed,
-            attempts: Mutex::default(),
-            cap,
-            accepted: Arc::default(),
-        })
+        Ok(Self { dir: dir.to_owned(), faults, seed, attempts: Mutex::default(), cap, accepted: Arc::default() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -54,22 +45,10 @@ impl Outbox {
 
 /// Writes `raw` as `<name>.eml`, or `<name>.N.eml` if that exists; never overwrites.
 fn write_unique(dir: &Path, name: &str, raw: &[u8]) -> std::io::Result<PathBuf> {
-    let stem: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-@".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let stem: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-@".contains(c) { c } else { '_' }).collect();
     for n in 1.. {
-        let path = if n == 1 {
-            dir.join(format!("{stem}.eml"))
-        } else {
-            dir.join(format!("{stem}.{n}.eml"))
-        };
+        let path = if n == 1 { dir.join(format!("{stem}.eml")) } else { dir.join(format!("{stem}.{n}.eml")) };
         match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
                 f.write_all(raw)?;
@@ -94,14 +73,10 @@ impl Mailer for Outbox {
         let roll = dice(self.seed, &[b"mail", mail.to.as_bytes(), &n.to_le_bytes()]);
         let f = &self.faults;
         if roll < f.mail_transient {
-            return Err(MailError::Transient(
-                "injected fault: connection reset before the request was sent".into(),
-            ));
+            return Err(MailError::Transient("injected fault: connection reset before the request was sent".into()));
         }
         if roll < f.mail_transient + f.mail_throttle {
-            return Err(MailError::Throttled(
-                "injected fault: maximum sending rate exceeded".into(),
-            ));
+            return Err(MailError::Throttled("injected fault: maximum sending rate exceeded".into()));
         }
         if let Some(cap) = &self.cap
             && cap.check().is_err()

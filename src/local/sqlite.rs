@@ -29,15 +29,10 @@ impl SqliteStore {
     }
 
     fn configure(conn: Connection) -> Result<Self, SqlError> {
-        conn.busy_timeout(Duration::from_secs(30))
-            .map_err(SqlError::statement)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(SqlError::statement)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(SqlError::statement)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        conn.busy_timeout(Duration::from_secs(30)).map_err(SqlError::statement)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(SqlError::statement)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(SqlError::statement)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs a closure on the connection on a blocking thread (for bulk loads such as demo data).
@@ -83,10 +78,7 @@ impl ToSql for Param<'_> {
 fn classify(e: rusqlite::Error) -> SqlError {
     match &e {
         rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
         {
             SqlError::transient(e)
         }
@@ -108,11 +100,7 @@ fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
     let columns: Vec<String> = prepared.column_names().iter().map(|c| c.to_string()).collect();
     if columns.is_empty() {
         let affected = prepared.execute(refs.as_slice())? as u64;
-        return Ok(Rows {
-            columns,
-            rows: Vec::new(),
-            affected,
-        });
+        return Ok(Rows { columns, rows: Vec::new(), affected });
     }
     let width = columns.len();
     let mut rows = Vec::new();
@@ -130,12 +118,7 @@ fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
         }
         rows.push(values);
     }
-    let affected = rows.len() as u64;
-    Ok(Rows {
-        columns,
-        rows,
-        affected,
-    })
+    Ok(Rows::returned(columns, rows))
 }
 
 #[async_trait]

@@ -14,10 +14,7 @@ pub fn parse_mailbox(s: &str) -> Result<(Option<String>, String), String> {
     let (name, addr) = match (s.rfind('<'), s.ends_with('>')) {
         (Some(open), true) => {
             let name = s[..open].trim().trim_matches('"').trim();
-            (
-                if name.is_empty() { None } else { Some(name.to_owned()) },
-                s[open + 1..s.len() - 1].trim(),
-            )
+            (if name.is_empty() { None } else { Some(name.to_owned()) }, s[open + 1..s.len() - 1].trim())
         }
         _ => (None, s),
     };
@@ -118,10 +115,7 @@ mod tests {
 
     #[test]
     fn mailboxes_and_addresses() {
-        assert_eq!(
-            parse_mailbox("News <news@example.com>").unwrap(),
-            (Some("News".into()), "news@example.com".into())
-        );
+        assert_eq!(parse_mailbox("News <news@example.com>").unwrap(), (Some("News".into()), "news@example.com".into()));
         assert_eq!(parse_mailbox("a@b.co").unwrap(), (None, "a@b.co".into()));
         for bad in ["", "  ", "nobody", "a@b", "a b@c.com", "@example.com", "x@"] {
             assert!(check_address(bad).is_err(), "{bad:?} should be rejected");
@@ -131,13 +125,8 @@ mod tests {
     #[test]
     fn unsubscribe_tokens_verify_and_resist_tampering() {
         let url = unsubscribe_url("https://x.test/u", "0123456789abcdef", "news", "Zoë@example.com");
-        let q: std::collections::HashMap<_, _> = url
-            .split_once('?')
-            .unwrap()
-            .1
-            .split('&')
-            .map(|kv| kv.split_once('=').unwrap())
-            .collect();
+        let q: std::collections::HashMap<_, _> =
+            url.split_once('?').unwrap().1.split('&').map(|kv| kv.split_once('=').unwrap()).collect();
         assert_eq!(
             verify_unsubscribe("0123456789abcdef", "news", q["r"], q["sig"]).as_deref(),
             Some("Zoë@example.com")

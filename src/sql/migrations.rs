@@ -71,9 +71,7 @@ const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migration
 /// Applies every migration not yet recorded. Returns the versions applied now.
 pub async fn migrate(store: &dyn SqlStore, now_ms: i64) -> Result<Vec<i64>, SqlError> {
     store.query(Stmt::new(CREATE_VERSIONS, Params::new())).await?;
-    let applied = store
-        .query(Stmt::new("SELECT version FROM baton_schema_migrations", Params::new()))
-        .await?;
+    let applied = store.query(Stmt::new("SELECT version FROM baton_schema_migrations", Params::new())).await?;
     let applied: Vec<i64> = applied.rows.iter().filter_map(|r| r[0].as_i64()).collect();
     let mut now_applied = Vec::new();
     for (i, steps) in MIGRATIONS.iter().enumerate() {

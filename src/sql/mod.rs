@@ -196,10 +196,7 @@ pub struct Stmt {
 
 impl Stmt {
     pub fn new(sql: impl Into<String>, params: Params) -> Self {
-        Self {
-            sql: sql.into(),
-            params,
-        }
+        Self { sql: sql.into(), params }
     }
 }
 
@@ -213,16 +210,19 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// The rows a query returned (`affected` counts them, as for `RETURNING`).
+    pub fn returned(columns: Vec<String>, rows: Vec<Vec<Value>>) -> Self {
+        let affected = rows.len() as u64;
+        Rows { columns, rows, affected }
+    }
+
     pub fn column(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.eq_ignore_ascii_case(name))
     }
 
     /// Rows as maps from column name to value.
     pub fn records(&self) -> impl Iterator<Item = Record<'_>> {
-        self.rows.iter().map(move |r| Record {
-            columns: &self.columns,
-            values: r,
-        })
+        self.rows.iter().map(move |r| Record { columns: &self.columns, values: r })
     }
 
     pub fn first(&self) -> Option<Record<'_>> {
@@ -240,11 +240,7 @@ pub struct Record<'a> {
 impl<'a> Record<'a> {
     pub fn get(&self, name: &str) -> &'a Value {
         const NULL: &Value = &Value::Null;
-        self.columns
-            .iter()
-            .position(|c| c.eq_ignore_ascii_case(name))
-            .map(|i| &self.values[i])
-            .unwrap_or(NULL)
+        self.columns.iter().position(|c| c.eq_ignore_ascii_case(name)).map(|i| &self.values[i]).unwrap_or(NULL)
     }
 
     pub fn int(&self, name: &str) -> i64 {
@@ -277,14 +273,10 @@ pub enum SqlError {
 
 impl SqlError {
     pub fn statement(message: impl fmt::Display) -> Self {
-        SqlError::Statement {
-            message: message.to_string(),
-        }
+        SqlError::Statement { message: message.to_string() }
     }
     pub fn transient(message: impl fmt::Display) -> Self {
-        SqlError::Transient {
-            message: message.to_string(),
-        }
+        SqlError::Transient { message: message.to_string() }
     }
     pub fn is_transient(&self) -> bool {
         matches!(self, SqlError::Transient { .. })
@@ -318,10 +310,7 @@ pub struct CountingStore<S> {
 
 impl<S> CountingStore<S> {
     pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            statements: AtomicU64::new(0),
-        }
+        Self { inner, statements: AtomicU64::new(0) }
     }
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)

@@ -94,10 +94,7 @@ mod tests {
     fn leaves_literals_casts_and_comments_alone() {
         let (sql, names) =
             to_positional("SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = :yes");
-        assert_eq!(
-            sql,
-            "SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = $1"
-        );
+        assert_eq!(sql, "SELECT ':no', \"x:y\", c::text -- :comment\n FROM t /* :also */ WHERE d = $1");
         assert_eq!(names, vec!["yes"]);
     }
 

@@ -121,17 +121,10 @@ pub fn plan_run(
 
 /// Sets a run's status if it is currently one of `from`. Returns the row when it changed.
 pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str>, now: i64) -> Stmt {
-    let mut params = Params::new()
-        .with("run_id", run_id)
-        .with("to", to)
-        .with("reason", reason.map(str::to_owned))
-        .with("now", now);
+    let mut params =
+        Params::new().with("run_id", run_id).with("to", to).with("reason", reason.map(str::to_owned)).with("now", now);
     let from_list = in_list(&mut params, "from", from.iter().map(|s| Value::from(*s)));
-    let finished = if matches!(to, "succeeded" | "failed" | "cancelled") {
-        ":now"
-    } else {
-        "finished_at"
-    };
+    let finished = if matches!(to, "succeeded" | "failed" | "cancelled") { ":now" } else { "finished_at" };
     Stmt::new(
         format!(
             "UPDATE baton_runs SET status = :to, reason = COALESCE(:reason, reason), updated_at = :now,
@@ -202,11 +195,7 @@ pub fn start_hop(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
         "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop AND status = 'active'
          RETURNING chain_no",
-        Params::new()
-            .with("run_id", run_id)
-            .with("chain", chain)
-            .with("hop", hop)
-            .with("now", now),
+        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
     )
 }
 
@@ -214,11 +203,7 @@ pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
     Stmt::new(
         "UPDATE baton_chains SET heartbeat_at = :now
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop + 1",
-        Params::new()
-            .with("run_id", run_id)
-            .with("chain", chain)
-            .with("hop", hop)
-            .with("now", now),
+        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
     )
 }
 
@@ -272,10 +257,7 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
         "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no, next_hop",
-        Params::new()
-            .with("run_id", run_id)
-            .with("stale_before", stale_before)
-            .with("now", now),
+        Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now),
     )
 }
 
@@ -370,10 +352,7 @@ pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt 
              WHERE run_id = :run_id AND page_no = :page_no AND status = 'leased' AND lease_owner = :owner
              RETURNING page_no"
         ),
-        Params::new()
-            .with("run_id", run_id)
-            .with("page_no", page_no)
-            .with("owner", owner),
+        Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner),
     )
 }
 
@@ -403,10 +382,7 @@ pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
 /// The `WHERE` condition of a page's key range over `src`, and its parameters.
 pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Params) {
     match lo {
-        Some(lo) => (
-            format!("src.{key} > :lo AND src.{key} <= :hi"),
-            Params::new().with("lo", lo).with("hi", hi),
-        ),
+        Some(lo) => (format!("src.{key} > :lo AND src.{key} <= :hi"), Params::new().with("lo", lo).with("hi", hi)),
         None => (format!("src.{key} <= :hi"), Params::new().with("hi", hi)),
     }
 }
@@ -414,10 +390,7 @@ pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Para
 /// All rows of one page, in key order.
 pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value) -> Stmt {
     let (cond, params) = range_condition(key, lo, hi);
-    Stmt::new(
-        format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"),
-        params,
-    )
+    Stmt::new(format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"), params)
 }
 
 // ---- the delivery ledger ----------------------------------------------------------------------
@@ -425,11 +398,8 @@ pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value) -> Stmt 
 /// Item claims before effects: one statement inserts a `claimed` row per key; keys already in
 /// the ledger (done, failed, skipped, unknown, or claimed by someone else) are not returned.
 pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[String]) -> Stmt {
-    let mut params = Params::new()
-        .with("run_id", run_id)
-        .with("page_no", page_no)
-        .with("owner", owner)
-        .with("now", now);
+    let mut params =
+        Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
     let rows: Vec<String> = keys
         .iter()
         .enumerate()
@@ -454,11 +424,7 @@ pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[St
 /// or may not have processed. At-most-once: they become `unknown`, never retried. At-least-once:
 /// the new owner takes the claims over and processes them again.
 pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool, now: i64) -> Stmt {
-    let params = Params::new()
-        .with("run_id", run_id)
-        .with("page_no", page_no)
-        .with("owner", owner)
-        .with("now", now);
+    let params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
     let set = if resend {
         "claimed_by = :owner"
     } else {
@@ -477,10 +443,7 @@ pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool
 /// Results written back in one statement: `(key, state, reason)` for each processed item, only
 /// over rows this owner still holds as `claimed`.
 pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &str, Option<String>)]) -> Stmt {
-    let mut params = Params::new()
-        .with("run_id", run_id)
-        .with("owner", owner)
-        .with("now", now);
+    let mut params = Params::new().with("run_id", run_id).with("owner", owner).with("now", now);
     let rows: Vec<String> = results
         .iter()
         .enumerate()
@@ -506,10 +469,7 @@ pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &
 /// Claims this owner holds but never acted on (the time budget ran out): definitely not sent,
 /// so they are dropped and the page will claim them again.
 pub fn release_claims(run_id: &str, page_no: i64, owner: &str, keys: &[String]) -> Stmt {
-    let mut params = Params::new()
-        .with("run_id", run_id)
-        .with("page_no", page_no)
-        .with("owner", owner);
+    let mut params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner);
     let list = in_list(&mut params, "k", keys.iter().map(|k| Value::from(k.as_str())));
     Stmt::new(
         format!(
@@ -542,10 +502,7 @@ pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
     Stmt::new(
         "SELECT item_key, state, reason FROM baton_ledger
          WHERE run_id = :run_id AND state = :state ORDER BY item_key LIMIT :limit",
-        Params::new()
-            .with("run_id", run_id)
-            .with("state", state)
-            .with("limit", limit),
+        Params::new().with("run_id", run_id).with("state", state).with("limit", limit),
     )
 }
 
@@ -561,9 +518,5 @@ fn in_list(params: &mut Params, prefix: &str, values: impl Iterator<Item = Value
             format!(":{name}")
         })
         .collect();
-    if names.is_empty() {
-        "NULL".to_owned()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { "NULL".to_owned() } else { names.join(", ") }
 }

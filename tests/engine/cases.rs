@@ -33,16 +33,10 @@ pub async fn migrations_apply_once_and_are_safe_twice(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh_store(b, dir.path()).await; // migrated once already
     assert!(migrations::migrate(store.as_ref(), 0).await.unwrap().is_empty());
-    let (a, c) = tokio::join!(
-        migrations::migrate(store.as_ref(), 0),
-        migrations::migrate(store.as_ref(), 0)
-    );
+    let (a, c) = tokio::join!(migrations::migrate(store.as_ref(), 0), migrations::migrate(store.as_ref(), 0));
     assert!(a.unwrap().is_empty() && c.unwrap().is_empty());
     let rows = store
-        .query(baton::sql::Stmt::new(
-            "SELECT COUNT(*) FROM baton_schema_migrations",
-            Default::default(),
-        ))
+        .query(baton::sql::Stmt::new("SELECT COUNT(*) FROM baton_schema_migrations", Default::default()))
         .await
         .unwrap();
     assert_eq!(rows.rows[0][0].as_i64(), Some(migrations::MIGRATIONS.len() as i64));
@@ -65,25 +59,11 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
     // The same hop delivered twice at once: exactly one runs.
     let (a, c) = tokio::join!(m.deliver(hop1.clone()), m.deliver(hop1.clone()));
     let outcomes = [a.unwrap(), c.unwrap()];
-    assert_eq!(
-        outcomes.iter().filter(|o| **o == Outcome::Duplicate).count(),
-        1,
-        "{outcomes:?}"
-    );
+    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Duplicate).count(), 1, "{outcomes:?}");
     m.pump().await;
     // A late third delivery after the run ended is refused too, with no side effect.
     let late = m.deliver(hop1).await.unwrap();
-    assert!(
-        matches!(
-            late,
-            Outcome::Duplicate
-                | Outcome::Hopped {
-                    pages: 0,
-                    next: HopNext::Stopped
-                }
-        ),
-        "{late:?}"
-    );
+    assert!(matches!(late, Outcome::Duplicate | Outcome::Hopped { pages: 0, next: HopNext::Stopped }), "{late:?}");
     let status = m.status(&run).await;
     assert_eq!(status.status, "succeeded");
     assert!(duplicates(&m.sent()).is_empty());
@@ -94,12 +74,7 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
 pub async fn duplicate_deliveries_throughout_a_run_send_nothing_twice(b: Backend) {
     let users = int_users(300);
     let mut s = setup(10, 3);
-    s.faults = Faults {
-        duplicate_hop: 0.5,
-        delay_hop: 0.3,
-        max_delay: Duration::from_millis(50),
-        ..Faults::default()
-    };
+    s.faults = Faults { duplicate_hop: 0.5, delay_hop: 0.3, max_delay: Duration::from_millis(50), ..Faults::default() };
     s.job.newsletter.as_mut().unwrap().send_rate = 600.0; // several hops per chain
     let h = Harness::with_users(b, &users, s).await;
     let run = h.start().await;
@@ -117,10 +92,7 @@ pub async fn start_twice_is_one_run(b: Backend) {
     let first = m.start().await;
     let queued = m.pending_events();
     let again = m.engine.start(JOB, Some("t")).await.unwrap();
-    assert!(
-        matches!(again, Outcome::Started { ref run_id, existing: true, .. } if *run_id == first),
-        "{again:?}"
-    );
+    assert!(matches!(again, Outcome::Started { ref run_id, existing: true, .. } if *run_id == first), "{again:?}");
     assert_eq!(m.pending_events(), queued, "a second start invokes nothing");
     let (x, y) = tokio::join!(m.engine.start(JOB, Some("u")), m.engine.start(JOB, Some("u")));
     let ids: Vec<_> = [x.unwrap(), y.unwrap()]
@@ -142,18 +114,7 @@ pub async fn completion_is_marked_exactly_once(b: Backend) {
     let outcomes = futures::future::join_all(events.into_iter().map(|e| m.deliver(e))).await;
     let mut outcomes: Vec<Outcome> = outcomes.into_iter().map(Result::unwrap).collect();
     outcomes.extend(m.pump().await);
-    let completed = outcomes
-        .iter()
-        .filter(|o| {
-            matches!(
-                o,
-                Outcome::Hopped {
-                    next: HopNext::Completed,
-                    ..
-                }
-            )
-        })
-        .count();
+    let completed = outcomes.iter().filter(|o| matches!(o, Outcome::Hopped { next: HopNext::Completed, .. })).count();
     assert_eq!(completed, 1, "{outcomes:?}");
     assert_eq!(m.status(&run).await.status, "succeeded");
     // The sweeper finds nothing left to complete.
@@ -178,11 +139,7 @@ pub async fn expired_lease_reoffers_page_without_resending_done_items(b: Backend
     let status = m.status(&run).await;
     assert_eq!(status.status, "succeeded", "{status:?}");
     let sent = m.sent();
-    assert!(
-        duplicates(&sent).is_empty(),
-        "re-offered page re-sent done items: {:?}",
-        duplicates(&sent)
-    );
+    assert!(duplicates(&sent).is_empty(), "re-offered page re-sent done items: {:?}", duplicates(&sent));
     assert_eq!(sent.len(), 20);
     assert_eq!(status.unknown, 0);
 }
@@ -256,10 +213,7 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     h.local.drain(Duration::from_secs(2)).await;
     assert_eq!(status.status, "cancelled");
     let after = h.mailer.accepted.load(Ordering::SeqCst) - at_cancel;
-    assert!(
-        after <= 3 * 10,
-        "{after} sends after cancel; at most one page per chain allowed"
-    );
+    assert!(after <= 3 * 10, "{after} sends after cancel; at most one page per chain allowed");
     assert!(duplicates(&h.sent()).is_empty());
     assert!(status.pending > 0, "cancel left the rest unsent");
     // A cancelled run stays cancelled: resume does not revive it.
@@ -280,11 +234,7 @@ pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     let parked = h.mailer.accepted.load(Ordering::SeqCst);
     assert!(parked - at_pause <= 30, "pause takes effect within one page per chain");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        h.mailer.accepted.load(Ordering::SeqCst),
-        parked,
-        "nothing is sent while paused"
-    );
+    assert_eq!(h.mailer.accepted.load(Ordering::SeqCst), parked, "nothing is sent while paused");
     h.engine().control(&run, ControlAction::Resume).await.unwrap();
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded");
@@ -301,30 +251,13 @@ pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
     let m = Manual::new(b, &users, job, KindRegistry::default()).await;
     let run = m.start().await;
     let hop1 = m.deliver_next().await.unwrap().unwrap();
-    assert!(
-        matches!(
-            hop1,
-            Outcome::Hopped {
-                next: HopNext::Continued,
-                ..
-            }
-        ),
-        "{hop1:?}"
-    );
+    assert!(matches!(hop1, Outcome::Hopped { next: HopNext::Continued, .. }), "{hop1:?}");
     let lost = m.next_event().expect("hop 2 was invoked");
     assert!(matches!(lost, Event::Hop { hop: 2, .. }));
-    assert_eq!(
-        m.engine.sweep().await.unwrap().restarted,
-        0,
-        "a live chain is left alone"
-    );
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 0, "a live chain is left alone");
     m.expire_leases();
     assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
-    assert_eq!(
-        m.next_event(),
-        Some(lost.clone()),
-        "restarted from its checkpoint: the same hop"
-    );
+    assert_eq!(m.next_event(), Some(lost.clone()), "restarted from its checkpoint: the same hop");
     m.deliver(lost).await.unwrap();
     m.pump().await;
     let status = m.status(&run).await;
@@ -334,17 +267,13 @@ pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
     assert_eq!(m.sent().len(), 58);
 
     // Live, with the fault injector: a seed whose dice surely lose hop 2 of the only chain.
-    let seed = (1..)
-        .find(|s| baton::local::faults::dice(*s, &[b"drop", b"hop/0/2", &1u64.to_le_bytes()]) < 0.3)
-        .unwrap();
+    let seed =
+        (1..).find(|s| baton::local::faults::dice(*s, &[b"drop", b"hop/0/2", &1u64.to_le_bytes()]) < 0.3).unwrap();
     let users = int_users(300);
     let mut s = setup(10, 1);
     s.seed = seed;
     s.job.newsletter.as_mut().unwrap().send_rate = 300.0;
-    s.faults = Faults {
-        drop_hop: 0.3,
-        ..Faults::default()
-    };
+    s.faults = Faults { drop_hop: 0.3, ..Faults::default() };
     let h = Harness::with_users(b, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
@@ -387,13 +316,7 @@ pub async fn hop_budget_stops_a_runaway(b: Backend) {
     assert_eq!(status.chains[0].hop_budget, budget);
     assert_eq!(status.chains[0].hops, budget, "no hop beyond the budget ran");
     assert_eq!(status.chains[0].status, "failed");
-    assert!(matches!(
-        outcomes.last(),
-        Some(Outcome::Hopped {
-            next: HopNext::Failed(_),
-            ..
-        })
-    ));
+    assert!(matches!(outcomes.last(), Some(Outcome::Hopped { next: HopNext::Failed(_), .. })));
     assert_eq!(m.pending_events(), 0, "the chain stopped invoking itself");
 }
 
@@ -403,16 +326,7 @@ pub async fn run_deadline_fails_a_run(b: Backend) {
     let run = m.start().await;
     m.clock.advance_ms(601_000);
     let outcome = m.deliver_next().await.unwrap().unwrap();
-    assert!(
-        matches!(
-            outcome,
-            Outcome::Hopped {
-                next: HopNext::Failed(_),
-                ..
-            }
-        ),
-        "{outcome:?}"
-    );
+    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Failed(_), .. }), "{outcome:?}");
     let status = m.status(&run).await;
     assert_eq!(status.status, "failed");
     assert!(status.reason.unwrap().contains("deadline"));
@@ -433,10 +347,7 @@ pub async fn failure_threshold_pauses_the_run(b: Backend) {
     let run = h.start().await;
     let status = h.drive(&run).await;
     assert_eq!(status.status, "paused", "{status:?}");
-    assert!(
-        status.reason.as_deref().unwrap().contains("failure threshold"),
-        "{status:?}"
-    );
+    assert!(status.reason.as_deref().unwrap().contains("failure threshold"), "{status:?}");
     assert!(status.failed > 3 && status.failed < 30, "{status:?}");
     let failed = h.engine().items_in_state(&run, "failed", 100).await.unwrap();
     assert!(failed.iter().all(|(_, r)| r.as_deref().unwrap().contains("rejected")));
@@ -496,40 +407,17 @@ pub async fn text_keys(b: Backend) {
 
 pub async fn uuid_keys(b: Backend) {
     let users: Vec<User> = (0..45)
-        .map(|i| {
-            (
-                Value::Uuid(uuid::Uuid::new_v4().to_string()),
-                Some(format!("u{i}@example.com")),
-                format!("U {i}"),
-            )
-        })
+        .map(|i| (Value::Uuid(uuid::Uuid::new_v4().to_string()), Some(format!("u{i}@example.com")), format!("U {i}")))
         .collect();
     let status = run_and_check(b, KeyKind::Uuid, users, setup(10, 3)).await;
     assert_eq!((status.total, status.done), (45, 45));
 }
 
 pub async fn sparse_and_negative_keys(b: Backend) {
-    let ids = [
-        -9_000_000_000_000i64,
-        -5,
-        0,
-        1,
-        2,
-        1_000,
-        1_000_001,
-        77_777_777_777,
-        i64::MAX - 1,
-        i64::MAX,
-    ];
+    let ids = [-9_000_000_000_000i64, -5, 0, 1, 2, 1_000, 1_000_001, 77_777_777_777, i64::MAX - 1, i64::MAX];
     let users: Vec<User> = ids
         .iter()
-        .map(|id| {
-            (
-                Value::Int(*id),
-                Some(format!("s{}@example.com", id.unsigned_abs())),
-                "S".into(),
-            )
-        })
+        .map(|id| (Value::Int(*id), Some(format!("s{}@example.com", id.unsigned_abs())), "S".into()))
         .collect();
     let status = run_and_check(b, KeyKind::Int, users, setup(3, 2)).await;
     assert_eq!((status.total, status.done, status.pages_total), (10, 10, 4));
@@ -559,11 +447,7 @@ pub async fn sql_kind_runs_one_statement_per_page(b: Backend) {
     assert_eq!(status.status, "succeeded", "{status:?}");
     assert_eq!(status.pages_done, 10);
     assert_eq!(h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:%'").await, 95);
-    assert_eq!(
-        h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:done:%'")
-            .await,
-        0
-    );
+    assert_eq!(h.count("SELECT COUNT(*) FROM users WHERE name LIKE 'done:done:%'").await, 0);
 }
 
 pub async fn statements_per_page_are_constant(b: Backend) {
@@ -584,10 +468,7 @@ pub async fn statements_per_page_are_constant(b: Backend) {
     for p in &per_page {
         assert!(*p <= 12.0, "statements per page: {per_page:?}");
     }
-    assert!(
-        per_page[1] < per_page[0] * 2.0,
-        "cost must not grow with page size: {per_page:?}"
-    );
+    assert!(per_page[1] < per_page[0] * 2.0, "cost must not grow with page size: {per_page:?}");
 }
 
 async fn assert_no_state(m: &Manual) {
@@ -595,17 +476,10 @@ async fn assert_no_state(m: &Manual) {
         let rows = m
             .engine
             .store()
-            .query(baton::sql::Stmt::new(
-                format!("SELECT COUNT(*) FROM {table}"),
-                Default::default(),
-            ))
+            .query(baton::sql::Stmt::new(format!("SELECT COUNT(*) FROM {table}"), Default::default()))
             .await
             .unwrap();
-        assert_eq!(
-            rows.rows[0][0].as_i64(),
-            Some(0),
-            "{table} has rows after rejected input"
-        );
+        assert_eq!(rows.rows[0][0].as_i64(), Some(0), "{table} has rows after rejected input");
     }
     assert_eq!(m.pending_events(), 0, "rejected input invoked something");
     assert!(m.sent().is_empty());
@@ -615,26 +489,14 @@ pub async fn bad_input_changes_nothing(b: Backend) {
     let users = int_users(20);
     type Change = Box<dyn Fn(&mut baton::config::JobConfig)>;
     let variants: Vec<(&str, Change)> = vec![
-        (
-            "undefined",
-            Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into()),
-        ),
+        ("undefined", Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into())),
         (
             "undefined variable(s) user",
             Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ user.name }}".into()),
         ),
-        (
-            "no column `id`",
-            Box::new(|j| j.source = "SELECT email, name FROM users".into()),
-        ),
-        (
-            "no column `mail`",
-            Box::new(|j| j.newsletter.as_mut().unwrap().email_column = "mail".into()),
-        ),
-        (
-            "source query failed",
-            Box::new(|j| j.source = "SELECT id, email FROM no_such_table".into()),
-        ),
+        ("no column `id`", Box::new(|j| j.source = "SELECT email, name FROM users".into())),
+        ("no column `mail`", Box::new(|j| j.newsletter.as_mut().unwrap().email_column = "mail".into())),
+        ("source query failed", Box::new(|j| j.source = "SELECT id, email FROM no_such_table".into())),
         (
             "not unique",
             Box::new(|j| {
@@ -653,34 +515,16 @@ pub async fn bad_input_changes_nothing(b: Backend) {
     }
     let m = Manual::new(b, &users, newsletter_job(10, 2), KindRegistry::default()).await;
     let deadline = Instant::now() + Duration::from_secs(1);
-    for payload in [
-        &b"{\"type\":\"hop\",\"run_id\":\"x\"}"[..],
-        b"{\"type\":\"explode\"}",
-        b"\xff\xfe",
-        b"[]",
-    ] {
+    for payload in [&b"{\"type\":\"hop\",\"run_id\":\"x\"}"[..], b"{\"type\":\"explode\"}", b"\xff\xfe", b"[]"] {
         let err = m.engine.handle_payload(payload, deadline).await.unwrap_err();
         assert!(matches!(err, EngineError::Event(_)), "{err}");
         assert!(err.to_string().contains("malformed event"), "{err}");
     }
     let unknown_job = m.engine.start("no-such-job", None).await.unwrap_err().to_string();
-    assert!(
-        unknown_job.contains("no job named `no-such-job`") && unknown_job.contains("news"),
-        "{unknown_job}"
-    );
-    let bad_key = m
-        .engine
-        .start(JOB, Some("2026/12; DROP"))
-        .await
-        .unwrap_err()
-        .to_string();
+    assert!(unknown_job.contains("no job named `no-such-job`") && unknown_job.contains("news"), "{unknown_job}");
+    let bad_key = m.engine.start(JOB, Some("2026/12; DROP")).await.unwrap_err().to_string();
     assert!(bad_key.contains("invalid run key"), "{bad_key}");
-    let hop = Event::Hop {
-        run_id: "nope".into(),
-        chain: 0,
-        hop: 1,
-        traceparent: None,
-    };
+    let hop = Event::Hop { run_id: "nope".into(), chain: 0, hop: 1, traceparent: None };
     assert!(matches!(m.deliver(hop).await, Err(EngineError::RunNotFound(_))));
     let control = m.engine.control("nope", ControlAction::Pause).await.unwrap_err();
     assert!(matches!(control, EngineError::RunNotFound(_)));
@@ -704,19 +548,11 @@ pub async fn bad_input_changes_nothing(b: Backend) {
             "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\n[jobs.a.sql]\nstatement='SELECT :x'",
             "jobs.a.sql.statement",
         ),
-        (
-            "[jobs.a]\nkind='newsletter'\nsource='SELECT id FROM t'",
-            "jobs.a.newsletter",
-        ),
+        ("[jobs.a]\nkind='newsletter'\nsource='SELECT id FROM t'", "jobs.a.newsletter"),
         ("[settings]\nhop_timeout='20m'", "settings.hop_timeout"),
-        (
-            "[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_sise=5",
-            "page_sise",
-        ),
+        ("[jobs.a]\nkind='sql'\nsource='SELECT id FROM t'\npage_sise=5", "page_sise"),
     ] {
-        let err = Config::parse(toml, std::path::Path::new("baton.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(toml, std::path::Path::new("baton.toml")).unwrap_err().to_string();
         assert!(err.contains(field), "expected {field} in: {err}");
     }
 }
@@ -732,8 +568,7 @@ pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     m.expire_leases();
     m.engine.sweep().await.unwrap();
     // And a dropped connection while recording results: sent, not recorded, so `unknown`.
-    m.store
-        .fail_next(|s| s.sql.contains("UPDATE baton_ledger SET state = v.column2"));
+    m.store.fail_next(|s| s.sql.contains("UPDATE baton_ledger SET state = v.column2"));
     assert!(m.deliver_next().await.unwrap().is_err());
     m.expire_leases();
     m.engine.sweep().await.unwrap();
@@ -743,18 +578,12 @@ pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     assert!(duplicates(&m.sent()).is_empty());
     assert_eq!(status.unknown, 10);
     assert_eq!(status.done + status.skipped + status.unknown, 30);
-    assert_eq!(
-        m.sent().len(),
-        30 - 1,
-        "user 24 has an invalid address; everyone else got one message"
-    );
+    assert_eq!(m.sent().len(), 30 - 1, "user 24 has an invalid address; everyone else got one message");
 }
 
 pub async fn randomized_fault_schedules_keep_exactly_once(b: Backend) {
     let users = int_users(240);
-    let seeds: Vec<u64> = (1..=8)
-        .map(|i| i * 7919 + if b == Backend::Postgres { 1 } else { 0 })
-        .collect();
+    let seeds: Vec<u64> = (1..=8).map(|i| i * 7919 + if b == Backend::Postgres { 1 } else { 0 }).collect();
     for seed in seeds {
         let mut s = setup(10, 3);
         s.seed = seed;
@@ -782,20 +611,14 @@ pub async fn source_column_types_are_read(b: Backend) {
     let store = fresh_store(b, dir.path()).await;
     let sql = "SELECT CAST(12345.678 AS NUMERIC(10,3)) AS a, CAST(-0.05 AS NUMERIC(6,2)) AS b, \
                CAST(100000000 AS NUMERIC) AS c, CAST(7 AS INTEGER) AS d, 'Zoë' AS e, CAST(1.5 AS DOUBLE PRECISION) AS f";
-    let rows = store
-        .query(baton::sql::Stmt::new(sql, Default::default()))
-        .await
-        .unwrap();
+    let rows = store.query(baton::sql::Stmt::new(sql, Default::default())).await.unwrap();
     let r = rows.first().unwrap();
     let text = |c: &str| r.get(c).to_string();
     assert_eq!(text("d"), "7");
     assert_eq!(text("e"), "Zoë");
     assert_eq!(text("f"), "1.5");
     if b == Backend::Postgres {
-        assert_eq!(
-            (text("a"), text("b"), text("c")),
-            ("12345.678".into(), "-0.05".into(), "100000000".into())
-        );
+        assert_eq!((text("a"), text("b"), text("c")), ("12345.678".into(), "-0.05".into(), "100000000".into()));
     }
 }
 
@@ -810,20 +633,8 @@ pub async fn hung_send_is_cut_off_and_only_it_is_unknown(b: Backend) {
     // four that went out, marks the hung one unknown, releases the rest and hands over.
     let started = Instant::now();
     let outcome = m.deliver_next().await.unwrap().unwrap();
-    assert!(
-        started.elapsed() < m.settings.hop_timeout,
-        "the hop ended before its deadline"
-    );
-    assert!(
-        matches!(
-            outcome,
-            Outcome::Hopped {
-                next: HopNext::Continued,
-                ..
-            }
-        ),
-        "{outcome:?}"
-    );
+    assert!(started.elapsed() < m.settings.hop_timeout, "the hop ended before its deadline");
+    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Continued, .. }), "{outcome:?}");
     let mid = m.status(&run).await;
     assert_eq!((mid.done, mid.unknown, mid.claimed), (4, 1, 0), "{mid:?}");
     m.mailer.limit.store(u64::MAX, Ordering::SeqCst);

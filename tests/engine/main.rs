@@ -2,6 +2,7 @@
 //! binary (modules below) keeps link times down. Run with `scripts/test`.
 
 mod cases;
+mod cli;
 mod support;
 
 /// Instantiates each case once per backend.

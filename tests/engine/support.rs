@@ -39,10 +39,7 @@ pub async fn fresh_store(backend: Backend, dir: &std::path::Path) -> Arc<dyn Sql
             );
             let admin = PostgresStore::connect(&url, 1).unwrap();
             let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-            admin
-                .query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new()))
-                .await
-                .unwrap();
+            admin.query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new())).await.unwrap();
             let base = url.rsplit_once('/').unwrap().0;
             Arc::new(PostgresStore::connect(&format!("{base}/{name}"), 24).unwrap())
         }
@@ -66,11 +63,7 @@ pub fn int_users(n: usize) -> Vec<User> {
     (0..n)
         .map(|i| {
             let id = (i as i64) * 13 + 5;
-            let email = if i % 25 == 24 {
-                "not-an-address".to_owned()
-            } else {
-                format!("user{id}@example.com")
-            };
+            let email = if i % 25 == 24 { "not-an-address".to_owned() } else { format!("user{id}@example.com") };
             (Value::Int(id), Some(email), format!("Zoë {i}"))
         })
         .collect()
@@ -82,10 +75,7 @@ pub async fn create_users(store: &dyn SqlStore, backend: Backend, kind: KeyKind,
         (KeyKind::Text, _) | (KeyKind::Uuid, Backend::Sqlite) => "TEXT",
         (KeyKind::Uuid, Backend::Postgres) => "UUID",
     };
-    store
-        .query(Stmt::new("DROP TABLE IF EXISTS users", Params::new()))
-        .await
-        .unwrap();
+    store.query(Stmt::new("DROP TABLE IF EXISTS users", Params::new())).await.unwrap();
     store
         .query(Stmt::new(
             format!("CREATE TABLE users (id {key_type} PRIMARY KEY, email TEXT, name TEXT NOT NULL)"),
@@ -235,10 +225,7 @@ impl Harness {
             accepted: AtomicU64::new(0),
         });
         let clock = ManualClock::default();
-        let config = Config {
-            settings: setup.settings,
-            jobs: [(JOB.to_owned(), setup.job)].into(),
-        };
+        let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
         config.validate().unwrap();
         let local = LocalRuntime::start(LocalParts {
             store: store.clone(),
@@ -249,14 +236,7 @@ impl Harness {
             faults: setup.faults,
             seed: setup.seed,
         });
-        Harness {
-            backend,
-            store,
-            local,
-            mailer,
-            outbox_dir,
-            _dir: dir,
-        }
+        Harness { backend, store, local, mailer, outbox_dir, _dir: dir }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -297,13 +277,7 @@ impl Harness {
     }
 
     pub async fn keys_in(&self, run_id: &str, state: &str) -> HashSet<String> {
-        self.engine()
-            .items_in_state(run_id, state, 1_000_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
+        self.engine().items_in_state(run_id, state, 1_000_000).await.unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -320,11 +294,7 @@ impl Harness {
             *per_address.entry(a).or_default() += 1;
         }
         let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            twice.is_empty(),
-            "{:?}: addresses mailed twice: {twice:?}",
-            self.backend
-        );
+        assert!(twice.is_empty(), "{:?}: addresses mailed twice: {twice:?}", self.backend);
         let unknown = self.keys_in(run_id, "unknown").await;
         for (key, email, _) in users {
             let Some(email) = email else { continue };
@@ -339,10 +309,7 @@ impl Harness {
                 self.backend
             );
         }
-        assert!(
-            status.accounted(),
-            "done + failed + skipped + unknown != total: {status:?}"
-        );
+        assert!(status.accounted(), "done + failed + skipped + unknown != total: {status:?}");
         for c in &status.chains {
             assert!(c.hops <= c.hop_budget, "chain {} exceeded its budget: {c:?}", c.chain);
         }
@@ -447,10 +414,7 @@ impl Manual {
         let raw = fresh_store(backend, dir.path()).await;
         create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
         let counting = Arc::new(CountingStore::new(raw));
-        let store = Arc::new(FaultyStore {
-            inner: counting.clone(),
-            fail_next: Mutex::new(None),
-        });
+        let store = Arc::new(FaultyStore { inner: counting.clone(), fail_next: Mutex::new(None) });
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(HangingMailer {
             inner: TestMailer {
@@ -469,23 +433,10 @@ impl Manual {
             invoker: invoker.clone(),
             mailer: mailer.clone(),
             clock: Arc::new(clock.clone()),
-            config: Config {
-                settings: settings.clone(),
-                jobs: [(JOB.to_owned(), job)].into(),
-            },
+            config: Config { settings: settings.clone(), jobs: [(JOB.to_owned(), job)].into() },
             kinds,
         });
-        Manual {
-            engine,
-            invoker,
-            store,
-            counting,
-            clock,
-            mailer,
-            outbox_dir,
-            settings,
-            _dir: dir,
-        }
+        Manual { engine, invoker, store, counting, clock, mailer, outbox_dir, settings, _dir: dir }
     }
 
     pub fn next_event(&self) -> Option<Event> {
@@ -518,8 +469,7 @@ impl Manual {
 
     /// Moves the clock past every lease and heartbeat, as if the dead hop's time had passed.
     pub fn expire_leases(&self) {
-        self.clock
-            .advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
+        self.clock.advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
     }
 
     pub fn sent(&self) -> Vec<String> {

@@ -1,0 +1,53 @@
+//! The `baton` binary as a user meets it: the demo, `status --json`, and bad input.
+
+use std::process::Command;
+
+fn baton(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_baton")).args(args).env("NO_COLOR", "1").output().expect("baton runs")
+}
+
+#[test]
+fn demo_with_chaos_succeeds_and_status_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out =
+        baton(&["demo", "--users", "1500", "--chains", "3", "--chaos", "--seed", "5", "--json", "--data-dir", data]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    assert_eq!(summary["run"]["status"], "succeeded");
+    assert_eq!(summary["checks_passed"], true);
+    assert_eq!(summary["duplicated_addresses"].as_array().unwrap().len(), 0);
+    assert_eq!(summary["missed_users"], 0);
+    assert!(summary["hops"]["delivered"].as_u64().unwrap() > 3, "chains made many hops: {summary}");
+    let eml = std::fs::read_dir(dir.path().join("outbox")).unwrap().count() as u64;
+    assert_eq!(eml, summary["outbox_files"].as_u64().unwrap());
+
+    let out = baton(&["status", "--json", "--data-dir", data]);
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["status", "total", "done", "failed", "skipped", "unknown", "pages_done", "pages_total", "chains"] {
+        assert!(status.get(field).is_some(), "status --json lacks {field}: {status}");
+    }
+    assert_eq!(status["total"], 1500);
+    let sum: i64 = ["done", "failed", "skipped", "unknown"].iter().map(|f| status[f].as_i64().unwrap()).sum();
+    assert_eq!(sum, 1500);
+    for chain in status["chains"].as_array().unwrap() {
+        assert!(chain["hops"].as_i64().unwrap() <= chain["hop_budget"].as_i64().unwrap());
+    }
+}
+
+#[test]
+fn bad_config_is_rejected_with_the_field_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, "[jobs.news]\nkind = 'sql'\nsource = 'SELECT id FROM t'\npage_size = 0\n[jobs.news.sql]\nstatement = 'SELECT :hi'\n").unwrap();
+    let out = baton(&["run", "news", "--config", config.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("jobs.news.page_size: must be between 1 and 10000, got 0"), "{stderr}");
+
+    let out = baton(&["pause", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no runs yet"));
+}
