@@ -11,7 +11,9 @@
 //! - [`mail`]: message building and signed one-click unsubscribe links.
 //! - [`local`]: the embedded adapters (SQLite, in-process Lambda model, outbox) and the driver
 //!   that runs a local run to its end.
-//! - [`adapters`]: adapters for other environments (direct PostgreSQL; AWS to come).
+//! - [`adapters`]: adapters for other environments: direct PostgreSQL, and the AWS adapters
+//!   (RDS Data API, SES v2, Lambda Invoke).
+//! - [`lambda`]: Lambda mode, the binary as a Lambda bootstrap.
 //! - [`config`]: the typed, validated `baton.toml`.
 //! - [`cli`]: the `baton` command line.
 
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod jobs;
+pub mod lambda;
 pub mod local;
 pub mod mail;
 pub mod ports;

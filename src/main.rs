@@ -1,6 +1,9 @@
-//! The `baton` binary: selects the mode. (Lambda mode, when `AWS_LAMBDA_RUNTIME_API` is set,
-//! arrives with the AWS adapters; until then the binary is the CLI.)
+//! The `baton` binary selects its mode: a Lambda bootstrap when `AWS_LAMBDA_RUNTIME_API` is set
+//! (`lambda_runtime::run` panics without it), the CLI otherwise.
 
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+        return baton::cli::lambda_main();
+    }
     baton::cli::main()
 }

@@ -63,6 +63,12 @@ pub enum MailError {
 #[async_trait]
 pub trait Mailer: Send + Sync {
     async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError>;
+
+    /// The provider's maximum send rate (messages per second), if it has one. A run's rate is
+    /// capped by it at start. `AccountStopped` means the account cannot send at all.
+    async fn max_rate(&self) -> Result<Option<f64>, MailError> {
+        Ok(None)
+    }
 }
 
 /// Wall-clock time in epoch milliseconds, for leases, heartbeats and deadlines stored in the

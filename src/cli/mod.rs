@@ -3,26 +3,19 @@
 //! in-process Lambda model. `--database-url` points state and sources at PostgreSQL instead.
 
 pub mod demo;
+pub mod wiring;
 
-use std::path::{Path, PathBuf};
+use wiring::Runtime;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::adapters::postgres::PostgresStore;
-use crate::config::Config;
 use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
 use crate::engine::{Engine, Outcome};
-use crate::jobs::KindRegistry;
-use crate::local::driver::{LocalParts, LocalRuntime};
-use crate::local::faults::Faults;
-use crate::local::outbox::Outbox;
-use crate::local::sqlite::SqliteStore;
-use crate::ports::SystemClock;
-use crate::sql::SqlStore;
 
 const ABOUT: &str = "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
 
@@ -61,6 +54,30 @@ pub struct Common {
     /// The configuration file.
     #[arg(long, env = "BATON_CONFIG", default_value = "baton.toml", global = true)]
     pub config: PathBuf,
+    /// Where state and job sources live (default: sqlite, or postgres when --database-url is given).
+    #[arg(long, env = "BATON_STORE", value_enum, global = true)]
+    pub store: Option<wiring::StoreKind>,
+    /// Aurora cluster ARN, for `--store data-api`.
+    #[arg(long, env = "BATON_DB_CLUSTER_ARN", global = true)]
+    pub db_cluster_arn: Option<String>,
+    /// Secrets Manager ARN of the database credentials, for `--store data-api`.
+    #[arg(long, env = "BATON_DB_SECRET_ARN", global = true)]
+    pub db_secret_arn: Option<String>,
+    /// Database name, for `--store data-api`.
+    #[arg(long, env = "BATON_DB_NAME", default_value = "baton", global = true)]
+    pub db_name: String,
+    /// How mail goes out.
+    #[arg(long, env = "BATON_MAILER", value_enum, default_value = "outbox", global = true)]
+    pub mailer: wiring::MailerKind,
+    /// SES configuration set for sends, with `--mailer ses`.
+    #[arg(long, env = "BATON_SES_CONFIGURATION_SET", global = true)]
+    pub ses_configuration_set: Option<String>,
+    /// How a chain invokes its next hop.
+    #[arg(long, env = "BATON_INVOKER", value_enum, default_value = "local", global = true)]
+    pub invoker: wiring::InvokerKind,
+    /// The baton Lambda function (name or ARN), for `--invoker lambda`, `brake` and `release`.
+    #[arg(long, env = "BATON_FUNCTION", global = true)]
+    pub function: Option<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -117,6 +134,28 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Start a run and return at once (with `--invoker lambda`, the chains run in Lambda).
+    Start {
+        job: String,
+        #[arg(long)]
+        run_key: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Emergency brake: set the function's reserved concurrency to 0, stopping every hop
+    /// (queued ones included) without a deploy. Undo with `baton release`.
+    Brake {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Release the brake: restore the function's reserved concurrency (`--concurrency N`), or
+    /// remove the reservation.
+    Release {
+        #[arg(long)]
+        concurrency: Option<i32>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Render one recipient's message without sending it.
     Preview {
         job: String,
@@ -138,6 +177,9 @@ pub fn main() -> ExitCode {
         | Command::Resume { common, .. }
         | Command::Cancel { common, .. }
         | Command::Sweep { common }
+        | Command::Start { common, .. }
+        | Command::Brake { common }
+        | Command::Release { common, .. }
         | Command::Preview { common, .. } => common.verbose,
     };
     init_logging(verbose);
@@ -147,6 +189,20 @@ pub fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Lambda mode: JSON logs to stdout (CloudWatch), the runtime loop until the sandbox ends.
+pub fn lambda_main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).without_time().with_ansi(false).try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(crate::lambda::serve()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -165,23 +221,24 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
         Command::Run { job, run_key, common } => {
-            let local = open_local(&common, true).await?;
-            let started = local.engine.start(&job, run_key.as_deref()).await?;
+            let local = Runtime::open(&common, true).await?;
+            let started = local.engine().start(&job, run_key.as_deref()).await?;
             let Outcome::Started { run_id, existing, .. } = &started else { unreachable!() };
             if *existing {
-                let status = local.engine.status(Some(run_id)).await?.expect("exists");
+                let status = local.engine().status(Some(run_id)).await?.expect("exists");
                 if status.is_terminal() {
                     print_status(&status, common.json);
                     eprintln!("run {run_id} of `{job}` already {}; use --run-key for a new run", status.status);
                     return Ok(exit_for(&status));
                 }
                 eprintln!("continuing run {run_id} (already {}); the sweeper restarts its chains", status.status);
-                local.engine.sweep().await?;
+                local.engine().sweep().await?;
             }
             finish(&local, run_id, &common).await
         }
         Command::Status { run_id, list, common } => {
-            let engine = open_engine(&common, false).await?;
+            let rt = Runtime::open(&common, false).await?;
+            let engine = rt.engine();
             let Some(status) = engine.status(run_id.as_deref()).await? else {
                 bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
             };
@@ -196,14 +253,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Pause { run_id, common } => control(&common, run_id, ControlAction::Pause).await,
         Command::Cancel { run_id, common } => control(&common, run_id, ControlAction::Cancel).await,
         Command::Resume { run_id, common } => {
-            let local = open_local(&common, true).await?;
-            let id = latest_or(&local.engine, run_id, &common).await?;
-            local.engine.control(&id, ControlAction::Resume).await?;
+            let local = Runtime::open(&common, true).await?;
+            let id = latest_or(local.engine(), run_id, &common).await?;
+            local.engine().control(&id, ControlAction::Resume).await?;
             finish(&local, &id, &common).await
         }
         Command::Sweep { common } => {
-            let local = open_local(&common, true).await?;
-            let report = local.engine.sweep().await?;
+            let local = Runtime::open(&common, true).await?;
+            let report = local.engine().sweep().await?;
             if common.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -213,15 +270,48 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 );
             }
             if report.restarted + report.revived > 0
-                && let Some(status) = local.engine.status(None).await?
+                && let Some(status) = local.engine().status(None).await?
                 && !status.is_terminal()
             {
                 return finish(&local, &status.run_id, &common).await;
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Start { job, run_key, common } => {
+            let rt = Runtime::open(&common, true).await?;
+            let outcome = rt.engine().start(&job, run_key.as_deref()).await?;
+            if let Runtime::Local(local) = &rt {
+                // Chains run in this process: hand them to the local queue before exiting.
+                local.drain(std::time::Duration::from_millis(50)).await;
+            }
+            if common.json {
+                println!("{}", serde_json::to_string(&outcome)?);
+            } else if let Outcome::Started { run_id, chains, pages, items, existing } = outcome {
+                let verb = if existing { "already exists" } else { "started" };
+                println!("run {run_id} {verb}: {items} items in {pages} pages, {chains} chains");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Brake { common } => {
+            let before = wiring::brake_invoker(&common).await?.brake().await?;
+            println!(
+                "braked: reserved concurrency is 0 (it was {}). `baton release{}` undoes it",
+                before.map(|n| n.to_string()).unwrap_or_else(|| "unreserved".into()),
+                before.map(|n| format!(" --concurrency {n}")).unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Release { concurrency, common } => {
+            wiring::brake_invoker(&common).await?.release(concurrency).await?;
+            println!(
+                "released: reserved concurrency {}",
+                concurrency.map(|n| n.to_string()).unwrap_or_else(|| "removed".into())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Preview { job, key, common } => {
-            let engine = open_engine(&common, true).await?;
+            let rt = Runtime::open(&common, true).await?;
+            let engine = rt.engine();
             match engine.preview(&job, key.as_deref()).await? {
                 None => bail!("no recipient found{}", key.map(|k| format!(" with key {k}")).unwrap_or_default()),
                 Some(r) if common.json => println!(
@@ -244,8 +334,9 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 async fn control(common: &Common, run_id: Option<String>, action: ControlAction) -> Result<ExitCode> {
-    let engine = open_engine(common, false).await?;
-    let id = latest_or(&engine, run_id, common).await?;
+    let rt = Runtime::open(common, false).await?;
+    let engine = rt.engine();
+    let id = latest_or(engine, run_id, common).await?;
     let outcome = engine.control(&id, action).await?;
     if common.json {
         println!("{}", serde_json::to_string(&outcome)?);
@@ -265,7 +356,7 @@ async fn latest_or(engine: &Engine, run_id: Option<String>, common: &Common) -> 
     }
 }
 
-async fn finish(local: &LocalRuntime, run_id: &str, common: &Common) -> Result<ExitCode> {
+async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCode> {
     let status = local.drive(run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
     print_status(&status, common.json);
     Ok(exit_for(&status))
@@ -284,66 +375,6 @@ fn where_is(common: &Common) -> String {
         Some(_) => "the PostgreSQL database".into(),
         None => common.data_dir.join("baton.db").display().to_string(),
     }
-}
-
-/// The state store chosen by the flags, migrated.
-pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
-    let store: Arc<dyn SqlStore> = match &common.database_url {
-        Some(url) => Arc::new(PostgresStore::connect(url, 16)?),
-        None => {
-            std::fs::create_dir_all(&common.data_dir)
-                .with_context(|| format!("cannot create --data-dir {}", common.data_dir.display()))?;
-            Arc::new(SqliteStore::open(&common.data_dir.join("baton.db"))?)
-        }
-    };
-    crate::sql::migrations::migrate(store.as_ref(), crate::ports::Clock::now_ms(&SystemClock)).await?;
-    Ok(store)
-}
-
-fn load_config(path: &Path, required: bool) -> Result<Config> {
-    if !required && !path.exists() {
-        return Ok(Config::default());
-    }
-    if !path.exists() {
-        bail!(
-            "config file {} not found: pass --config PATH or set BATON_CONFIG (README.md, Configuration, has an example)",
-            path.display()
-        );
-    }
-    Ok(Config::load(path)?)
-}
-
-/// An engine for commands that run no chains here (status, pause, cancel, preview): its
-/// invoker's queue is not served, and these commands never invoke.
-async fn open_engine(common: &Common, config_required: bool) -> Result<Engine> {
-    let config = load_config(&common.config, config_required)?;
-    let store = open_store(common).await?;
-    let (lambda, _unserved) = crate::local::lambda::LocalLambda::new(Faults::default(), 0);
-    Ok(Engine::new(crate::engine::EngineParts {
-        store,
-        invoker: Arc::new(lambda),
-        mailer: Arc::new(Outbox::new(&common.data_dir.join("outbox"), Faults::default(), 0, None)?),
-        clock: Arc::new(SystemClock),
-        config,
-        kinds: KindRegistry::default(),
-    }))
-}
-
-/// The engine on the local adapters, with the Lambda model's queue running.
-pub async fn open_local(common: &Common, config_required: bool) -> Result<LocalRuntime> {
-    let config = load_config(&common.config, config_required)?;
-    let store = open_store(common).await?;
-    let outbox = Outbox::new(&common.data_dir.join("outbox"), Faults::default(), 0, None)
-        .with_context(|| format!("cannot create the outbox in {}", common.data_dir.display()))?;
-    Ok(LocalRuntime::start(LocalParts {
-        store,
-        mailer: Arc::new(outbox),
-        clock: Arc::new(SystemClock),
-        config,
-        kinds: KindRegistry::default(),
-        faults: Faults::default(),
-        seed: 0,
-    }))
 }
 
 pub fn print_status(s: &RunStatus, json: bool) {

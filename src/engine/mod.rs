@@ -58,6 +58,8 @@ pub enum EngineError {
     Invoke(#[from] InvokeError),
     #[error("corrupt state: {0}")]
     State(String),
+    #[error("the mail provider cannot send: {0}")]
+    MailerUnavailable(String),
 }
 
 /// What an invocation did, for logs, the CLI and tests.
@@ -202,7 +204,7 @@ impl Engine {
 
     /// Validates, plans and starts a run; returns the existing run if `(job, run_key)` exists.
     pub async fn start(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
-        let config = self.config.job(job_name)?.clone();
+        let mut config = self.config.job(job_name)?.clone();
         let run_key = match run_key {
             Some(k) => k.to_owned(),
             None => month_key(self.now_ms()),
@@ -212,6 +214,9 @@ impl Engine {
         }
         if let Some(existing) = self.existing_run(job_name, &run_key).await? {
             return Ok(existing);
+        }
+        if let Some(newsletter) = config.newsletter.as_mut() {
+            self.cap_send_rate(job_name, newsletter).await?;
         }
         let job = self.build_job(job_name, &config)?;
         let key_type = self.check_source(job_name, &config, &job).await?;
@@ -262,6 +267,24 @@ impl Engine {
             items: run.total_items,
             existing: false,
         })
+    }
+
+    /// Caps the run's send rate at the provider's maximum (SES `MaxSendRate`); the capped rate
+    /// is what the run stores and every hop uses.
+    async fn cap_send_rate(&self, job: &str, n: &mut crate::config::NewsletterConfig) -> Result<(), EngineError> {
+        match self.mailer.max_rate().await {
+            Ok(Some(max)) if n.send_rate == 0.0 || n.send_rate > max => {
+                tracing::warn!(job, configured = n.send_rate, max, "send rate capped at the provider's maximum");
+                n.send_rate = max;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(crate::ports::MailError::AccountStopped(why)) => Err(EngineError::MailerUnavailable(why)),
+            Err(e) => {
+                tracing::warn!(job, error = %e, "could not read the provider's send rate; using the configured one");
+                Ok(())
+            }
+        }
     }
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {

@@ -5,8 +5,24 @@
 /// Rewrites `:name` parameters as `$n`, returning the new SQL and the parameter names in
 /// position order (a name used twice gets one position).
 pub fn to_positional(sql: &str) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(sql.len());
     let mut names: Vec<String> = Vec::new();
+    let out = rewrite(sql, |name| {
+        let pos = match names.iter().position(|n| n == name) {
+            Some(p) => p,
+            None => {
+                names.push(name.to_owned());
+                names.len() - 1
+            }
+        };
+        format!("${}", pos + 1)
+    });
+    (out, names)
+}
+
+/// Replaces every `:name` parameter by what `emit` returns for its name, leaving string
+/// literals, quoted identifiers, comments and `::type` casts alone.
+fn rewrite(sql: &str, mut emit: impl FnMut(&str) -> String) -> String {
+    let mut out = String::with_capacity(sql.len());
     let bytes = sql.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -37,16 +53,7 @@ pub fn to_positional(sql: &str) -> (String, Vec<String>) {
                 while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
                     end += 1;
                 }
-                let name = &sql[start..end];
-                let pos = match names.iter().position(|n| n == name) {
-                    Some(p) => p,
-                    None => {
-                        names.push(name.to_owned());
-                        names.len() - 1
-                    }
-                };
-                out.push('$');
-                out.push_str(&(pos + 1).to_string());
+                out.push_str(&emit(&sql[start..end]));
                 i = end;
             }
             _ => {
@@ -56,7 +63,7 @@ pub fn to_positional(sql: &str) -> (String, Vec<String>) {
             }
         }
     }
-    (out, names)
+    out
 }
 
 /// The names of the `:name` parameters a statement uses, in first-use order.
@@ -102,5 +109,27 @@ mod tests {
     fn keeps_unicode_intact() {
         let (sql, _) = to_positional("SELECT 'Zoë' || :n");
         assert_eq!(sql, "SELECT 'Zoë' || $1");
+    }
+}
+
+/// Wraps each use of the named parameters in `CAST(:name AS type)`, for engines that cannot
+/// infer the type of a NULL parameter and have no other way to declare it (the Data API's
+/// `typeHint` has no bigint or text).
+pub fn cast_params(sql: &str, casts: &[(&str, &str)]) -> String {
+    if casts.is_empty() {
+        return sql.to_owned();
+    }
+    rewrite(sql, |name| match casts.iter().find(|(c, _)| *c == name) {
+        Some((_, ty)) => format!("CAST(:{name} AS {ty})"),
+        None => format!(":{name}"),
+    })
+}
+
+#[cfg(test)]
+mod cast_tests {
+    #[test]
+    fn casts_only_the_named_parameters() {
+        let sql = super::cast_params("WHERE (:lo IS NULL OR id > :lo) AND id <= :hi AND s = '$1'", &[("lo", "BIGINT")]);
+        assert_eq!(sql, "WHERE (CAST(:lo AS BIGINT) IS NULL OR id > CAST(:lo AS BIGINT)) AND id <= :hi AND s = '$1'");
     }
 }

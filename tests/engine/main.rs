@@ -1,6 +1,7 @@
 //! The engine's invariants, each proved on SQLite and on a real PostgreSQL server. One test
 //! binary (modules below) keeps link times down. Run with `scripts/test`.
 
+mod aws;
 mod cases;
 mod cli;
 mod support;

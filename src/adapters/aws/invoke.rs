@@ -1,0 +1,175 @@
+//! The next-hop port on Lambda: `Invoke` with `InvocationType::Event` on the function itself.
+//!
+//! - Lambda answers an accepted asynchronous invocation with 202; anything else is an error.
+//! - Payloads over 1 MB are refused before sending (Lambda's async limit); a hop event is a few
+//!   hundred bytes, so this only guards against bugs.
+//! - Throttling is retried with jittered backoff; a duplicate from a retry is harmless (hops are
+//!   fork-proof), a lost event is the sweeper's job.
+//! - `RecursiveInvocationException` (Lambda's recursive-loop detection stops chains after about
+//!   16 hops) is fatal, and the message names the fix: `RecursiveLoop: Allow`.
+//! - No `X-Amzn-Trace-Id` is set here: trace context travels in the event's `traceparent`.
+//!
+//! The operator's emergency brake lives here too: reserved concurrency 0, and its release.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_lambda::error::SdkError;
+use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::InvocationType;
+
+use crate::engine::event::{Event, MAX_ASYNC_PAYLOAD};
+use crate::jobs::backoff;
+use crate::ports::{InvokeError, Invoker};
+
+pub struct LambdaInvoker {
+    client: aws_sdk_lambda::Client,
+    function: String,
+    attempts: u32,
+}
+
+impl LambdaInvoker {
+    /// `function`: the name or ARN to invoke (in Lambda, `AWS_LAMBDA_FUNCTION_NAME`).
+    pub fn new(client: aws_sdk_lambda::Client, function: impl Into<String>) -> Self {
+        Self { client, function: function.into(), attempts: 5 }
+    }
+
+    /// The emergency brake: reserved concurrency 0 stops every invocation of the function,
+    /// queued hops included, without a deploy. Returns the previous reserved concurrency.
+    pub async fn brake(&self) -> Result<Option<i32>, InvokeError> {
+        let before = self
+            .client
+            .get_function_concurrency()
+            .function_name(&self.function)
+            .send()
+            .await
+            .map_err(|e| describe(&e, "GetFunctionConcurrency"))?
+            .reserved_concurrent_executions();
+        self.client
+            .put_function_concurrency()
+            .function_name(&self.function)
+            .reserved_concurrent_executions(0)
+            .send()
+            .await
+            .map_err(|e| describe(&e, "PutFunctionConcurrency"))?;
+        Ok(before)
+    }
+
+    /// Releases the brake: back to `reserved` concurrency, or to none reserved.
+    pub async fn release(&self, reserved: Option<i32>) -> Result<(), InvokeError> {
+        match reserved {
+            Some(n) => self
+                .client
+                .put_function_concurrency()
+                .function_name(&self.function)
+                .reserved_concurrent_executions(n)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e, "PutFunctionConcurrency")),
+            None => self
+                .client
+                .delete_function_concurrency()
+                .function_name(&self.function)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e, "DeleteFunctionConcurrency")),
+        }
+    }
+}
+
+fn describe<E: std::error::Error + std::fmt::Debug, R: std::fmt::Debug>(e: &SdkError<E, R>, op: &str) -> InvokeError {
+    let message = match e {
+        SdkError::ServiceError(s) => format!("{op} failed: {}", s.err()),
+        other => format!("{op} failed: {other:?}"),
+    };
+    InvokeError { message, fatal: false }
+}
+
+/// What to do about one failed `Invoke`.
+#[derive(Debug)]
+enum Next {
+    Retry(String),
+    Fail(InvokeError),
+}
+
+fn classify<R: std::fmt::Debug>(e: &SdkError<SdkInvokeError, R>) -> Next {
+    match e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let described = err.to_string();
+            match err {
+                SdkInvokeError::RecursiveInvocationException(_) => Next::Fail(InvokeError {
+                    message: format!(
+                        "Lambda stopped the chain as a recursive loop ({described}). Set `RecursiveLoop: Allow` on \
+                         the function (deploy/template.yaml does); baton's own hop budget bounds every chain"
+                    ),
+                    fatal: true,
+                }),
+                SdkInvokeError::TooManyRequestsException(_)
+                | SdkInvokeError::ServiceException(_)
+                | SdkInvokeError::ResourceNotReadyException(_)
+                | SdkInvokeError::ResourceConflictException(_) => Next::Retry(described),
+                SdkInvokeError::RequestTooLargeException(_) => {
+                    Next::Fail(InvokeError { message: described, fatal: true })
+                }
+                _ => Next::Fail(InvokeError { message: described, fatal: false }),
+            }
+        }
+        // An event invoked twice is harmless (fork-proof hops): retry transport failures too.
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            Next::Retry(format!("{e:?}"))
+        }
+        other => Next::Fail(InvokeError { message: format!("{other:?}"), fatal: false }),
+    }
+}
+
+#[async_trait]
+impl Invoker for LambdaInvoker {
+    async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
+        let payload = event.to_json();
+        if payload.len() > MAX_ASYNC_PAYLOAD {
+            return Err(InvokeError {
+                message: format!("event of {} bytes is over Lambda's 1 MB asynchronous payload limit", payload.len()),
+                fatal: true,
+            });
+        }
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            let sent = self
+                .client
+                .invoke()
+                .function_name(&self.function)
+                .invocation_type(InvocationType::Event)
+                .payload(Blob::new(payload.as_bytes()))
+                .send()
+                .await;
+            match sent {
+                Ok(out) if out.status_code() == 202 => return Ok(()),
+                Ok(out) => {
+                    return Err(InvokeError {
+                        message: format!(
+                            "Invoke answered {} instead of 202 Accepted{}",
+                            out.status_code(),
+                            out.function_error().map(|f| format!(" ({f})")).unwrap_or_default()
+                        ),
+                        fatal: false,
+                    });
+                }
+                Err(e) => match classify(&e) {
+                    Next::Fail(err) => return Err(err),
+                    Next::Retry(why) => last = why,
+                },
+            }
+            if attempt < self.attempts {
+                tokio::time::sleep(backoff(attempt, Duration::from_millis(100), Duration::from_secs(3))).await;
+            }
+        }
+        Err(InvokeError {
+            message: format!("Invoke kept failing after {} attempts: {last}", self.attempts),
+            fatal: false,
+        })
+    }
+}

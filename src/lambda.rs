@@ -1,0 +1,117 @@
+//! Lambda mode: the binary as a Lambda bootstrap (`provided.al2023`). Chosen by `main` when
+//! `AWS_LAMBDA_RUNTIME_API` is set. The engine and its SDK clients are built once per sandbox;
+//! each invocation decodes the serde-tagged event and routes it. A malformed or unknown event is
+//! rejected with a clear error before anything runs.
+//!
+//! Settings come from the environment only (see README.md, "Lambda mode"):
+//! `BATON_CONFIG` (the job file baked into the image, default `/var/task/baton.toml`),
+//! `BATON_STORE` (`data-api`, the default, or `postgres`), `BATON_DB_CLUSTER_ARN`,
+//! `BATON_DB_SECRET_ARN`, `BATON_DB_NAME` (Data API), `BATON_DATABASE_URL` (PostgreSQL),
+//! `BATON_SES_CONFIGURATION_SET`, and Lambda's own `AWS_LAMBDA_FUNCTION_NAME` (the function a
+//! hop invokes next).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lambda_runtime::{LambdaEvent, service_fn};
+use tokio::time::Instant;
+
+use crate::adapters::aws::data_api::{DataApiStore, DataApiTarget};
+use crate::adapters::aws::invoke::LambdaInvoker;
+use crate::adapters::aws::ses::SesMailer;
+use crate::adapters::postgres::PostgresStore;
+use crate::config::Config;
+use crate::engine::{Engine, EngineError, EngineParts};
+use crate::jobs::KindRegistry;
+use crate::ports::{Clock, SystemClock};
+use crate::sql::SqlStore;
+
+fn env(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
+}
+
+/// Builds the engine from the environment: every setting is checked here, at sandbox start,
+/// and an error names the variable.
+pub async fn engine_from_env() -> Result<Engine, String> {
+    let config_path = std::env::var("BATON_CONFIG").unwrap_or_else(|_| "/var/task/baton.toml".into());
+    let config = Config::load(std::path::Path::new(&config_path)).map_err(|e| e.to_string())?;
+    let shared = aws_config::load_from_env().await;
+    let store: Arc<dyn SqlStore> = match std::env::var("BATON_STORE").as_deref().unwrap_or("data-api") {
+        "data-api" => Arc::new(DataApiStore::new(
+            aws_sdk_rdsdata::Client::new(&shared),
+            DataApiTarget {
+                resource_arn: env("BATON_DB_CLUSTER_ARN")?,
+                secret_arn: env("BATON_DB_SECRET_ARN")?,
+                database: env("BATON_DB_NAME")?,
+            },
+        )),
+        "postgres" => Arc::new(PostgresStore::connect(&env("BATON_DATABASE_URL")?, 4).map_err(|e| e.to_string())?),
+        other => return Err(format!("BATON_STORE must be `data-api` or `postgres`, not `{other}`")),
+    };
+    crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await.map_err(|e| e.to_string())?;
+    let mailer = SesMailer::new(SesMailer::client_from(&shared), std::env::var("BATON_SES_CONFIGURATION_SET").ok());
+    let invoker = LambdaInvoker::new(aws_sdk_lambda::Client::new(&shared), env("AWS_LAMBDA_FUNCTION_NAME")?);
+    Ok(Engine::new(EngineParts {
+        store,
+        invoker: Arc::new(invoker),
+        mailer: Arc::new(mailer),
+        clock: Arc::new(SystemClock),
+        config,
+        kinds: KindRegistry::default(),
+    }))
+}
+
+/// The invocation's deadline as an `Instant`: Lambda's, or the configured hop budget when the
+/// context has none or one already past.
+pub fn deadline_from(lambda_deadline: Option<SystemTime>, configured: Duration) -> Instant {
+    let left = lambda_deadline
+        .and_then(|d| d.duration_since(SystemTime::now()).ok())
+        .filter(|left| !left.is_zero())
+        .unwrap_or(configured);
+    Instant::now() + left
+}
+
+/// Handles one invocation's payload.
+pub async fn handle(
+    engine: &Engine,
+    payload: serde_json::Value,
+    deadline: Instant,
+) -> Result<serde_json::Value, EngineError> {
+    let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
+    let outcome = engine.handle_payload(&bytes, deadline).await?;
+    Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
+}
+
+/// Runs the Lambda runtime loop until the sandbox ends.
+pub async fn serve() -> Result<(), lambda_runtime::Error> {
+    let engine = Arc::new(engine_from_env().await?);
+    let budget = engine.config().settings.hop_timeout;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+        let engine = engine.clone();
+        async move {
+            let context_deadline = (event.context.deadline > 0).then(|| event.context.deadline());
+            let deadline = deadline_from(context_deadline, budget);
+            handle(&engine, event.payload, deadline).await.map_err(|e| {
+                tracing::error!(error = %e, "invocation rejected");
+                lambda_runtime::Error::from(e.to_string())
+            })
+        }
+    }))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_falls_back_to_the_configured_budget() {
+        let budget = Duration::from_secs(60);
+        let past = deadline_from(Some(SystemTime::now() - Duration::from_secs(5)), budget);
+        assert!(past > Instant::now() + Duration::from_secs(59));
+        let none = deadline_from(None, budget);
+        assert!(none > Instant::now() + Duration::from_secs(59));
+        let soon = deadline_from(Some(SystemTime::now() + Duration::from_secs(10)), budget);
+        assert!(soon < Instant::now() + Duration::from_secs(11));
+    }
+}
