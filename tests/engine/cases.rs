@@ -645,3 +645,47 @@ pub async fn hung_send_is_cut_off_and_only_it_is_unknown(b: Backend) {
     assert!(duplicates(&m.sent()).is_empty());
     assert_eq!(m.sent().len(), 19);
 }
+
+pub async fn whole_run_through_the_lambda_invoke_api_with_duplicates(b: Backend) {
+    use crate::fakes::{FakeLambda, sdk_config, serve_lambda};
+    let users = int_users(600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(b, dir.path()).await;
+    create_users(store.as_ref(), b, KeyKind::Int, &users).await;
+    let fake = Arc::new(FakeLambda { duplicate_every: 4, timeout: Duration::from_millis(400), ..Default::default() });
+    let endpoint = serve_lambda(fake.clone()).await;
+    let client = aws_sdk_lambda::Client::new(&sdk_config(&endpoint));
+    let outbox_dir = dir.path().join("outbox");
+    let mut settings = test_settings();
+    settings.max_pages_per_hop = Some(2);
+    let engine = Arc::new(baton::engine::Engine::new(baton::engine::EngineParts {
+        store: store.clone(),
+        invoker: Arc::new(baton::adapters::aws::invoke::LambdaInvoker::new(client, "baton")),
+        mailer: Arc::new(baton::local::outbox::Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap()),
+        clock: Arc::new(baton::ports::SystemClock),
+        config: Config { settings, jobs: [(JOB.to_owned(), newsletter_job(10, 4))].into() },
+        kinds: KindRegistry::default(),
+    }));
+    assert!(fake.engine.set(engine.clone()).is_ok());
+    let Outcome::Started { run_id, .. } = engine.start(JOB, Some("t")).await.unwrap() else { panic!() };
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = engine.progress(&run_id).await.unwrap();
+        if p.is_settled() {
+            break;
+        }
+        assert!(Instant::now() < until, "run did not finish: {p:?}");
+        engine.sweep().await.unwrap(); // the sweep schedule
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // let duplicate deliveries land
+    let status = engine.status(Some(&run_id)).await.unwrap().unwrap();
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert!(fake.accepted.load(Ordering::SeqCst) > 20, "chains hopped through Invoke");
+    assert!(fake.duplicated.load(Ordering::SeqCst) > 3, "duplicates were delivered");
+    assert_eq!(fake.rejected.load(Ordering::SeqCst), 0, "every invoke was an Event invocation");
+    let sent = baton::local::outbox::recipients(&outbox_dir).unwrap();
+    assert!(duplicates(&sent).is_empty(), "{:?}", duplicates(&sent));
+    assert_eq!(sent.len(), status.done as usize);
+    assert_eq!(status.done + status.skipped, 600);
+}

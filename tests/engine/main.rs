@@ -4,6 +4,7 @@
 mod aws;
 mod cases;
 mod cli;
+mod fakes;
 mod support;
 
 /// Instantiates each case once per backend.
@@ -60,4 +61,5 @@ on_both_backends!(
     randomized_fault_schedules_keep_exactly_once,
     source_column_types_are_read,
     hung_send_is_cut_off_and_only_it_is_unknown,
+    whole_run_through_the_lambda_invoke_api_with_duplicates,
 );
