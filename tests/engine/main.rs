@@ -5,6 +5,7 @@ mod aws;
 mod cases;
 mod cli;
 mod fakes;
+mod lambda_mode;
 mod support;
 
 /// Instantiates each case once per backend.

@@ -1,0 +1,232 @@
+//! The built binary in Lambda mode, against loopback emulators: the Lambda Runtime API (it
+//! polls `/next`, posts responses and errors), Lambda `Invoke` (each hop the binary invokes is
+//! queued back into the runtime, as Lambda's async queue would), and SES v2 (`SendEmail`,
+//! `GetAccount`). State lives in the test PostgreSQL server.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use baton::sql::{Params, Stmt};
+use tokio::sync::Notify;
+
+use crate::support::{Backend, KeyKind, create_users, fresh_store, int_users};
+
+#[derive(Default)]
+struct Emulator {
+    queue: Mutex<VecDeque<(String, Vec<u8>)>>,
+    queued: Notify,
+    results: Mutex<HashMap<String, (bool, String)>>,
+    answered: Notify,
+    next_id: Mutex<u64>,
+    sent: Mutex<Vec<String>>,
+    invokes: Mutex<u64>,
+}
+
+impl Emulator {
+    fn enqueue(&self, payload: &[u8]) -> String {
+        let mut n = self.next_id.lock().unwrap();
+        *n += 1;
+        let id = format!("req-{n}");
+        self.queue.lock().unwrap().push_back((id.clone(), payload.to_vec()));
+        self.queued.notify_one();
+        id
+    }
+
+    async fn result(&self, id: &str) -> (bool, String) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answered = self.answered.notified();
+            if let Some(r) = self.results.lock().unwrap().get(id) {
+                return r.clone();
+            }
+            assert!(tokio::time::Instant::now() < until, "no answer for {id}");
+            let _ = tokio::time::timeout(Duration::from_millis(200), answered).await;
+        }
+    }
+}
+
+async fn next(State(em): State<Arc<Emulator>>) -> Response {
+    loop {
+        let notified = em.queued.notified();
+        if let Some((id, payload)) = em.queue.lock().unwrap().pop_front() {
+            let deadline =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 2_000;
+            let mut headers = HeaderMap::new();
+            headers.insert("lambda-runtime-aws-request-id", HeaderValue::from_str(&id).unwrap());
+            headers.insert("lambda-runtime-deadline-ms", HeaderValue::from_str(&deadline.to_string()).unwrap());
+            headers.insert(
+                "lambda-runtime-invoked-function-arn",
+                HeaderValue::from_static("arn:aws:lambda:eu-west-1:123456789012:function:baton"),
+            );
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            return (StatusCode::OK, headers, payload).into_response();
+        }
+        notified.await;
+    }
+}
+
+async fn respond(State(em): State<Arc<Emulator>>, Path(id): Path<String>, body: Bytes) -> StatusCode {
+    em.results.lock().unwrap().insert(id, (true, String::from_utf8_lossy(&body).into_owned()));
+    em.answered.notify_waiters();
+    StatusCode::ACCEPTED
+}
+
+async fn error(State(em): State<Arc<Emulator>>, Path(id): Path<String>, body: Bytes) -> StatusCode {
+    em.results.lock().unwrap().insert(id, (false, String::from_utf8_lossy(&body).into_owned()));
+    em.answered.notify_waiters();
+    StatusCode::ACCEPTED
+}
+
+async fn invoke(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    assert_eq!(headers.get("x-amz-invocation-type").and_then(|v| v.to_str().ok()), Some("Event"));
+    *em.invokes.lock().unwrap() += 1;
+    em.enqueue(&body);
+    StatusCode::ACCEPTED
+}
+
+async fn send_email(State(em): State<Arc<Emulator>>, body: Bytes) -> Response {
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let raw = request["Content"]["Raw"]["Data"].as_str().unwrap();
+    let raw = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(raw).unwrap()).unwrap();
+    assert!(raw.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"));
+    let to = request["Destination"]["ToAddresses"][0].as_str().unwrap().to_owned();
+    em.sent.lock().unwrap().push(to);
+    ([("content-type", "application/json")], r#"{"MessageId":"fake-ses-id"}"#).into_response()
+}
+
+async fn get_account() -> Response {
+    (
+        [("content-type", "application/json")],
+        r#"{"SendingEnabled":true,"SendQuota":{"Max24HourSend":50000,"MaxSendRate":2000,"SentLast24Hours":0}}"#,
+    )
+        .into_response()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_lambda_events_start_hops_and_malformed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(Backend::Postgres, dir.path()).await;
+    let users = int_users(120);
+    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &users).await;
+    let database_url = {
+        let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
+        let name = store
+            .query(Stmt::new("SELECT current_database() AS d", Params::new()))
+            .await
+            .unwrap()
+            .first()
+            .unwrap()
+            .text("d")
+            .unwrap();
+        format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+    };
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        r#"
+[settings]
+hop_timeout = "2s"
+hop_margin = "800ms"
+max_pages_per_hop = 1
+
+[jobs.news]
+kind = "newsletter"
+source = "SELECT id, email, name FROM users"
+page_size = 20
+chains = 2
+
+[jobs.news.newsletter]
+from = "News <news@example.com>"
+subject = "Hello {{ recipient.name }}"
+text = "Hi. {{ unsubscribe_url }}"
+unsubscribe_url = "https://example.com/u"
+"#,
+    )
+    .unwrap();
+
+    let em = Arc::new(Emulator::default());
+    let app = Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route("/2018-06-01/runtime/invocation/{id}/response", post(respond))
+        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+        .route("/2015-03-31/functions/{function}/invocations", post(invoke))
+        .route("/v2/email/outbound-emails", post(send_email))
+        .route("/v2/email/account", get(get_account))
+        .with_state(em.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let _child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_baton"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "baton")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_REGION", "eu-west-1")
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", format!("http://{addr}"))
+            .env("BATON_CONFIG", &config)
+            .env("BATON_STORE", "postgres")
+            .env("BATON_DATABASE_URL", &database_url)
+            .env("BATON_UNSUBSCRIBE_SECRET", "0123456789abcdef-lambda")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts"),
+    );
+
+    // Malformed and unknown events are answered with an error and change nothing.
+    let bad = em.enqueue(br#"{"type":"explode"}"#);
+    let (ok, body) = em.result(&bad).await;
+    assert!(!ok && body.contains("malformed event"), "{body}");
+    let unknown_run = em.enqueue(br#"{"type":"hop","run_id":"nope","chain":0,"hop":1}"#);
+    let (ok, body) = em.result(&unknown_run).await;
+    assert!(!ok && body.contains("no run with id"), "{body}");
+    let runs = store.query(Stmt::new("SELECT COUNT(*) AS n FROM baton_runs", Params::new())).await.unwrap();
+    assert_eq!(runs.first().unwrap().int("n"), 0);
+
+    // A start plans the run and invokes hop 1 of each chain through Invoke; the hops run in the
+    // binary through the runtime API until the run is done.
+    let start = em.enqueue(br#"{"type":"start","job":"news","run_key":"2026-12"}"#);
+    let (ok, body) = em.result(&start).await;
+    assert!(ok, "{body}");
+    let started: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(started["outcome"], "started");
+    assert_eq!(started["items"], 120);
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = store.query(Stmt::new("SELECT status FROM baton_runs", Params::new())).await.unwrap();
+        if rows.first().and_then(|r| r.text("status")).as_deref() == Some("succeeded") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the run did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = em.sent.lock().unwrap().clone();
+    let unique: std::collections::HashSet<_> = sent.iter().collect();
+    assert_eq!(sent.len(), 120 - 4, "every valid user once (every 25th address is invalid)");
+    assert_eq!(unique.len(), sent.len());
+    assert!(*em.invokes.lock().unwrap() >= 6, "chains hopped through Invoke, one page per hop");
+}
