@@ -39,6 +39,17 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, SqlError> {
         self.pool.get().await.map_err(|e| SqlError::transient(format!("cannot connect to PostgreSQL: {e}")))
     }
+
+    /// A connection of its own, for callers that keep a transaction open across calls (the
+    /// Data API emulator); use it with [`execute_on`] and `BEGIN` / `COMMIT` / `ROLLBACK`.
+    pub async fn dedicated(&self) -> Result<deadpool_postgres::Object, SqlError> {
+        self.client().await
+    }
+}
+
+/// Runs one statement on a given connection (see [`PostgresStore::dedicated`]).
+pub async fn execute_on(client: &deadpool_postgres::Object, stmt: &Stmt) -> Result<Rows, SqlError> {
+    run_one(client, stmt).await
 }
 
 #[derive(Debug)]

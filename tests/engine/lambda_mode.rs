@@ -14,10 +14,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use baton::sql::{Params, Stmt};
 use tokio::sync::Notify;
 
+use crate::fakes::{FakeSes, ses_router};
 use crate::support::{Backend, KeyKind, create_users, fresh_store, int_users};
 
 #[derive(Default)]
@@ -27,7 +27,6 @@ struct Emulator {
     results: Mutex<HashMap<String, (bool, String)>>,
     answered: Notify,
     next_id: Mutex<u64>,
-    sent: Mutex<Vec<String>>,
     invokes: Mutex<u64>,
 }
 
@@ -93,24 +92,6 @@ async fn invoke(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes
     StatusCode::ACCEPTED
 }
 
-async fn send_email(State(em): State<Arc<Emulator>>, body: Bytes) -> Response {
-    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let raw = request["Content"]["Raw"]["Data"].as_str().unwrap();
-    let raw = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(raw).unwrap()).unwrap();
-    assert!(raw.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"));
-    let to = request["Destination"]["ToAddresses"][0].as_str().unwrap().to_owned();
-    em.sent.lock().unwrap().push(to);
-    ([("content-type", "application/json")], r#"{"MessageId":"fake-ses-id"}"#).into_response()
-}
-
-async fn get_account() -> Response {
-    (
-        [("content-type", "application/json")],
-        r#"{"SendingEnabled":true,"SendQuota":{"Max24HourSend":50000,"MaxSendRate":2000,"SentLast24Hours":0}}"#,
-    )
-        .into_response()
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -162,14 +143,14 @@ unsubscribe_url = "https://example.com/u"
     .unwrap();
 
     let em = Arc::new(Emulator::default());
+    let ses = Arc::new(FakeSes { max_send_rate: 2000.0, ..Default::default() });
     let app = Router::new()
         .route("/2018-06-01/runtime/invocation/next", get(next))
         .route("/2018-06-01/runtime/invocation/{id}/response", post(respond))
         .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
         .route("/2015-03-31/functions/{function}/invocations", post(invoke))
-        .route("/v2/email/outbound-emails", post(send_email))
-        .route("/v2/email/account", get(get_account))
-        .with_state(em.clone());
+        .with_state(em.clone())
+        .merge(ses_router(ses.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -224,7 +205,7 @@ unsubscribe_url = "https://example.com/u"
         assert!(tokio::time::Instant::now() < until, "the run did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let sent = em.sent.lock().unwrap().clone();
+    let sent = ses.sent.lock().unwrap().clone();
     let unique: std::collections::HashSet<_> = sent.iter().collect();
     assert_eq!(sent.len(), 120 - 4, "every valid user once (every 25th address is invalid)");
     assert_eq!(unique.len(), sent.len());

@@ -2,6 +2,7 @@
 //! binary (modules below) keeps link times down. Run with `scripts/test`.
 
 mod aws;
+mod aws_run;
 mod cases;
 mod cli;
 mod fakes;

@@ -1,0 +1,115 @@
+//! A whole newsletter run entirely through the AWS adapters and their real SDK clients, on
+//! loopback: Lambda `Invoke` (with duplicate deliveries), the RDS Data API (an emulator over
+//! the test PostgreSQL server, with an injected `DatabaseResumingException`) and SES v2.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use baton::adapters::aws::data_api::{DataApiStore, DataApiTarget};
+use baton::adapters::aws::invoke::LambdaInvoker;
+use baton::adapters::aws::ses::SesMailer;
+use baton::adapters::postgres::PostgresStore;
+use baton::config::Config;
+use baton::engine::{Engine, EngineParts, Outcome};
+use baton::jobs::KindRegistry;
+use baton::sql::{Params, SqlStore, Stmt};
+
+use crate::fakes::{FakeDataApi, FakeLambda, FakeSes, sdk_config, serve, serve_data_api, serve_lambda, ses_router};
+use crate::support::{
+    Backend, JOB, KeyKind, create_users, duplicates, fresh_store, int_users, newsletter_job, test_settings,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(Backend::Postgres, dir.path()).await;
+    let users = int_users(2000);
+    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &users).await;
+    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
+    let name = name.first().unwrap().text("d").unwrap();
+    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
+    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 16).unwrap();
+
+    let data_api = Arc::new(FakeDataApi::new(pg));
+    data_api.resuming_next.store(3, Ordering::SeqCst); // the cluster is waking up
+    let data_api_url = serve_data_api(data_api.clone()).await;
+    let lambda = Arc::new(FakeLambda { duplicate_every: 3, timeout: Duration::from_secs(2), ..Default::default() });
+    let lambda_url = serve_lambda(lambda.clone()).await;
+    let ses = Arc::new(FakeSes { max_send_rate: 5000.0, ..Default::default() });
+    let ses_url = serve(ses_router(ses.clone())).await;
+
+    let target = DataApiTarget {
+        resource_arn: "arn:aws:rds:eu-west-1:123456789012:cluster:baton".into(),
+        secret_arn: "arn:aws:secretsmanager:eu-west-1:123456789012:secret:baton".into(),
+        database: name,
+    };
+    let data_api_store = Arc::new(DataApiStore::new(aws_sdk_rdsdata::Client::new(&sdk_config(&data_api_url)), target));
+    let mut settings = test_settings();
+    settings.hop_timeout = Duration::from_secs(2);
+    settings.hop_margin = Duration::from_millis(800);
+    settings.max_pages_per_hop = Some(3);
+    let mut job = newsletter_job(50, 4);
+    job.newsletter.as_mut().unwrap().send_rate = 0.0; // capped at SES's MaxSendRate at start
+    let engine = Arc::new(Engine::new(EngineParts {
+        store: data_api_store.clone(),
+        invoker: Arc::new(LambdaInvoker::new(aws_sdk_lambda::Client::new(&sdk_config(&lambda_url)), "baton")),
+        mailer: Arc::new(SesMailer::new(SesMailer::client_from(&sdk_config(&ses_url)), Some("newsletters".into()))),
+        clock: Arc::new(baton::ports::SystemClock),
+        config: Config { settings, jobs: [(JOB.to_owned(), job)].into() },
+        kinds: KindRegistry::default(),
+    }));
+    assert!(lambda.engine.set(engine.clone()).is_ok());
+
+    let Outcome::Started { run_id, items, .. } = engine.start(JOB, Some("2026-12")).await.unwrap() else { panic!() };
+    assert_eq!(items, 2000);
+    assert_eq!(data_api.resuming_next.load(Ordering::SeqCst), 0, "the resuming database was waited out");
+    let until = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = engine.progress(&run_id).await.unwrap();
+        if p.is_settled() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "run did not finish: {p:?}");
+        engine.sweep().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = engine.status(Some(&run_id)).await.unwrap().unwrap();
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert!(lambda.duplicated.load(Ordering::SeqCst) >= 4, "duplicate hop deliveries happened");
+    let sent = ses.sent.lock().unwrap().clone();
+    assert!(duplicates(&sent).is_empty(), "{:?}", duplicates(&sent));
+    let valid: Vec<&String> =
+        users.iter().filter_map(|(_, e, _)| e.as_ref()).filter(|e| baton::mail::check_address(e).is_ok()).collect();
+    assert_eq!(sent.len(), valid.len(), "every valid user has exactly one message");
+    assert_eq!((status.done, status.skipped, status.unknown), (1920, 80, 0));
+    // The run's rate was capped at the account's MaxSendRate.
+    let cfg = data_api_store.query(Stmt::new("SELECT job_config FROM baton_runs", Params::new())).await.unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&cfg.first().unwrap().text("job_config").unwrap()).unwrap();
+    assert_eq!(cfg["newsletter"]["send_rate"], 5000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_api_emulator_runs_every_engine_statement_and_enforces_the_response_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(Backend::Postgres, dir.path()).await;
+    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &int_users(3000)).await;
+    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
+    let name = name.first().unwrap().text("d").unwrap();
+    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
+    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 4).unwrap();
+    let mut api = FakeDataApi::new(pg);
+    api.response_limit = 64 * 1024;
+    let api = Arc::new(api);
+    api.timeout_next.store(1, Ordering::SeqCst);
+    let url = serve_data_api(api.clone()).await;
+    let target = DataApiTarget { resource_arn: "arn:r".into(), secret_arn: "arn:s".into(), database: name };
+    let data_api = DataApiStore::new(aws_sdk_rdsdata::Client::new(&sdk_config(&url)), target);
+    let small =
+        data_api.query(Stmt::new("SELECT id, name FROM users ORDER BY id LIMIT 2", Params::new())).await.unwrap();
+    assert_eq!(small.rows.len(), 2, "retried past the statement timeout");
+    assert_eq!(small.columns, vec!["id", "name"]);
+    let err = data_api.query(Stmt::new("SELECT * FROM users", Params::new())).await.unwrap_err();
+    assert!(err.to_string().contains("page_size"), "{err}");
+}
