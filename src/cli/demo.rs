@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
+use super::wiring::{InvokerKind, MailerKind, StoreKind, open_store};
 use super::{Common, print_status};
+use crate::adapters::aws::ses::SesMailer;
 use crate::config::{Config, JobConfig, NewsletterConfig, Settings};
 use crate::engine::Outcome;
 use crate::engine::run::RunStatus;
@@ -21,8 +23,8 @@ use crate::local::driver::{LocalParts, LocalRuntime};
 use crate::local::faults::Faults;
 use crate::local::lambda::LambdaCounts;
 use crate::local::outbox::{self, Outbox};
-use crate::local::sqlite::SqliteStore;
-use crate::ports::SystemClock;
+use crate::ports::{Clock, Mailer, SystemClock};
+use crate::sql::{Params, SqlStore, Stmt};
 
 pub const JOB: &str = "monthly-newsletter";
 
@@ -61,10 +63,10 @@ pub struct DemoArgs {
 }
 
 /// The demo's job: what a user's `baton.toml` would hold.
-pub fn demo_job(args: &DemoArgs) -> JobConfig {
+pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
     JobConfig {
         kind: "newsletter".into(),
-        source: "SELECT id, email, name, city, plan FROM users".into(),
+        source: format!("SELECT id, email, name, city, plan FROM {table}"),
         key_column: "id".into(),
         page_size: args.page_size,
         chains: args.chains,
@@ -128,25 +130,40 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
     (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
 }
 
-async fn create_users(store: &SqliteStore, n: u32, seed: u64) -> Result<()> {
-    store
-        .with_conn(move |conn| {
-            let tx = conn.transaction()?;
-            tx.execute_batch(
-                "DROP TABLE IF EXISTS users;
-                 CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT);",
-            )?;
-            {
-                let mut insert =
-                    tx.prepare("INSERT INTO users (id, email, name, city, plan) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-                for i in 0..n {
-                    let (id, email, name, city, plan) = synthetic_user(i, seed);
-                    insert.execute(rusqlite::params![id, email, name, city, plan])?;
-                }
-            }
-            tx.commit()
-        })
-        .await?;
+/// Creates `table` with `n` synthetic users through the SQL port, in one transaction, so the
+/// demo works on any store.
+async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> Result<()> {
+    let mut stmts = vec![
+        Stmt::new(format!("DROP TABLE IF EXISTS {table}"), Params::new()),
+        Stmt::new(
+            format!(
+                "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT)"
+            ),
+            Params::new(),
+        ),
+    ];
+    let users: Vec<u32> = (0..n).collect();
+    for chunk in users.chunks(400) {
+        let mut params = Params::new();
+        let rows: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, i)| {
+                let (id, email, name, city, plan) = synthetic_user(*i, seed);
+                params.push(format!("i{j}"), id);
+                params.push(format!("e{j}"), email);
+                params.push(format!("n{j}"), name);
+                params.push(format!("c{j}"), city);
+                params.push(format!("p{j}"), plan);
+                format!("(:i{j}, :e{j}, :n{j}, :c{j}, :p{j})")
+            })
+            .collect();
+        stmts.push(Stmt::new(
+            format!("INSERT INTO {table} (id, email, name, city, plan) VALUES {}", rows.join(", ")),
+            params,
+        ));
+    }
+    store.transaction(stmts).await?;
     Ok(())
 }
 
@@ -155,7 +172,8 @@ pub struct DemoSummary {
     pub run: RunStatus,
     pub wall_seconds: f64,
     pub messages_per_second: f64,
-    pub outbox_files: usize,
+    /// Messages found in the outbox (`None` when mail went to a provider such as SES).
+    pub outbox_files: Option<usize>,
     pub valid_users: usize,
     pub duplicated_addresses: Vec<String>,
     pub missed_users: usize,
@@ -169,18 +187,31 @@ pub struct DemoSummary {
 }
 
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
-    let dir = &args.common.data_dir;
-    if args.common.database_url.is_some() {
-        bail!("the demo runs on the embedded default; --database-url comes with the AWS adapters (issue 3)");
+    let common = &args.common;
+    let dir = &common.data_dir;
+    if common.invoker != InvokerKind::Local {
+        bail!("the demo runs its chains in this process: use `--invoker local` (the default)");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
-        let _ = std::fs::remove_file(dir.join(stale));
+    let embedded =
+        common.store.unwrap_or(if common.database_url.is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
+            == StoreKind::Sqlite;
+    if embedded {
+        for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
     }
     let outbox_dir = dir.join("outbox");
     let _ = std::fs::remove_dir_all(&outbox_dir);
+    // On a shared database the demo never touches a `users` table of yours, and each demo is a
+    // run of its own.
+    let (table, run_key) = if embedded {
+        ("users", "demo".to_owned())
+    } else {
+        ("baton_demo_users", format!("demo-{}", SystemClock.now_ms()))
+    };
 
-    let job = demo_job(&args);
+    let job = demo_job(&args, table);
     let settings = Settings {
         hop_timeout: args.hop_timeout,
         hop_margin: args.hop_timeout * 2 / 5,
@@ -192,57 +223,66 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     config.validate()?;
     let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
-    let store = SqliteStore::open(&dir.join("baton.db"))?;
-    crate::sql::migrations::migrate(&store, crate::ports::Clock::now_ms(&SystemClock)).await?;
-    if !args.common.json {
-        eprintln!("Creating {} synthetic users in {} ...", args.users, dir.join("baton.db").display());
+    let store = open_store(common).await?;
+    if !common.json {
+        let place = if embedded { dir.join("baton.db").display().to_string() } else { format!("table {table}") };
+        eprintln!("Creating {} synthetic users in {place} ...", args.users);
     }
-    create_users(&store, args.users, args.seed).await?;
-    let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
+    create_users(store.as_ref(), table, args.users, args.seed).await?;
+    let mailer: Arc<dyn Mailer> = match common.mailer {
+        MailerKind::Outbox => Arc::new(Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?),
+        MailerKind::Ses => {
+            let shared = aws_config::load_from_env().await;
+            Arc::new(SesMailer::new(SesMailer::client_from(&shared), common.ses_configuration_set.clone()))
+        }
+    };
 
     let started = Instant::now();
     let counting = Arc::new(crate::sql::CountingStore::new(store.clone()));
     let local = LocalRuntime::start(LocalParts {
         store: counting.clone(),
-        mailer: Arc::new(outbox),
+        mailer,
         clock: Arc::new(SystemClock),
         config,
         kinds: KindRegistry::default(),
         faults: faults.clone(),
         seed: args.seed,
     });
-    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some("demo")).await? else {
+    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some(&run_key)).await? else {
         unreachable!("start returns Started")
     };
-    if !args.common.json {
+    if !common.json {
         eprintln!(
             "Run {run_id}: {pages} pages through {chains} chains, hop timeout {}{}",
             humantime::format_duration(args.hop_timeout),
             if args.chaos { ", with injected faults" } else { "" }
         );
     }
-    let show = !args.common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let show = !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let status = local.drive(&run_id, show).await?;
     let wall = started.elapsed().as_secs_f64();
 
     let statements = counting.statements();
-    let mut summary =
-        check(&store, &run_id, &outbox_dir, status, wall, local.lambda_counts(), faults, args.users, args.seed).await?;
+    let outbox = (common.mailer == MailerKind::Outbox).then_some(outbox_dir.as_path());
+    let unknown: HashSet<String> =
+        local.engine.items_in_state(&run_id, "unknown", i64::MAX).await?.into_iter().map(|(k, _)| k).collect();
+    let mut summary = check(unknown, outbox, status, wall, local.lambda_counts(), faults, args.users, args.seed)?;
     summary.sql_statements = statements;
     summary.sql_statements_per_page = statements as f64 / summary.run.pages_total.max(1) as f64;
-    if args.common.json {
+    if common.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_summary(&summary, &outbox_dir);
+        print_summary(&summary, outbox);
     }
     Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Checks the outbox against the synthetic users: nobody twice, nobody missed but the
+/// `unknown` ones. With a provider instead of the outbox, only the ledger's accounting is checked.
 #[allow(clippy::too_many_arguments)]
-async fn check(
-    store: &SqliteStore,
-    run_id: &str,
-    outbox_dir: &std::path::Path,
+fn check(
+    unknown_keys: HashSet<String>,
+    outbox_dir: Option<&std::path::Path>,
     run: RunStatus,
     wall: f64,
     hops: LambdaCounts,
@@ -250,17 +290,14 @@ async fn check(
     users: u32,
     seed: u64,
 ) -> Result<DemoSummary> {
-    let run_id = run_id.to_owned();
-    let unknown_keys: HashSet<String> = store
-        .with_conn(move |conn| {
-            let mut q = conn.prepare("SELECT item_key FROM baton_ledger WHERE run_id = ?1 AND state = 'unknown'")?;
-            let keys = q.query_map([&run_id], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
-            Ok(keys)
-        })
-        .await?;
-    let sent = outbox::recipients(outbox_dir)?;
+    let sent = match outbox_dir {
+        Some(dir) => Some(outbox::recipients(dir)?),
+        None => None,
+    };
+    let empty = Vec::new();
+    let sent_list = sent.as_ref().unwrap_or(&empty);
     let mut per_address: HashMap<&str, usize> = HashMap::new();
-    for a in &sent {
+    for a in sent_list {
         *per_address.entry(a.as_str()).or_default() += 1;
     }
     let mut duplicated: Vec<String> = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
@@ -272,7 +309,7 @@ async fn check(
             continue;
         };
         valid += 1;
-        if !per_address.contains_key(email.as_str()) && !unknown_keys.contains(&id.to_string()) {
+        if sent.is_some() && !per_address.contains_key(email.as_str()) && !unknown_keys.contains(&id.to_string()) {
             missed += 1;
         }
     }
@@ -280,7 +317,7 @@ async fn check(
     Ok(DemoSummary {
         messages_per_second: run.done as f64 / wall.max(1e-9),
         wall_seconds: wall,
-        outbox_files: sent.len(),
+        outbox_files: sent.as_ref().map(Vec::len),
         valid_users: valid,
         duplicated_addresses: duplicated,
         missed_users: missed,
@@ -294,36 +331,43 @@ async fn check(
     })
 }
 
-fn print_summary(s: &DemoSummary, outbox_dir: &std::path::Path) {
+fn print_summary(s: &DemoSummary, outbox_dir: Option<&std::path::Path>) {
     print_status(&s.run, false);
     println!(
         "  hops:    {} delivered | {} duplicated | {} lost | {} crashed | {} timed out",
         s.hops.delivered, s.hops.duplicated, s.hops.dropped, s.hops.crashed, s.hops.timed_out
     );
-    println!(
-        "  outbox:  {} messages in {} ({:.0} messages/s over {:.1}s)",
-        s.outbox_files,
-        outbox_dir.display(),
-        s.messages_per_second,
-        s.wall_seconds
-    );
+    match (s.outbox_files, outbox_dir) {
+        (Some(n), Some(dir)) => println!(
+            "  outbox:  {n} messages in {} ({:.0} messages/s over {:.1}s)",
+            dir.display(),
+            s.messages_per_second,
+            s.wall_seconds
+        ),
+        _ => println!(
+            "  mail:    {} accepted by the provider ({:.0} messages/s over {:.1}s); check its side for delivery",
+            s.run.done, s.messages_per_second, s.wall_seconds
+        ),
+    }
     println!(
         "  sql:     {} statements, {:.1} per page (planning, hops, sweeps and progress polls included)",
         s.sql_statements, s.sql_statements_per_page
     );
     let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
-    println!(
-        "  {} nobody got it twice ({} duplicated addresses)",
-        mark(s.duplicated_addresses.is_empty()),
-        s.duplicated_addresses.len()
-    );
-    println!(
-        "  {} nobody was missed: {} valid users, {} missed, {} unknown (sent at most once, never retried)",
-        mark(s.missed_users == 0),
-        s.valid_users,
-        s.missed_users,
-        s.unknown_users
-    );
+    if s.outbox_files.is_some() {
+        println!(
+            "  {} nobody got it twice ({} duplicated addresses)",
+            mark(s.duplicated_addresses.is_empty()),
+            s.duplicated_addresses.len()
+        );
+        println!(
+            "  {} nobody was missed: {} valid users, {} missed, {} unknown (sent at most once, never retried)",
+            mark(s.missed_users == 0),
+            s.valid_users,
+            s.missed_users,
+            s.unknown_users
+        );
+    }
     println!(
         "  {} done + failed + skipped + unknown = total ({} + {} + {} + {} = {})",
         mark(s.run.accounted()),
