@@ -7,6 +7,7 @@ mod cases;
 mod cli;
 mod fakes;
 mod lambda_mode;
+mod moto;
 mod support;
 
 /// Instantiates each case once per backend.
