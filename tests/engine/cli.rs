@@ -51,3 +51,42 @@ fn bad_config_is_rejected_with_the_field_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no runs yet"));
 }
+
+#[test]
+fn demo_runs_against_a_real_postgresql_with_store_postgres() {
+    let admin = std::env::var("BATON_TEST_PG_URL")
+        .expect("BATON_TEST_PG_URL is not set: run the suite with `scripts/test` (it starts a throwaway PostgreSQL)");
+    let name = format!("demo_{}", uuid::Uuid::new_v4().simple());
+    let ok = Command::new("psql").args([admin.as_str(), "-qc", &format!("CREATE DATABASE {name}")]).status().unwrap();
+    assert!(ok.success());
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for _ in 0..2 {
+        let out = baton(&[
+            "demo",
+            "--users",
+            "1200",
+            "--chaos",
+            "--store",
+            "postgres",
+            "--database-url",
+            &url,
+            "--json",
+            "--data-dir",
+            data,
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(summary["checks_passed"], true);
+        assert_eq!(summary["run"]["total"], 1200);
+    }
+    let out = baton(&["status", "--json", "--database-url", &url]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["status"], "succeeded");
+    assert!(
+        status["run_key"].as_str().unwrap().starts_with("demo-"),
+        "each demo on a shared database is a run of its own"
+    );
+}

@@ -57,11 +57,7 @@ async fn invocations(
 
 /// Serves the fake on a free loopback port; returns its endpoint URL.
 pub async fn serve_lambda(fake: Arc<FakeLambda>) -> String {
-    let app = Router::new().route("/2015-03-31/functions/{function}/invocations", post(invocations)).with_state(fake);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    serve(Router::new().route("/2015-03-31/functions/{function}/invocations", post(invocations)).with_state(fake)).await
 }
 
 /// An SDK config for loopback fakes: fixed region and credentials, the given endpoint.
@@ -243,10 +239,7 @@ pub async fn serve_data_api(api: Arc<FakeDataApi>) -> String {
         .route("/CommitTransaction", post(commit))
         .route("/RollbackTransaction", post(rollback))
         .with_state(api);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    serve(app).await
 }
 
 // ---- SES v2 -----------------------------------------------------------------------------------
@@ -292,6 +285,7 @@ pub fn ses_router(ses: Arc<FakeSes>) -> Router {
         .with_state(ses)
 }
 
+/// Serves a router on a free loopback port; returns its URL.
 pub async fn serve(router: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

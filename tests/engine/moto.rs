@@ -18,18 +18,18 @@ use baton::ports::{MailError, Mailer, OutgoingMail};
 use crate::fakes::sdk_config;
 use crate::support::{Backend, JOB, KeyKind, create_users, fresh_store, int_users, newsletter_job, test_settings};
 
-fn moto_url() -> String {
+pub fn moto_url() -> String {
     std::env::var("BATON_TEST_MOTO_URL")
         .expect("BATON_TEST_MOTO_URL is not set: run the suite with `scripts/test` (it starts a throwaway moto)")
 }
 
-async fn verify_sender(url: &str, address: &str) {
+pub async fn verify_sender(url: &str, address: &str) {
     let client = aws_sdk_sesv2::Client::new(&sdk_config(url));
     client.create_email_identity().email_identity(address).send().await.expect("moto creates the identity");
 }
 
 /// Recipients of the messages moto accepted from `source`, from `/moto-api/data.json`.
-async fn moto_sent_from(url: &str, source: &str) -> Vec<String> {
+pub async fn moto_sent_from(url: &str, source: &str) -> Vec<String> {
     let body = tokio::task::spawn_blocking({
         let url = format!("{url}/moto-api/data.json");
         move || {
