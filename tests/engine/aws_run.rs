@@ -111,3 +111,77 @@ async fn the_data_api_emulator_runs_every_engine_statement_and_enforces_the_resp
     let err = data_api.query(Stmt::new("SELECT * FROM users", Params::new())).await.unwrap_err();
     assert!(err.to_string().contains("page_size"), "{err}");
 }
+
+/// The operator's CLI against a run that lives in Aurora: the binary with `--store data-api`
+/// (through the emulator) and `--invoker lambda` (through the Invoke fake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_starts_inspects_pauses_and_cancels_runs_in_aurora() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fresh_store(Backend::Postgres, dir.path()).await;
+    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &int_users(100)).await;
+    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
+    let name = name.first().unwrap().text("d").unwrap();
+    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
+    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 4).unwrap();
+    let data_api_url = serve_data_api(Arc::new(FakeDataApi::new(pg))).await;
+    let lambda = Arc::new(FakeLambda::default());
+    let lambda_url = serve_lambda(lambda.clone()).await;
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        "[jobs.news]\nkind = 'newsletter'\nsource = 'SELECT id, email, name FROM users'\npage_size = 10\nchains = 3\n\
+         [jobs.news.newsletter]\nfrom = 'news@example.com'\nsubject = 'Hi'\ntext = 'Hello'\n\
+         unsubscribe_url = 'https://example.com/u'\nunsubscribe_secret = '0123456789abcdef-operator'\n",
+    )
+    .unwrap();
+    let baton = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(
+            [
+                "--store",
+                "data-api",
+                "--db-cluster-arn",
+                "arn:aws:rds:eu-west-1:1:cluster:c",
+                "--db-secret-arn",
+                "arn:aws:secretsmanager:eu-west-1:1:secret:s",
+                "--db-name",
+                &name,
+                "--invoker",
+                "lambda",
+                "--function",
+                "baton",
+                "--config",
+                config.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        let (data_api_url, lambda_url) = (data_api_url.clone(), lambda_url.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+                .args(&all)
+                .env("AWS_ENDPOINT_URL_RDS_DATA", data_api_url)
+                .env("AWS_ENDPOINT_URL_LAMBDA", lambda_url)
+                .env("AWS_REGION", "eu-west-1")
+                .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+                .env("AWS_SECRET_ACCESS_KEY", "secret")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = baton(&["start", "news", "--run-key", "2026-12", "--json"]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((started["items"].as_i64(), started["chains"].as_i64()), (Some(100), Some(3)));
+    assert_eq!(lambda.accepted.load(Ordering::SeqCst), 3, "hop 1 of each chain went to Lambda");
+
+    let out = baton(&["status", "--json"]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((status["status"].as_str(), status["total"].as_i64()), (Some("running"), Some(100)));
+
+    let out = baton(&["pause"]).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is now pausing"), "{out:?}");
+    let out = baton(&["cancel", "--json"]).await.unwrap();
+    let cancelled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+}
