@@ -16,20 +16,14 @@ use baton::jobs::KindRegistry;
 use baton::sql::{Params, SqlStore, Stmt};
 
 use crate::fakes::{FakeDataApi, FakeLambda, sdk_config, serve_data_api, serve_lambda};
-use crate::support::{
-    Backend, JOB, KeyKind, create_users, duplicates, fresh_store, int_users, newsletter_job, test_settings,
-};
+use crate::support::{JOB, duplicates, fake_aws_env, int_users, newsletter_job, pg_with_users, test_settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
     let dir = tempfile::tempdir().unwrap();
-    let store = fresh_store(Backend::Postgres, dir.path()).await;
     let users = int_users(2000);
-    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &users).await;
-    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
-    let name = name.first().unwrap().text("d").unwrap();
-    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
-    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 16).unwrap();
+    let (_store, name, url) = pg_with_users(dir.path(), &users).await;
+    let pg = PostgresStore::connect(&url, 16).unwrap();
 
     let data_api = Arc::new(FakeDataApi::new(pg));
     data_api.resuming_next.store(3, Ordering::SeqCst); // the cluster is waking up
@@ -91,12 +85,8 @@ async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_api_emulator_runs_every_engine_statement_and_enforces_the_response_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let store = fresh_store(Backend::Postgres, dir.path()).await;
-    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &int_users(3000)).await;
-    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
-    let name = name.first().unwrap().text("d").unwrap();
-    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
-    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 4).unwrap();
+    let (_store, name, url) = pg_with_users(dir.path(), &int_users(3000)).await;
+    let pg = PostgresStore::connect(&url, 4).unwrap();
     let mut api = FakeDataApi::new(pg);
     api.response_limit = 64 * 1024;
     let api = Arc::new(api);
@@ -117,12 +107,8 @@ async fn the_data_api_emulator_runs_every_engine_statement_and_enforces_the_resp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_cli_starts_inspects_pauses_and_cancels_runs_in_aurora() {
     let dir = tempfile::tempdir().unwrap();
-    let store = fresh_store(Backend::Postgres, dir.path()).await;
-    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &int_users(100)).await;
-    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
-    let name = name.first().unwrap().text("d").unwrap();
-    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
-    let pg = PostgresStore::connect(&format!("{}/{name}", admin.rsplit_once('/').unwrap().0), 4).unwrap();
+    let (_store, name, url) = pg_with_users(dir.path(), &int_users(100)).await;
+    let pg = PostgresStore::connect(&url, 4).unwrap();
     let data_api_url = serve_data_api(Arc::new(FakeDataApi::new(pg))).await;
     let lambda = Arc::new(FakeLambda::default());
     let lambda_url = serve_lambda(lambda.clone()).await;
@@ -157,14 +143,10 @@ async fn the_operator_cli_starts_inspects_pauses_and_cancels_runs_in_aurora() {
         );
         let (data_api_url, lambda_url) = (data_api_url.clone(), lambda_url.clone());
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+            fake_aws_env(&mut std::process::Command::new(env!("CARGO_BIN_EXE_baton")))
                 .args(&all)
                 .env("AWS_ENDPOINT_URL_RDS_DATA", data_api_url)
                 .env("AWS_ENDPOINT_URL_LAMBDA", lambda_url)
-                .env("AWS_REGION", "eu-west-1")
-                .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-                .env("AWS_SECRET_ACCESS_KEY", "secret")
-                .env("AWS_EC2_METADATA_DISABLED", "true")
                 .output()
                 .unwrap()
         })

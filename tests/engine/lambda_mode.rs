@@ -18,7 +18,7 @@ use baton::sql::{Params, Stmt};
 use tokio::sync::Notify;
 
 use crate::fakes::{FakeSes, ses_router};
-use crate::support::{Backend, KeyKind, create_users, fresh_store, int_users};
+use crate::support::{fake_aws_env, int_users, pg_with_users};
 
 #[derive(Default)]
 struct Emulator {
@@ -103,21 +103,7 @@ impl Drop for Killed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_lambda_events_start_hops_and_malformed_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let store = fresh_store(Backend::Postgres, dir.path()).await;
-    let users = int_users(120);
-    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, &users).await;
-    let database_url = {
-        let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
-        let name = store
-            .query(Stmt::new("SELECT current_database() AS d", Params::new()))
-            .await
-            .unwrap()
-            .first()
-            .unwrap()
-            .text("d")
-            .unwrap();
-        format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
-    };
+    let (store, _name, database_url) = pg_with_users(dir.path(), &int_users(120)).await;
     let config = dir.path().join("baton.toml");
     std::fs::write(
         &config,
@@ -156,17 +142,12 @@ unsubscribe_url = "https://example.com/u"
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let _child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_baton"))
-            .env_clear()
+        fake_aws_env(Command::new(env!("CARGO_BIN_EXE_baton")).env_clear())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
             .env("AWS_LAMBDA_FUNCTION_NAME", "baton")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_REGION", "eu-west-1")
-            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL", format!("http://{addr}"))
             .env("BATON_CONFIG", &config)
             .env("BATON_STORE", "postgres")

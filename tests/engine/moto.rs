@@ -16,7 +16,9 @@ use baton::local::faults::Faults;
 use baton::ports::{MailError, Mailer, OutgoingMail};
 
 use crate::fakes::sdk_config;
-use crate::support::{Backend, JOB, KeyKind, create_users, fresh_store, int_users, newsletter_job, test_settings};
+use crate::support::{
+    Backend, JOB, KeyKind, create_users, fake_aws_env, fresh_store, int_users, newsletter_job, test_settings,
+};
 
 pub fn moto_url() -> String {
     std::env::var("BATON_TEST_MOTO_URL")
@@ -124,14 +126,10 @@ async fn baton_demo_with_the_ses_mailer_delivers_into_moto() {
     let out = tokio::task::spawn_blocking({
         let (url, data) = (url.clone(), dir.path().to_str().unwrap().to_owned());
         move || {
-            Command::new(env!("CARGO_BIN_EXE_baton"))
+            fake_aws_env(&mut Command::new(env!("CARGO_BIN_EXE_baton")))
                 .args(["demo", "--users", "400", "--chains", "3", "--mailer", "ses", "--hop-timeout", "5s", "--json"])
                 .args(["--data-dir", &data])
                 .env("AWS_ENDPOINT_URL_SESV2", &url)
-                .env("AWS_REGION", "eu-west-1")
-                .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
-                .env("AWS_SECRET_ACCESS_KEY", "secret")
-                .env("AWS_EC2_METADATA_DISABLED", "true")
                 .output()
                 .unwrap()
         }

@@ -492,3 +492,22 @@ pub fn duplicates(addresses: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
     addresses.iter().filter(|a| !seen.insert(a.as_str())).cloned().collect()
 }
+
+/// A fresh PostgreSQL database holding `users`: its store, its name and its URL.
+pub async fn pg_with_users(dir: &std::path::Path, users: &[User]) -> (Arc<dyn SqlStore>, String, String) {
+    let store = fresh_store(Backend::Postgres, dir).await;
+    create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, users).await;
+    let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
+    let name = name.first().unwrap().text("d").unwrap();
+    let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    (store, name, url)
+}
+
+/// Region and credentials for a spawned `baton` talking to loopback fakes (never real AWS).
+pub fn fake_aws_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    cmd.env("AWS_REGION", "eu-west-1")
+        .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+}
