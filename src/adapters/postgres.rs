@@ -202,11 +202,12 @@ fn classify(e: tokio_postgres::Error) -> SqlError {
 
 async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {
     let (sql, names) = to_positional(&stmt.sql);
+    let by_name = stmt.params.by_name();
     let mut values = Vec::with_capacity(names.len());
     for name in &names {
-        let v = stmt
-            .params
-            .get(name)
+        let v = by_name
+            .get(name.as_str())
+            .copied()
             .ok_or_else(|| SqlError::statement(format!("no value given for parameter :{name}")))?;
         values.push(PgParam(v));
     }

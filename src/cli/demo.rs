@@ -130,10 +130,12 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
     (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
 }
 
-/// Creates `table` with `n` synthetic users through the SQL port, in one transaction, so the
-/// demo works on any store.
+/// Creates `table` with `n` synthetic users through the SQL port, so the demo works on any
+/// store. Inserts go in transactions of 8,000 users, so memory stays flat however many users.
 async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> Result<()> {
-    let mut stmts = vec![
+    const ROWS: u32 = 400;
+    const PER_TRANSACTION: u32 = 20;
+    let mut batch = vec![
         Stmt::new(format!("DROP TABLE IF EXISTS {table}"), Params::new()),
         Stmt::new(
             format!(
@@ -142,14 +144,14 @@ async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> R
             Params::new(),
         ),
     ];
-    let users: Vec<u32> = (0..n).collect();
-    for chunk in users.chunks(400) {
+    let mut start = 0;
+    while start < n {
+        let end = (start + ROWS).min(n);
         let mut params = Params::new();
-        let rows: Vec<String> = chunk
-            .iter()
+        let rows: Vec<String> = (start..end)
             .enumerate()
             .map(|(j, i)| {
-                let (id, email, name, city, plan) = synthetic_user(*i, seed);
+                let (id, email, name, city, plan) = synthetic_user(i, seed);
                 params.push(format!("i{j}"), id);
                 params.push(format!("e{j}"), email);
                 params.push(format!("n{j}"), name);
@@ -158,12 +160,18 @@ async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> R
                 format!("(:i{j}, :e{j}, :n{j}, :c{j}, :p{j})")
             })
             .collect();
-        stmts.push(Stmt::new(
+        batch.push(Stmt::new(
             format!("INSERT INTO {table} (id, email, name, city, plan) VALUES {}", rows.join(", ")),
             params,
         ));
+        start = end;
+        if batch.len() as u32 >= PER_TRANSACTION || start >= n {
+            store.transaction(std::mem::take(&mut batch)).await?;
+        }
     }
-    store.transaction(stmts).await?;
+    if !batch.is_empty() {
+        store.transaction(batch).await?;
+    }
     Ok(())
 }
 

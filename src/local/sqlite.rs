@@ -88,10 +88,11 @@ fn classify(e: rusqlite::Error) -> SqlError {
 
 fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
     let mut prepared = conn.prepare_cached(&stmt.sql)?;
+    let by_name = stmt.params.by_name();
     let mut bound: Vec<(String, Param<'_>)> = Vec::new();
     for i in 1..=prepared.parameter_count() {
         let name = prepared.parameter_name(i).unwrap_or_default().to_owned();
-        let value = stmt.params.get(name.trim_start_matches(':')).ok_or_else(|| {
+        let value = by_name.get(name.trim_start_matches(':')).copied().ok_or_else(|| {
             rusqlite::Error::InvalidParameterName(format!("{name} (no value given for this parameter)"))
         })?;
         bound.push((name, Param(value)));

@@ -185,6 +185,12 @@ impl Params {
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
+
+    /// A lookup by name for binding many parameters (a linear `get` per parameter would make
+    /// binding a page's batched statement quadratic).
+    pub fn by_name(&self) -> HashMap<&str, &Value> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v)).collect()
+    }
 }
 
 /// One statement with its parameters.

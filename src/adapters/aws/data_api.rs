@@ -125,10 +125,11 @@ fn classify<R: std::fmt::Debug>(e: &SdkError<ExecuteStatementError, R>) -> Retry
 fn encode(stmt: &Stmt) -> Result<(String, Vec<SqlParameter>), SqlError> {
     let mut casts = Vec::new();
     let mut parameters = Vec::new();
+    let by_name = stmt.params.by_name();
     for name in names(&stmt.sql) {
-        let value = stmt
-            .params
-            .get(&name)
+        let value = by_name
+            .get(name.as_str())
+            .copied()
             .ok_or_else(|| SqlError::statement(format!("no value given for parameter :{name}")))?;
         let (field, hint) = match value {
             Value::Null => (Field::IsNull(true), None),
