@@ -16,7 +16,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{NoTls, Row};
 
 use crate::sql::params::to_positional;
-use crate::sql::{Dialect, KeyType, Rows, SqlError, SqlStore, Stmt, Value};
+use crate::sql::{KeyType, Rows, SqlError, SqlStore, Stmt, Value};
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -254,9 +254,5 @@ impl SqlStore for PostgresStore {
         }
         tx.commit().await.map_err(classify)?;
         Ok(out)
-    }
-
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
     }
 }

@@ -40,10 +40,6 @@ impl Faults {
             mail_ambiguous: 0.002,
         }
     }
-
-    pub fn any(&self) -> bool {
-        *self != Faults::default()
-    }
 }
 
 /// A uniform number in `[0, 1)` fixed by the seed and the parts (FNV-1a, then SplitMix64).

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql};
 
-use crate::sql::{Dialect, Rows, SqlError, SqlStore, Stmt, Value};
+use crate::sql::{Rows, SqlError, SqlStore, Stmt, Value};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -139,9 +139,5 @@ impl SqlStore for SqliteStore {
             Ok(out)
         })
         .await
-    }
-
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
     }
 }

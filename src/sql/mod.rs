@@ -259,10 +259,6 @@ impl<'a> Record<'a> {
             v => Some(v.to_string()),
         }
     }
-
-    pub fn to_map(&self) -> HashMap<String, Value> {
-        self.columns.iter().cloned().zip(self.values.iter().cloned()).collect()
-    }
 }
 
 /// Errors of the SQL port. `Transient` errors may succeed when retried (a resuming database,
@@ -289,14 +285,6 @@ impl SqlError {
     }
 }
 
-/// Which SQL engine is behind a store; statements are identical, only the rare dialect
-/// difference (none in the state store) would consult this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
 /// The SQL port. Adapters: SQLite (embedded), PostgreSQL (direct), RDS Data API (Lambda).
 ///
 /// Error contract: a failed `query` changed nothing (each statement is atomic); a failed
@@ -305,7 +293,6 @@ pub enum Dialect {
 pub trait SqlStore: Send + Sync {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError>;
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError>;
-    fn dialect(&self) -> Dialect;
 }
 
 /// Counts statements, so tests and benchmarks can check the O(1)-statements-per-page rule.
@@ -333,9 +320,6 @@ impl<S: SqlStore> SqlStore for CountingStore<S> {
         self.statements.fetch_add(stmts.len() as u64, Ordering::Relaxed);
         self.inner.transaction(stmts).await
     }
-    fn dialect(&self) -> Dialect {
-        self.inner.dialect()
-    }
 }
 
 #[async_trait]
@@ -345,8 +329,5 @@ impl<S: SqlStore + ?Sized> SqlStore for Arc<S> {
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         (**self).transaction(stmts).await
-    }
-    fn dialect(&self) -> Dialect {
-        (**self).dialect()
     }
 }

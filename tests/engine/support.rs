@@ -373,9 +373,6 @@ impl SqlStore for FaultyStore {
         }
         self.inner.transaction(stmts).await
     }
-    fn dialect(&self) -> baton::sql::Dialect {
-        self.inner.dialect()
-    }
 }
 
 /// A mailer that hangs forever once `limit` messages went out, so a hop can be killed mid-page

@@ -21,7 +21,7 @@ use aws_sdk_rdsdata::types::{Field, SqlParameter, TypeHint};
 
 use crate::jobs::backoff;
 use crate::sql::params::{cast_params, names};
-use crate::sql::{Dialect, KeyType, Rows, SqlError, SqlStore, Stmt, Value};
+use crate::sql::{KeyType, Rows, SqlError, SqlStore, Stmt, Value};
 
 /// Where the database is: the cluster ARN, the Secrets Manager secret with its credentials, and
 /// the database name.
@@ -225,9 +225,5 @@ impl SqlStore for DataApiStore {
             .await
             .map_err(|e| SqlError::transient(format!("CommitTransaction failed: {e:?}")))?;
         Ok(out)
-    }
-
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
     }
 }
