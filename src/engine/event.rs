@@ -46,7 +46,7 @@ pub enum EventError {
          e.g. {{\"type\":\"start\",\"job\":\"monthly-newsletter\"}}"
     )]
     Malformed(String),
-    #[error("event is {size} bytes; an asynchronous invocation takes at most {MAX_ASYNC_PAYLOAD}")]
+    #[error("event is {size} bytes, over the 1 MB ({MAX_ASYNC_PAYLOAD} bytes) limit of an asynchronous invocation")]
     TooLarge { size: usize },
 }
 
@@ -56,6 +56,15 @@ impl Event {
             return Err(EventError::TooLarge { size: bytes.len() });
         }
         serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))
+    }
+
+    /// The payload for an asynchronous invocation: the JSON, refused if over Lambda's limit.
+    pub fn to_payload(&self) -> Result<String, EventError> {
+        let json = self.to_json();
+        if json.len() > MAX_ASYNC_PAYLOAD {
+            return Err(EventError::TooLarge { size: json.len() });
+        }
+        Ok(json)
     }
 
     pub fn to_json(&self) -> String {

@@ -152,7 +152,9 @@ impl Engine {
         let end = |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
         match status.as_str() {
             "running" if s.int("claimable") > 0 => {
-                // Still our hop? If the chain moved on (a restart overtook us), stop quietly.
+                // Pages are claimable but this claim got none: a concurrent claim took the page
+                // it aimed at, or a restart overtook this hop (the claim's guard refuses it).
+                // The caller retries a few times, then hands over; the CAS settles any overlap.
                 Ok(None)
             }
             "running" => {

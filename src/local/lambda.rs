@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::faults::{Faults, dice};
 use crate::engine::Engine;
-use crate::engine::event::{Event, MAX_ASYNC_PAYLOAD};
+use crate::engine::event::Event;
 use crate::ports::{InvokeError, Invoker};
 
 /// Counters of what the model did, for the demo's summary and for tests.
@@ -115,13 +115,7 @@ fn identity(event: &Event) -> String {
 #[async_trait]
 impl Invoker for LocalLambda {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
-        let payload = event.to_json();
-        if payload.len() > MAX_ASYNC_PAYLOAD {
-            return Err(InvokeError {
-                message: format!("payload of {} bytes is over 1 MB", payload.len()),
-                fatal: true,
-            });
-        }
+        event.to_payload().map_err(|e| InvokeError { message: e.to_string(), fatal: true })?;
         self.stats.accepted.fetch_add(1, Ordering::SeqCst);
         let id = identity(event);
         let n = {

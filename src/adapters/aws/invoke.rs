@@ -19,7 +19,7 @@ use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 
-use crate::engine::event::{Event, MAX_ASYNC_PAYLOAD};
+use crate::engine::event::Event;
 use crate::jobs::backoff;
 use crate::ports::{InvokeError, Invoker};
 
@@ -129,13 +129,7 @@ fn classify<R: std::fmt::Debug>(e: &SdkError<SdkInvokeError, R>) -> Next {
 #[async_trait]
 impl Invoker for LambdaInvoker {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
-        let payload = event.to_json();
-        if payload.len() > MAX_ASYNC_PAYLOAD {
-            return Err(InvokeError {
-                message: format!("event of {} bytes is over Lambda's 1 MB asynchronous payload limit", payload.len()),
-                fatal: true,
-            });
-        }
+        let payload = event.to_payload().map_err(|e| InvokeError { message: e.to_string(), fatal: true })?;
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             let sent = self
