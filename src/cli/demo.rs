@@ -201,9 +201,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         bail!("the demo runs its chains in this process: use `--invoker local` (the default)");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    let embedded =
-        common.store.unwrap_or(if common.database_url.is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
-            == StoreKind::Sqlite;
+    let embedded = common.store_kind() == StoreKind::Sqlite;
     if embedded {
         for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
             let _ = std::fs::remove_file(dir.join(stale));

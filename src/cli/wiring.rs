@@ -52,14 +52,21 @@ pub enum InvokerKind {
     Lambda,
 }
 
+impl Common {
+    /// The store the flags choose: `--store`, else postgres when `--database-url` is given,
+    /// else the embedded SQLite file.
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.unwrap_or(if self.database_url.is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
+    }
+}
+
 async fn shared_aws() -> aws_config::SdkConfig {
     aws_config::load_from_env().await
 }
 
 /// The state store chosen by the flags, migrated.
 pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
-    let kind =
-        common.store.unwrap_or(if common.database_url.is_some() { StoreKind::Postgres } else { StoreKind::Sqlite });
+    let kind = common.store_kind();
     let store: Arc<dyn SqlStore> = match kind {
         StoreKind::Sqlite => {
             std::fs::create_dir_all(&common.data_dir)
