@@ -38,7 +38,7 @@ pub async fn engine_from_env() -> Result<Engine, String> {
     let shared = aws_config::load_from_env().await;
     let store: Arc<dyn SqlStore> = match std::env::var("BATON_STORE").as_deref().unwrap_or("data-api") {
         "data-api" => Arc::new(DataApiStore::new(
-            aws_sdk_rdsdata::Client::new(&shared),
+            DataApiStore::client_from(&shared),
             DataApiTarget {
                 resource_arn: env("BATON_DB_CLUSTER_ARN")?,
                 secret_arn: env("BATON_DB_SECRET_ARN")?,
@@ -61,14 +61,29 @@ pub async fn engine_from_env() -> Result<Engine, String> {
     }))
 }
 
-/// The invocation's deadline as an `Instant`: Lambda's, or the configured hop budget when the
-/// context has none or one already past.
-pub fn deadline_from(lambda_deadline: Option<SystemTime>, configured: Duration) -> Instant {
+/// The invocation's deadline as an `Instant`: the earlier of Lambda's and now + `hop_timeout`
+/// (leases derive from `hop_timeout`, so no hop may outlive it even when the function timeout
+/// is longer); the configured budget alone when the context has no deadline or one already past.
+pub fn deadline_from(lambda_deadline: Option<SystemTime>, hop_timeout: Duration) -> Instant {
     let left = lambda_deadline
         .and_then(|d| d.duration_since(SystemTime::now()).ok())
         .filter(|left| !left.is_zero())
-        .unwrap_or(configured);
+        .map_or(hop_timeout, |left| left.min(hop_timeout));
     Instant::now() + left
+}
+
+/// Said once per sandbox: a function timeout shorter than `hop_timeout` is safe (hops end
+/// sooner) but makes the run's hop budget, derived from `hop_timeout`, too small.
+fn check_function_timeout(lambda_deadline: Option<SystemTime>, hop_timeout: Duration) -> Option<String> {
+    let left = lambda_deadline?.duration_since(SystemTime::now()).ok()?;
+    (left + Duration::from_secs(1) < hop_timeout).then(|| {
+        format!(
+            "the function timeout (about {}s) is shorter than settings.hop_timeout ({}s): hops end early and \
+             hop budgets are too small; set hop_timeout to the function timeout",
+            left.as_secs(),
+            hop_timeout.as_secs()
+        )
+    })
 }
 
 /// Handles one invocation's payload.
@@ -86,10 +101,16 @@ pub async fn handle(
 pub async fn serve() -> Result<(), lambda_runtime::Error> {
     let engine = Arc::new(engine_from_env().await?);
     let budget = engine.config().settings.hop_timeout;
+    let checked = Arc::new(std::sync::Once::new());
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
-        let engine = engine.clone();
+        let (engine, checked) = (engine.clone(), checked.clone());
         async move {
             let context_deadline = (event.context.deadline > 0).then(|| event.context.deadline());
+            checked.call_once(|| {
+                if let Some(warning) = check_function_timeout(context_deadline, budget) {
+                    tracing::warn!("{warning}");
+                }
+            });
             let deadline = deadline_from(context_deadline, budget);
             handle(&engine, event.payload, deadline).await.map_err(|e| {
                 tracing::error!(error = %e, "invocation rejected");
@@ -113,5 +134,16 @@ mod tests {
         assert!(none > Instant::now() + Duration::from_secs(59));
         let soon = deadline_from(Some(SystemTime::now() + Duration::from_secs(10)), budget);
         assert!(soon < Instant::now() + Duration::from_secs(11));
+    }
+
+    #[test]
+    fn a_function_timeout_longer_than_hop_timeout_is_cut_to_hop_timeout() {
+        // Failed before the fix: the hop got Lambda's 15 minutes and outlived its lease.
+        let budget = Duration::from_secs(60);
+        let long = deadline_from(Some(SystemTime::now() + Duration::from_secs(900)), budget);
+        assert!(long <= Instant::now() + budget);
+        assert!(check_function_timeout(Some(SystemTime::now() + Duration::from_secs(900)), budget).is_none());
+        let short = check_function_timeout(Some(SystemTime::now() + Duration::from_secs(30)), budget).unwrap();
+        assert!(short.contains("hop_timeout"), "{short}");
     }
 }

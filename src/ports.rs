@@ -81,8 +81,21 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        now + CLOCK_SKEW_MS.try_with(|s| *s).unwrap_or(0)
     }
+}
+
+tokio::task_local! {
+    /// How far this invocation's clock is off (fault injection: the clocks of different Lambda
+    /// sandboxes disagree). Zero unless set with [`with_clock_skew`].
+    static CLOCK_SKEW_MS: i64;
+}
+
+/// Runs `f` as if this machine's clock were off by `skew_ms` (the local Lambda model gives each
+/// invocation its own skew under chaos).
+pub async fn with_clock_skew<F: std::future::Future>(skew_ms: i64, f: F) -> F::Output {
+    CLOCK_SKEW_MS.scope(skew_ms, f).await
 }
 
 /// The system clock plus an offset a test can move forward.

@@ -5,7 +5,7 @@
 pub mod demo;
 pub mod wiring;
 
-use wiring::Runtime;
+use wiring::{InvokerKind, Runtime};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,7 +134,8 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Start a run and return at once (with `--invoker lambda`, the chains run in Lambda).
+    /// Start a run in Lambda and return at once (needs `--invoker lambda`: the chains run in
+    /// Lambda). Locally, where chains run in this process, use `baton run`.
     Start {
         job: String,
         #[arg(long)]
@@ -278,12 +279,16 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Start { job, run_key, common } => {
+            if common.invoker == InvokerKind::Local {
+                // Local chains live in this process: returning would kill them mid-page.
+                bail!(
+                    "`baton start` returns at once, and with the local invoker the chains would die with this \
+                     process: use `baton run {job}` (drives the run to its end here), or `--invoker lambda \
+                     --function NAME` to run the chains in Lambda"
+                );
+            }
             let rt = Runtime::open(&common, true).await?;
             let outcome = rt.engine().start(&job, run_key.as_deref()).await?;
-            if let Runtime::Local(local) = &rt {
-                // Chains run in this process: hand them to the local queue before exiting.
-                local.drain(std::time::Duration::from_millis(50)).await;
-            }
             if common.json {
                 println!("{}", serde_json::to_string(&outcome)?);
             } else if let Outcome::Started { run_id, chains, pages, items, existing } = outcome {

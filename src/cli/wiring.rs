@@ -90,7 +90,7 @@ pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
                 secret_arn: secret_arn.clone(),
                 database: common.db_name.clone(),
             };
-            Arc::new(DataApiStore::new(aws_sdk_rdsdata::Client::new(&shared_aws().await), target))
+            Arc::new(DataApiStore::new(DataApiStore::client_from(&shared_aws().await), target))
         }
     };
     crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;

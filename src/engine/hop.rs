@@ -6,14 +6,14 @@
 //! write results, (drop unattempted claims, only when the budget ran out mid-page), finish or
 //! release the page, heartbeat.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
-use crate::jobs::{ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
+use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::sql::{Record, statements as st};
 
 /// A leased page.
@@ -50,6 +50,11 @@ const CLAIM_RETRIES: u32 = 3;
 impl Engine {
     #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
     pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
+        // Fencing starts here: leases and staleness derive from `hop_timeout`, so no hop may
+        // live longer than that, whatever deadline its environment gives it (a Lambda function
+        // timeout longer than `hop_timeout` would otherwise let a hop send after its lease
+        // expired and another hop took its page over).
+        let deadline = deadline.min(Instant::now() + self.config.settings.hop_timeout);
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
@@ -66,8 +71,10 @@ impl Engine {
         if now > run.deadline_at {
             return self.fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)").await;
         }
-        // The fork guard: only one delivery of hop `hop` gets past this.
-        if self.store.query(st::start_hop(run_id, chain, hop, now)).await?.rows.is_empty() {
+        // The fork guard: only one delivery of hop `hop` gets past this. The token tells this
+        // invocation's own re-run of the statement apart from another delivery.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        if self.sql(st::start_hop(run_id, chain, hop, &token, now)).await?.rows.is_empty() {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
         }
@@ -77,7 +84,9 @@ impl Engine {
             j.begin_hop(run.chains as u32);
         }
         let soft = soft_deadline(deadline, self.config.settings.hop_margin);
-        let owner = format!("c{chain}h{hop}");
+        // Unique per invocation: a duplicate delivery that somehow got this far could not pass
+        // for this hop's lease holder.
+        let owner = format!("c{chain}h{hop}.{}", &token[..12]);
         let lease_ms = self.config.settings.lease().as_millis() as i64;
         let mut pages = 0u32;
         let mut retries = 0;
@@ -85,7 +94,7 @@ impl Engine {
         let mut slowest = std::time::Duration::ZERO;
         while Instant::now() + slowest < soft {
             let claim = st::claim_page(run_id, chain, hop, run.chains, &owner, self.now_ms(), lease_ms);
-            let Some(page) = self.store.query(claim).await?.first().map(Page::from_record) else {
+            let Some(page) = self.sql(claim).await?.first().map(Page::from_record) else {
                 match self.no_page(&run, chain, hop).await? {
                     Some(next) => return Ok(Outcome::Hopped { pages, next }),
                     None if retries < CLAIM_RETRIES => {
@@ -107,16 +116,14 @@ impl Engine {
                 "page processed"
             );
             let now = self.now_ms();
-            self.store.query(st::finish_page(run_id, page.page_no, &owner, report.finished)).await?;
-            self.store.query(st::heartbeat(run_id, chain, hop, now)).await?;
+            self.finish_page(run_id, page.page_no, &owner, report.finished).await?;
+            self.sql(st::heartbeat(run_id, chain, hop, now)).await?;
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
-                self.store
-                    .query(st::set_run_status(run_id, &["running", "pausing"], "failed", Some(&reason), now))
-                    .await?;
+                self.sql(st::set_run_status(run_id, &["running", "pausing"], "failed", Some(&reason), now)).await?;
             } else if let Some(reason) = report.pause_reason {
-                self.store.query(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now)).await?;
+                self.sql(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now)).await?;
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
@@ -144,7 +151,7 @@ impl Engine {
     async fn no_page(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<HopNext>, EngineError> {
         let id = run.run_id.as_str();
         let now = self.now_ms();
-        let summary = self.store.query(st::page_summary(id, now)).await?;
+        let summary = self.sql(st::page_summary(id, now)).await?;
         let Some(s) = summary.first() else {
             return Err(EngineError::RunNotFound(id.into()));
         };
@@ -158,41 +165,57 @@ impl Engine {
                 Ok(None)
             }
             "running" => {
-                self.store.query(end("ended")).await?;
-                if s.int("leased") == 0 && !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
+                self.sql(end("ended")).await?;
+                if s.int("leased") == 0 && !self.sql(st::complete_run(id, now)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
-                    self.store.query(st::end_chains(id)).await?;
+                    self.sql(st::end_chains(id)).await?;
                     return Ok(Some(HopNext::Completed));
                 }
                 Ok(Some(HopNext::Ended))
             }
             "pausing" | "paused" => {
-                self.store.query(end("paused")).await?;
-                self.store.query(st::settle_pause(id, now)).await?;
+                // Parks only while the run is still pausing: a resume in between wins, and then
+                // this hop goes on claiming.
+                if self.sql(st::park_chain(id, chain, hop)).await?.rows.is_empty() {
+                    return Ok(None);
+                }
+                self.sql(st::settle_pause(id, now)).await?;
                 Ok(Some(HopNext::Parked))
             }
             _ => {
-                self.store.query(end("ended")).await?;
+                self.sql(end("ended")).await?;
                 Ok(Some(HopNext::Stopped))
             }
         }
     }
 
+    /// Finishes a page this hop holds: `done` when `finished` and none of its items is left
+    /// `claimed`; otherwise, or if claims remain, released to be claimed again (whoever claims it
+    /// settles what is left). A hop that lost the lease changes nothing.
+    async fn finish_page(&self, run_id: &str, page_no: i64, owner: &str, finished: bool) -> Result<(), EngineError> {
+        if finished && !self.sql(st::finish_page(run_id, page_no, owner, true)).await?.rows.is_empty() {
+            return Ok(());
+        }
+        if finished {
+            tracing::warn!(page = page_no, "page still has claimed items: released instead of finished");
+        }
+        self.sql(st::finish_page(run_id, page_no, owner, false)).await?;
+        Ok(())
+    }
+
     async fn fail_run(&self, run: &RunRow, chain: i64, reason: &str) -> Result<Outcome, EngineError> {
         let now = self.now_ms();
         tracing::error!(run_id = run.run_id, chain, reason, "run failed");
-        self.store
-            .query(st::set_chain_status(
-                &run.run_id,
-                chain,
-                None,
-                &["active", "paused", "ended"],
-                "failed",
-                Some(reason),
-            ))
-            .await?;
-        self.store
-            .query(st::set_run_status(&run.run_id, &["running", "pausing", "paused"], "failed", Some(reason), now))
+        self.sql(st::set_chain_status(
+            &run.run_id,
+            chain,
+            None,
+            &["active", "paused", "ended"],
+            "failed",
+            Some(reason),
+        ))
+        .await?;
+        self.sql(st::set_run_status(&run.run_id, &["running", "pausing", "paused"], "failed", Some(reason), now))
             .await?;
         Ok(Outcome::Hopped { pages: 0, next: HopNext::Failed(reason.to_owned()) })
     }
@@ -202,7 +225,7 @@ impl Engine {
         if cfg.max_failures.is_none() && cfg.max_failure_percent.is_none() {
             return Ok(());
         }
-        let rows = self.store.query(st::failures_since_baseline(&run.run_id)).await?;
+        let rows = self.sql(st::failures_since_baseline(&run.run_id)).await?;
         let Some(r) = rows.first() else { return Ok(()) };
         let (failures, total) = (r.int("failures"), r.int("total").max(1));
         let over_count = cfg.max_failures.is_some_and(|m| failures as u64 > m);
@@ -218,9 +241,7 @@ impl Engine {
                 }
             );
             tracing::warn!(run_id = run.run_id, reason, "pausing run");
-            self.store
-                .query(st::set_run_status(&run.run_id, &["running"], "pausing", Some(&reason), self.now_ms()))
-                .await?;
+            self.sql(st::set_run_status(&run.run_id, &["running"], "pausing", Some(&reason), self.now_ms())).await?;
         }
         Ok(())
     }
@@ -236,28 +257,40 @@ impl Engine {
     ) -> Result<PageReport, EngineError> {
         let id = run.run_id.as_str();
         let cfg = &run.job_config;
+        let resend = resend_ambiguous(cfg);
         let mut retaken: HashSet<String> = HashSet::new();
         if page.attempts > 1 {
             // A re-offered page: settle what a dead owner left claimed (see the ambiguity policy).
-            let resend = resend_ambiguous(cfg);
-            let settled =
-                self.store.query(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
+            let settled = self.sql(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
             if resend {
                 retaken = settled.records().filter_map(|r| r.text("item_key")).collect();
             }
         }
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
-        let rows = self.store.query(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
+        let rows = self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
         let columns = Arc::new(rows.columns.clone());
-        let items: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
-        if items.is_empty() {
+        let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
+        let (items, mut results) = dedupe_by_key(loaded, &cfg.key_column);
+        // Claims taken over from a dead owner whose row has left the source since: nothing to
+        // send, and the page cannot be done while they stay `claimed`.
+        let present: HashSet<&str> =
+            items.iter().map(|i| i.key.as_str()).chain(results.iter().map(|(k, _, _)| k.as_str())).collect();
+        let vanished: Vec<String> = retaken.iter().filter(|k| !present.contains(k.as_str())).cloned().collect();
+        drop(present);
+        results.extend(vanished.into_iter().map(|k| (k, "skipped", Some("no longer in the job's source".to_owned()))));
+        if items.is_empty() && results.is_empty() {
             return Ok(PageReport { finished: true, ..Default::default() });
         }
-        let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
-        let claimed = self.store.query(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys)).await?;
-        let mut mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
-        mine.extend(retaken);
+        let keys: Vec<String> =
+            items.iter().map(|i| i.key.clone()).chain(results.iter().map(|(k, _, _)| k.clone())).collect();
+        // The claim returns every key this owner holds on the page, including claims it took
+        // over from a dead owner and, on a re-run after a lost response, its own.
+        let claimed = self.sql(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys)).await?;
+        let mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
+        results.retain(|(k, _, _)| mine.contains(k));
+        let work: Vec<Item> = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
+        let work_keys: Vec<String> = work.iter().map(|i| i.key.clone()).collect();
         let cx = ItemContext {
             run_id: id.to_owned(),
             run_key: run.run_key.clone(),
@@ -265,6 +298,7 @@ impl Engine {
             soft_deadline: soft,
         };
         tracing::debug!(page = page.page_no, claimed = mine.len(), "items claimed");
+        drop(mine);
         // Past `soft` no send starts. Halfway from `soft` to the hard deadline the hop stops
         // waiting for sends still in flight, so it can always record what it knows: those few
         // are `unknown` (they may or may not go out), never-started ones are released. Without
@@ -272,9 +306,8 @@ impl Engine {
         // would become `unknown`.
         let cutoff = soft + deadline.saturating_duration_since(soft) / 2;
         let started: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
-        let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(mine.len());
+        let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(work_keys.len());
         {
-            let work: Vec<crate::jobs::Item> = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
             let (job, cx, started) = (job.clone(), Arc::new(cx), started.clone());
             let in_flight = job.in_flight().max(1);
             let mut stream = futures::stream::iter(work)
@@ -295,10 +328,10 @@ impl Engine {
                 outcomes.push(done);
             }
         }
-        if outcomes.len() < mine.len() {
+        if outcomes.len() < work_keys.len() {
             let finished: HashSet<&String> = outcomes.iter().map(|(k, _)| k).collect();
             let started = started.lock().expect("not poisoned");
-            let left: Vec<(String, ItemOutcome)> = mine
+            let left: Vec<(String, ItemOutcome)> = work_keys
                 .iter()
                 .filter(|k| !finished.contains(k))
                 .map(|k| {
@@ -315,9 +348,15 @@ impl Engine {
         }
         tracing::debug!(page = page.page_no, outcomes = outcomes.len(), "items processed");
         let mut report = PageReport { finished: true, ..Default::default() };
-        let mut results = Vec::new();
+        report.failures += results.iter().filter(|(_, state, _)| *state == "failed").count() as u64;
         let mut released = Vec::new();
         for (key, outcome) in outcomes {
+            // At-least-once: an outcome that may not have happened is sent again by a later hop,
+            // never parked as `unknown`.
+            let outcome = match outcome {
+                ItemOutcome::Unknown(_) if resend => ItemOutcome::Released,
+                other => other,
+            };
             match outcome.ledger() {
                 Some((state, reason)) => {
                     report.failures += (state == "failed") as u64;
@@ -333,10 +372,10 @@ impl Engine {
         }
         let now = self.now_ms();
         if !results.is_empty() {
-            self.store.query(st::record_results(id, owner, now, &results)).await?;
+            self.sql(st::record_results(id, page.page_no, owner, now, &results)).await?;
         }
         if !released.is_empty() {
-            self.store.query(st::release_claims(id, page.page_no, owner, &released)).await?;
+            self.sql(st::release_claims(id, page.page_no, owner, &released)).await?;
             report.finished = false;
         }
         Ok(report)
@@ -361,4 +400,38 @@ impl Engine {
             Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
         })
     }
+}
+
+/// A ledger result: key, state, reason.
+type LedgerResult = (String, &'static str, Option<String>);
+
+/// A page's rows with each key once. A key that appears on more than one row (a source built on
+/// a join, a row inserted mid-run: key uniqueness is only checked at start) cannot be told
+/// which row is its recipient, so none of its rows is processed: the key is `failed` with a
+/// reason naming it. Nothing is ever sent twice for one key.
+fn dedupe_by_key(items: Vec<Item>, key_column: &str) -> (Vec<Item>, Vec<LedgerResult>) {
+    let mut count: HashMap<String, usize> = HashMap::with_capacity(items.len());
+    for item in &items {
+        *count.entry(item.key.clone()).or_default() += 1;
+    }
+    if count.len() == items.len() {
+        return (items, Vec::new());
+    }
+    let mut failed: Vec<LedgerResult> = Vec::new();
+    let mut kept = Vec::with_capacity(count.len());
+    for item in items {
+        match count.get(&item.key).copied() {
+            Some(1) => kept.push(item),
+            Some(n) => {
+                count.remove(&item.key);
+                let reason = format!(
+                    "duplicate key: {n} source rows have {key_column} = {}; none was sent (make the key unique)",
+                    item.key
+                );
+                failed.push((item.key, "failed", Some(reason)));
+            }
+            None => {} // a further row of a key already failed
+        }
+    }
+    (kept, failed)
 }

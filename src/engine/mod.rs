@@ -34,9 +34,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError, JobConfig};
-use crate::jobs::{Item, Job, JobDeps, JobError, KindRegistry};
+use crate::jobs::{Item, Job, JobDeps, JobError, KindRegistry, backoff};
 use crate::ports::{Clock, InvokeError, Invoker, Mailer};
-use crate::sql::{KeyType, SqlError, SqlStore, Value, migrations, statements as st};
+use crate::sql::{KeyType, Rows, SqlError, SqlStore, Stmt, Value, migrations, statements as st};
 use event::{ControlAction, Event, EventError};
 use run::{ChainStatus, RunRow, RunStatus};
 
@@ -61,6 +61,9 @@ pub enum EngineError {
     #[error("the mail provider cannot send: {0}")]
     MailerUnavailable(String),
 }
+
+/// Tries per statement when the SQL port reports a transient error.
+pub const SQL_ATTEMPTS: u32 = 4;
 
 /// What an invocation did, for logs, the CLI and tests.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -176,8 +179,26 @@ impl Engine {
         self.kinds.build(name, config, &self.deps(name, config))
     }
 
+    /// Runs one statement, re-running it when the SQL port calls the error transient (a dropped
+    /// connection, a 5xx, a timeout: the statement may or may not have committed). Every
+    /// statement the engine issues is safe to re-run after it committed and its response was
+    /// lost (see [`crate::sql::statements`]), so a re-run can only find what already happened.
+    pub(crate) async fn sql(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.store.query(stmt.clone()).await {
+                Err(e) if e.is_transient() && attempt < SQL_ATTEMPTS => {
+                    tracing::warn!(statement = stmt.name, attempt, error = %e, "statement will be re-run");
+                    tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub(crate) async fn load_run(&self, run_id: &str) -> Result<RunRow, EngineError> {
-        let rows = self.store.query(st::run_by_id(run_id)).await?;
+        let rows = self.sql(st::run_by_id(run_id)).await?;
         RunRow::first(&rows).map_err(EngineError::State)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
@@ -219,7 +240,14 @@ impl Engine {
             self.cap_send_rate(job_name, newsletter).await?;
         }
         let job = self.build_job(job_name, &config)?;
-        let key_type = self.check_source(job_name, &config, &job).await?;
+        let SourceCheck { key_type, null_keys } = self.check_source(job_name, &config, &job).await?;
+        if null_keys > 0 {
+            tracing::warn!(
+                job = job_name,
+                null_keys,
+                "source rows with a NULL key are left out of the run (`baton status` counts them)"
+            );
+        }
 
         let now = self.now_ms();
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
@@ -232,6 +260,7 @@ impl Engine {
                 run_key: &run_key,
                 job_config: &snapshot,
                 key_type: key_type.as_str(),
+                null_keys,
                 deadline_at: now + config.run_deadline.as_millis() as i64,
                 now,
             },
@@ -242,15 +271,26 @@ impl Engine {
             hops_per_page,
             config.hop_slack as i64,
         );
-        if let Err(e) = self.store.transaction(plan).await {
-            // Lost a race with another start of the same run: that one is the run.
-            if let Some(existing) = self.existing_run(job_name, &run_key).await? {
-                return Ok(existing);
+        let mut attempt = 0;
+        while let Err(e) = self.store.transaction(plan.clone()).await {
+            attempt += 1;
+            match self.existing_run(job_name, &run_key).await? {
+                // The plan committed and only its answer was lost: this is our run, go on.
+                Some(Outcome::Started { run_id: found, .. }) if found == run_id => {
+                    tracing::warn!(run_id, error = %e, "the plan committed although its answer was lost");
+                    break;
+                }
+                // Lost a race with another start of the same run: that one is the run.
+                Some(existing) => return Ok(existing),
+                // Not committed (nothing holds the run key): safe to try again.
+                None if e.is_transient() && attempt < SQL_ATTEMPTS => {
+                    tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
+                }
+                None => return Err(source_error(job_name, e)),
             }
-            return Err(source_error(job_name, e));
         }
         let run = self.load_run(&run_id).await?;
-        let chains = self.store.query(st::chains_of(&run_id)).await?;
+        let chains = self.sql(st::chains_of(&run_id)).await?;
         self.invoke_chains(&run_id, &chains).await;
         tracing::info!(
             run_id,
@@ -288,7 +328,7 @@ impl Engine {
     }
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
-        let rows = self.store.query(st::run_by_key(job, run_key)).await?;
+        let rows = self.sql(st::run_by_key(job, run_key)).await?;
         Ok(RunRow::first(&rows).map_err(EngineError::State)?.map(|r| Outcome::Started {
             run_id: r.run_id,
             chains: r.chains,
@@ -299,13 +339,14 @@ impl Engine {
     }
 
     /// Runs the source once on a sample: the key column exists, is unique and of a sortable
-    /// type, and the job accepts the columns and the first item. Returns the key's type.
-    async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<KeyType, EngineError> {
+    /// type, and the job accepts the columns and the first item. Returns the key's type and
+    /// how many rows have a NULL key (they are left out of the run and reported).
+    async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<SourceCheck, EngineError> {
         let key = &config.key_column;
         let field = format!("jobs.{name}.source");
         let mut stmts = st::source_sample(&config.source, key);
         let counts = stmts.pop().expect("two statements");
-        let sample = self.store.query(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
+        let sample = self.sql(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
         if sample.column(key).is_none() {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
@@ -316,12 +357,12 @@ impl Engine {
             }
             .into());
         }
-        let counts = self.store.query(counts).await.map_err(|e| source_error(name, e))?;
-        let (n, distinct) = counts.first().map(|r| (r.int("n"), r.int("d"))).unwrap_or((0, 0));
+        let counts = self.sql(counts).await.map_err(|e| source_error(name, e))?;
+        let (n, distinct, rows) = counts.first().map(|r| (r.int("n"), r.int("d"), r.int("total"))).unwrap_or((0, 0, 0));
         if n != distinct {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
-                message: format!("`{key}` is not unique in the source ({n} rows, {distinct} distinct keys)"),
+                message: format!("`{key}` is not unique in the source ({n} rows with a key, {distinct} distinct keys)"),
             }
             .into());
         }
@@ -329,6 +370,8 @@ impl Engine {
         let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
         let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
             None => KeyType::Text,
+            // The sample row has a NULL key: any other row tells the type (planning skips NULLs).
+            Some(v) if v.is_null() => KeyType::Text,
             Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
                 field,
                 message: format!("key `{key}` must be an integer, text or uuid column, found {v:?}"),
@@ -338,7 +381,7 @@ impl Engine {
             Job::Items(j) => j.check(&sample.columns, item.as_ref())?,
             Job::Ranges(j) => j.check(&sample.columns)?,
         }
-        Ok(key_type)
+        Ok(SourceCheck { key_type, null_keys: rows - n })
     }
 
     /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
@@ -364,28 +407,25 @@ impl Engine {
         let now = self.now_ms();
         match action {
             ControlAction::Pause => {
-                self.store
-                    .query(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now))
-                    .await?;
-                self.store.query(st::settle_pause(run_id, now)).await?;
+                self.sql(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now)).await?;
+                self.sql(st::settle_pause(run_id, now)).await?;
             }
             ControlAction::Resume => {
-                self.store.query(st::resume_run(run_id, now)).await?;
-                let chains = self.store.query(st::unpark_chains(run_id, now)).await?;
+                self.sql(st::resume_run(run_id, now)).await?;
+                let chains = self.sql(st::unpark_chains(run_id, now)).await?;
                 self.invoke_chains(run_id, &chains).await;
-                let revived = self.store.query(st::revive_chain(run_id, now)).await?;
+                let revived = self.sql(st::revive_chain(run_id, now)).await?;
                 self.invoke_chains(run_id, &revived).await;
             }
             ControlAction::Cancel => {
-                self.store
-                    .query(st::set_run_status(
-                        run_id,
-                        &["running", "pausing", "paused", "planning"],
-                        "cancelled",
-                        Some("cancelled by operator"),
-                        now,
-                    ))
-                    .await?;
+                self.sql(st::set_run_status(
+                    run_id,
+                    &["running", "pausing", "paused", "planning"],
+                    "cancelled",
+                    Some("cancelled by operator"),
+                    now,
+                ))
+                .await?;
             }
         }
         let after = self.load_run(run_id).await?;
@@ -399,14 +439,14 @@ impl Engine {
     pub async fn status(&self, run_id: Option<&str>) -> Result<Option<RunStatus>, EngineError> {
         let run = match run_id {
             Some(id) => self.load_run(id).await?,
-            None => match RunRow::first(&self.store.query(st::latest_run()).await?).map_err(EngineError::State)? {
+            None => match RunRow::first(&self.sql(st::latest_run()).await?).map_err(EngineError::State)? {
                 Some(r) => r,
                 None => return Ok(None),
             },
         };
         let id = run.run_id.as_str();
-        let counts = count_by(&self.store.query(st::ledger_counts(id)).await?, "state");
-        let page_rows = self.store.query(st::page_progress(id)).await?;
+        let counts = count_by(&self.sql(st::ledger_counts(id)).await?, "state");
+        let page_rows = self.sql(st::page_progress(id)).await?;
         let pages = count_by(&page_rows, "status");
         let mut counts = counts;
         if counts.is_empty() {
@@ -418,7 +458,7 @@ impl Engine {
                 .sum();
             counts.insert("done".to_owned(), done_items);
         }
-        let chains = self.store.query(st::chains_of(id)).await?;
+        let chains = self.sql(st::chains_of(id)).await?;
         let get = |m: &HashMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
         let recorded: i64 = counts.values().sum();
         Ok(Some(RunStatus {
@@ -434,6 +474,7 @@ impl Engine {
             unknown: get(&counts, "unknown"),
             claimed: get(&counts, "claimed"),
             pending: (run.total_items - recorded).max(0),
+            null_keys: run.null_keys,
             pages_done: get(&pages, "done"),
             pages_total: run.total_pages,
             chains: chains
@@ -457,8 +498,8 @@ impl Engine {
     /// Progress without scanning the ledger: cheap enough to poll while the run goes.
     pub async fn progress(&self, run_id: &str) -> Result<run::RunProgress, EngineError> {
         let run = self.load_run(run_id).await?;
-        let pages = self.store.query(st::page_progress(run_id)).await?;
-        let chains = self.store.query(st::chains_of(run_id)).await?;
+        let pages = self.sql(st::page_progress(run_id)).await?;
+        let chains = self.sql(st::chains_of(run_id)).await?;
         let done = pages.records().find(|r| r.text("status").as_deref() == Some("done"));
         Ok(run::RunProgress {
             status: run.status,
@@ -478,7 +519,7 @@ impl Engine {
         state: &str,
         limit: i64,
     ) -> Result<Vec<(String, Option<String>)>, EngineError> {
-        let rows = self.store.query(st::ledger_items(run_id, state, limit)).await?;
+        let rows = self.sql(st::ledger_items(run_id, state, limit)).await?;
         Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
     }
 
@@ -503,7 +544,7 @@ impl Engine {
                 )
             }
         };
-        let rows = self.store.query(stmt).await.map_err(|e| source_error(job_name, e))?;
+        let rows = self.sql(stmt).await.map_err(|e| source_error(job_name, e))?;
         let columns = Arc::new(rows.columns.clone());
         let Some(values) = rows.rows.into_iter().next() else {
             return Ok(None);
@@ -515,6 +556,12 @@ impl Engine {
             .map(Some)
             .map_err(|(field, message)| JobError::Invalid { field, message }.into())
     }
+}
+
+/// What checking a job's source found out.
+struct SourceCheck {
+    key_type: KeyType,
+    null_keys: i64,
 }
 
 pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>) -> Item {

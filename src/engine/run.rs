@@ -21,6 +21,8 @@ pub struct RunRow {
     pub total_items: i64,
     pub total_pages: i64,
     pub max_hops: i64,
+    /// Source rows left out at planning because their key is NULL.
+    pub null_keys: i64,
     pub deadline_at: i64,
     pub created_at: i64,
     pub finished_at: Option<i64>,
@@ -42,6 +44,7 @@ impl RunRow {
             total_items: r.int("total_items"),
             total_pages: r.int("total_pages"),
             max_hops: r.int("max_hops"),
+            null_keys: r.int("null_keys"),
             deadline_at: r.int("deadline_at"),
             created_at: r.int("created_at"),
             finished_at: r.get("finished_at").as_i64(),
@@ -73,6 +76,8 @@ pub struct RunStatus {
     /// Claimed but not yet recorded (in flight, or left by a crashed hop until its lease ends).
     pub claimed: i64,
     pub pending: i64,
+    /// Source rows left out because their key is NULL (not part of `total`).
+    pub null_keys: i64,
     pub pages_done: i64,
     pub pages_total: i64,
     pub chains: Vec<ChainStatus>,

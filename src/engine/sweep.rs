@@ -1,7 +1,8 @@
 //! The sweeper: run from a frequent schedule (`sweep` event) or the local driver's timer. For
 //! every open run it restarts chains whose heartbeat stopped (their hop died or their event was
 //! lost) from their checkpoint, revives a chain when pages are claimable but none is active,
-//! parks silent chains of a pausing run, fails runs past their deadline, and completes a run
+//! unparks chains of a running run (a resume that raced their parking), parks silent chains of
+//! a pausing run, fails runs past their deadline, and completes a run
 //! whose last chain died after finishing the last page.
 
 use serde::Serialize;
@@ -15,6 +16,7 @@ pub struct SweepReport {
     pub restarted: usize,
     pub revived: usize,
     pub parked: usize,
+    pub unparked: usize,
     pub completed: usize,
     pub failed: usize,
 }
@@ -22,7 +24,7 @@ pub struct SweepReport {
 impl Engine {
     pub async fn sweep(&self) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
-        let open = self.store.query(st::open_runs()).await?;
+        let open = self.sql(st::open_runs()).await?;
         let stale_ms = self.config.settings.stale_after().as_millis() as i64;
         for record in open.records() {
             let run = RunRow::from_record(record).map_err(EngineError::State)?;
@@ -43,11 +45,11 @@ impl Engine {
                 continue;
             }
             if run.status == "pausing" {
-                report.parked += self.store.query(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
-                self.store.query(st::settle_pause(id, now)).await?;
+                report.parked += self.sql(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
+                self.sql(st::settle_pause(id, now)).await?;
                 continue;
             }
-            let stale = self.store.query(st::claim_stale_chains(id, now - stale_ms, now)).await?;
+            let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now)).await?;
             for c in stale.records() {
                 tracing::info!(
                     run_id = id,
@@ -57,11 +59,15 @@ impl Engine {
                 );
             }
             report.restarted += self.invoke_chains(id, &stale).await;
-            let revived = self.store.query(st::revive_chain(id, now)).await?;
+            // Chains parked although the run is running (a resume raced their parking): back
+            // to work from their checkpoints.
+            let parked = self.sql(st::unpark_chains(id, now)).await?;
+            report.unparked += self.invoke_chains(id, &parked).await;
+            let revived = self.sql(st::revive_chain(id, now)).await?;
             report.revived += self.invoke_chains(id, &revived).await;
-            if !self.store.query(st::complete_run(id, now)).await?.rows.is_empty() {
+            if !self.sql(st::complete_run(id, now)).await?.rows.is_empty() {
                 report.completed += 1;
-                self.store.query(st::end_chains(id)).await?;
+                self.sql(st::end_chains(id)).await?;
             }
         }
         Ok(report)

@@ -1,9 +1,14 @@
-//! Injected faults for the local Lambda model and the outbox, and the deterministic dice they
-//! are decided with.
+//! Injected faults for the local Lambda model, the outbox and the SQL port, and the
+//! deterministic dice they are decided with.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde::Serialize;
+
+use crate::sql::{Rows, SqlError, SqlStore, Stmt};
 
 /// Probabilities (0..=1) of each fault.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -24,6 +29,17 @@ pub struct Faults {
     pub mail_throttle: f64,
     /// A send is accepted but the caller sees a timeout.
     pub mail_ambiguous: f64,
+    /// A SQL statement fails before it commits (it never ran).
+    pub sql_fail: f64,
+    /// A SQL statement commits and its response is lost (a Data API 5xx or timeout, a dropped
+    /// connection): the caller sees an error for something that happened.
+    pub sql_lost: f64,
+    /// Each invocation's clock is off by up to this much, either way.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// An invocation gets a deadline three times the hop timeout (a function timeout longer
+    /// than `hop_timeout`): unless the hop keeps to `hop_timeout` itself, it outlives its lease.
+    pub long_sandbox: f64,
 }
 
 impl Faults {
@@ -38,6 +54,108 @@ impl Faults {
             mail_transient: 0.02,
             mail_throttle: 0.01,
             mail_ambiguous: 0.002,
+            sql_fail: 0.003,
+            sql_lost: 0.003,
+            clock_skew: Duration::from_millis(100),
+            long_sandbox: 0.05,
+        }
+    }
+}
+
+/// What the SQL faults did, per statement name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SqlFaultCounts {
+    pub failed_before_commit: u64,
+    pub response_lost: u64,
+    pub by_statement: BTreeMap<String, (u64, u64)>,
+}
+
+/// The SQL port with injected faults. Per statement, decided by the dice from its name and how
+/// often that name ran: *failed before commit* (the statement never ran, the caller sees an
+/// error) or *committed, response lost* (it ran, the caller sees an error). Both are what the
+/// RDS Data API produces (5xx, timeouts, dropped connections); the engine must be safe under
+/// either for every statement it issues.
+pub struct FaultyStore {
+    inner: Arc<dyn SqlStore>,
+    faults: Faults,
+    seed: u64,
+    seen: Mutex<HashMap<&'static str, u64>>,
+    counts: Mutex<SqlFaultCounts>,
+}
+
+enum SqlFault {
+    BeforeCommit,
+    ResponseLost,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn SqlStore>, faults: Faults, seed: u64) -> Self {
+        Self { inner, faults, seed, seen: Mutex::default(), counts: Mutex::default() }
+    }
+
+    pub fn counts(&self) -> SqlFaultCounts {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn roll(&self, name: &'static str) -> Option<SqlFault> {
+        if self.faults.sql_fail <= 0.0 && self.faults.sql_lost <= 0.0 {
+            return None;
+        }
+        let n = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let n = seen.entry(name).or_default();
+            *n += 1;
+            *n
+        };
+        let r = dice(self.seed, &[b"sql", name.as_bytes(), &n.to_le_bytes()]);
+        let fault = if r < self.faults.sql_fail {
+            SqlFault::BeforeCommit
+        } else if r < self.faults.sql_fail + self.faults.sql_lost {
+            SqlFault::ResponseLost
+        } else {
+            return None;
+        };
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = counts.by_statement.entry(name.to_owned()).or_default();
+        match fault {
+            SqlFault::BeforeCommit => entry.0 += 1,
+            SqlFault::ResponseLost => entry.1 += 1,
+        }
+        match fault {
+            SqlFault::BeforeCommit => counts.failed_before_commit += 1,
+            SqlFault::ResponseLost => counts.response_lost += 1,
+        }
+        Some(fault)
+    }
+}
+
+fn injected(what: &str, name: &str) -> SqlError {
+    SqlError::transient(format!("injected fault: {what} ({name})"))
+}
+
+#[async_trait]
+impl SqlStore for FaultyStore {
+    async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        let name = stmt.name;
+        match self.roll(name) {
+            None => self.inner.query(stmt).await,
+            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the statement ran", name)),
+            Some(SqlFault::ResponseLost) => {
+                self.inner.query(stmt).await?;
+                Err(injected("the statement committed, its response was lost", name))
+            }
+        }
+    }
+
+    async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        let name = stmts.first().map(|s| s.name).unwrap_or("transaction");
+        match self.roll(name) {
+            None => self.inner.transaction(stmts).await,
+            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the transaction ran", name)),
+            Some(SqlFault::ResponseLost) => {
+                self.inner.transaction(stmts).await?;
+                Err(injected("the transaction committed, its response was lost", name))
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 //! an unbounded queue, bounded concurrency (reserved concurrency), a hard per-invocation
 //! deadline (the function timeout: the handler is dropped mid-await, like a frozen sandbox), no
 //! retries (`MaximumRetryAttempts = 0`), and optional faults: duplicate delivery, lost events,
-//! delays, and crashes at a random moment of a hop.
+//! delays, crashes at a random moment of a hop, clocks that disagree between invocations, and
+//! sandboxes whose deadline is longer than `hop_timeout`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use super::faults::{Faults, dice};
 use crate::engine::Engine;
 use crate::engine::event::Event;
-use crate::ports::{InvokeError, Invoker};
+use crate::ports::{InvokeError, Invoker, with_clock_skew};
 
 /// Counters of what the model did, for the demo's summary and for tests.
 #[derive(Debug, Default)]
@@ -155,17 +156,21 @@ impl LambdaQueue {
             let n = deliveries.entry(id.clone()).or_default();
             *n += 1;
             let crash_roll = dice(self.seed, &[b"crash", id.as_bytes(), &n.to_le_bytes()]);
-            let crash_at = (matches!(event, Event::Hop { .. }) && crash_roll < self.faults.crash_hop)
-                .then(|| timeout.mul_f64(dice(self.seed, &[b"crash-at", id.as_bytes(), &n.to_le_bytes()])));
+            let is_hop = matches!(event, Event::Hop { .. });
+            let roll = |what: &[u8]| dice(self.seed, &[what, id.as_bytes(), &n.to_le_bytes()]);
+            // A sandbox whose function timeout is longer than `hop_timeout`.
+            let lifetime = if is_hop && roll(b"long") < self.faults.long_sandbox { timeout * 3 } else { timeout };
+            let crash_at = (is_hop && crash_roll < self.faults.crash_hop).then(|| lifetime.mul_f64(roll(b"crash-at")));
+            let skew_ms = (self.faults.clock_skew.as_millis() as f64 * (roll(b"skew") * 2.0 - 1.0)) as i64;
             let engine = engine.clone();
             let stats = self.stats.clone();
             stats.delivered.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let started = Instant::now();
-                let deadline = started + timeout;
+                let deadline = started + lifetime;
                 let kill_at = crash_at.map(|c| started + c).unwrap_or(deadline);
                 tokio::select! {
-                    result = engine.handle(event.clone(), deadline) => {
+                    result = with_clock_skew(skew_ms, engine.handle(event.clone(), deadline)) => {
                         if let Err(e) = result {
                             stats.errors.fetch_add(1, Ordering::SeqCst);
                             tracing::warn!(event = %event.to_json(), error = %e, "invocation failed");

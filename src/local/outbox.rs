@@ -23,6 +23,8 @@ pub struct Outbox {
     attempts: Mutex<HashMap<String, u64>>,
     cap: Option<DefaultDirectRateLimiter>,
     pub accepted: Arc<AtomicU64>,
+    /// Messages accepted whose caller was told the outcome is unknown (injected).
+    pub ambiguous: Arc<AtomicU64>,
 }
 
 impl Outbox {
@@ -35,7 +37,15 @@ impl Outbox {
                 Quota::with_period(Duration::from_secs_f64(1.0 / r)).expect("positive").allow_burst(burst),
             )
         });
-        Ok(Self { dir: dir.to_owned(), faults, seed, attempts: Mutex::default(), cap, accepted: Arc::default() })
+        Ok(Self {
+            dir: dir.to_owned(),
+            faults,
+            seed,
+            attempts: Mutex::default(),
+            cap,
+            accepted: Arc::default(),
+            ambiguous: Arc::default(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -90,6 +100,7 @@ impl Mailer for Outbox {
             .map_err(|e| MailError::Transient(format!("cannot write to the outbox: {e}")))?;
         self.accepted.fetch_add(1, Ordering::SeqCst);
         if roll < f.mail_transient + f.mail_throttle + f.mail_ambiguous {
+            self.ambiguous.fetch_add(1, Ordering::SeqCst);
             return Err(MailError::Ambiguous(
                 "injected fault: the request timed out after the message was accepted".into(),
             ));

@@ -1,13 +1,20 @@
 //! Versioned schema migrations for baton's state tables (`baton_*`), applied automatically at
-//! start. Each version runs in one transaction together with its row in
-//! `baton_schema_migrations`; every DDL statement is `IF NOT EXISTS`, so two processes migrating
-//! at once, or one migrating twice, end in the same state.
+//! start (in Lambda, at every cold start: many sandboxes may migrate one fresh database at once).
+//!
+//! Each version runs in one transaction whose *first* statement inserts its row in
+//! `baton_schema_migrations` (a plain `INSERT`, no `ON CONFLICT`). Two processes applying the
+//! same version therefore serialise on that row's unique key before either runs any DDL: the
+//! second waits for the first to commit, then fails with a unique violation, rolls back, finds
+//! the version applied and moves on. (Without this, concurrent `CREATE TABLE IF NOT EXISTS` on
+//! PostgreSQL fail with `23505` on `pg_type_typname_nsp_index`.) The versions table itself is
+//! created with `IF NOT EXISTS`, retried when that very race hits it.
 
 use super::{Params, SqlError, SqlStore, Stmt};
 
 /// Each entry is one schema version: its statements, in order. Append only; never edit.
-pub const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS baton_runs (
+pub const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS baton_runs (
         run_id TEXT PRIMARY KEY,
         job TEXT NOT NULL,
         run_key TEXT NOT NULL,
@@ -26,7 +33,7 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         finished_at BIGINT,
         UNIQUE (job, run_key)
     )",
-    "CREATE TABLE IF NOT EXISTS baton_pages (
+        "CREATE TABLE IF NOT EXISTS baton_pages (
         run_id TEXT NOT NULL,
         page_no BIGINT NOT NULL,
         lo TEXT,
@@ -38,8 +45,8 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         attempts BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (run_id, page_no)
     )",
-    "CREATE INDEX IF NOT EXISTS baton_pages_claimable ON baton_pages (run_id, status, page_no)",
-    "CREATE TABLE IF NOT EXISTS baton_chains (
+        "CREATE INDEX IF NOT EXISTS baton_pages_claimable ON baton_pages (run_id, status, page_no)",
+        "CREATE TABLE IF NOT EXISTS baton_chains (
         run_id TEXT NOT NULL,
         chain_no BIGINT NOT NULL,
         next_hop BIGINT NOT NULL,
@@ -49,7 +56,7 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         restarts BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (run_id, chain_no)
     )",
-    "CREATE TABLE IF NOT EXISTS baton_ledger (
+        "CREATE TABLE IF NOT EXISTS baton_ledger (
         run_id TEXT NOT NULL,
         item_key TEXT NOT NULL,
         page_no BIGINT NOT NULL,
@@ -59,33 +66,59 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (run_id, item_key)
     )",
-    "CREATE INDEX IF NOT EXISTS baton_ledger_page ON baton_ledger (run_id, page_no, state)",
-    "CREATE INDEX IF NOT EXISTS baton_ledger_state ON baton_ledger (run_id, state)",
-]];
+        "CREATE INDEX IF NOT EXISTS baton_ledger_page ON baton_ledger (run_id, page_no, state)",
+        "CREATE INDEX IF NOT EXISTS baton_ledger_state ON baton_ledger (run_id, state)",
+    ],
+    &[
+        // The invocation that moved a chain's `next_hop` last, so a re-run of its own hop start
+        // (response lost) is told apart from a duplicate delivery.
+        "ALTER TABLE baton_chains ADD COLUMN hop_token TEXT",
+        // Source rows left out of the run because their key is NULL (reported by `status`).
+        "ALTER TABLE baton_runs ADD COLUMN null_keys BIGINT NOT NULL DEFAULT 0",
+    ],
+];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (
     version BIGINT PRIMARY KEY,
     applied_at BIGINT NOT NULL
 )";
 
-/// Applies every migration not yet recorded. Returns the versions applied now.
+async fn applied_versions(store: &dyn SqlStore) -> Result<Vec<i64>, SqlError> {
+    let rows = store.query(Stmt::new("SELECT version FROM baton_schema_migrations", Params::new())).await?;
+    Ok(rows.rows.iter().filter_map(|r| r[0].as_i64()).collect())
+}
+
+/// Applies every migration not yet recorded. Returns the versions applied now (by this call;
+/// versions another process applied meanwhile are not included).
 pub async fn migrate(store: &dyn SqlStore, now_ms: i64) -> Result<Vec<i64>, SqlError> {
-    store.query(Stmt::new(CREATE_VERSIONS, Params::new())).await?;
-    let applied = store.query(Stmt::new("SELECT version FROM baton_schema_migrations", Params::new())).await?;
-    let applied: Vec<i64> = applied.rows.iter().filter_map(|r| r[0].as_i64()).collect();
+    let mut attempt = 0;
+    while let Err(e) = store.query(Stmt::new(CREATE_VERSIONS, Params::new())).await {
+        // Another process is creating the table this very moment (PostgreSQL reports the race
+        // as a unique violation); once it committed, `IF NOT EXISTS` sees the table.
+        attempt += 1;
+        if attempt >= 5 {
+            return Err(e);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+    }
+    let applied = applied_versions(store).await?;
     let mut now_applied = Vec::new();
     for (i, steps) in MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if applied.contains(&version) {
             continue;
         }
-        let mut stmts: Vec<Stmt> = steps.iter().map(|s| Stmt::new(*s, Params::new())).collect();
-        stmts.push(Stmt::new(
-            "INSERT INTO baton_schema_migrations (version, applied_at) VALUES (:version, :now)
-             ON CONFLICT (version) DO NOTHING",
+        let mut stmts = vec![Stmt::new(
+            "INSERT INTO baton_schema_migrations (version, applied_at) VALUES (:version, :now)",
             Params::new().with("version", version).with("now", now_ms),
-        ));
-        store.transaction(stmts).await?;
+        )];
+        stmts.extend(steps.iter().map(|s| Stmt::new(*s, Params::new())));
+        if let Err(e) = store.transaction(stmts).await {
+            if applied_versions(store).await?.contains(&version) {
+                continue; // another process applied it first
+            }
+            return Err(e);
+        }
         now_applied.push(version);
     }
     Ok(now_applied)

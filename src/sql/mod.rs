@@ -193,16 +193,23 @@ impl Params {
     }
 }
 
-/// One statement with its parameters.
+/// One statement with its parameters, and a name that says what it is for (the protocol's
+/// statements are named after their function in [`statements`]; others are `adhoc`). Fault
+/// injection, logs and tests address statements by name, never by their SQL text.
 #[derive(Debug, Clone)]
 pub struct Stmt {
+    pub name: &'static str,
     pub sql: String,
     pub params: Params,
 }
 
 impl Stmt {
     pub fn new(sql: impl Into<String>, params: Params) -> Self {
-        Self { sql: sql.into(), params }
+        Self { name: "adhoc", sql: sql.into(), params }
+    }
+
+    pub fn named(name: &'static str, sql: impl Into<String>, params: Params) -> Self {
+        Self { name, sql: sql.into(), params }
     }
 }
 

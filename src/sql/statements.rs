@@ -13,24 +13,27 @@ use super::{Params, Stmt, Value};
 // ---- runs -------------------------------------------------------------------------------------
 
 pub const RUN_COLUMNS: &str = "run_id, job, run_key, status, reason, job_config, key_type, chains, \
-     total_items, total_pages, max_hops, failure_baseline, deadline_at, created_at, updated_at, finished_at";
+     total_items, total_pages, max_hops, failure_baseline, deadline_at, created_at, updated_at, finished_at, null_keys";
 
 pub fn run_by_id(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "run_by_id",
         format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE run_id = :run_id"),
         Params::new().with("run_id", run_id),
     )
 }
 
 pub fn run_by_key(job: &str, run_key: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "run_by_key",
         format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE job = :job AND run_key = :run_key"),
         Params::new().with("job", job).with("run_key", run_key),
     )
 }
 
 pub fn latest_run() -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "latest_run",
         format!("SELECT {RUN_COLUMNS} FROM baton_runs ORDER BY created_at DESC, run_id DESC LIMIT 1"),
         Params::new(),
     )
@@ -42,6 +45,7 @@ pub struct NewRun<'a> {
     pub run_key: &'a str,
     pub job_config: &'a str,
     pub key_type: &'a str,
+    pub null_keys: i64,
     pub deadline_at: i64,
     pub now: i64,
 }
@@ -60,19 +64,20 @@ pub fn plan_run(
 ) -> Vec<Stmt> {
     let run_id = run.run_id;
     vec![
-        Stmt::new(
-            "INSERT INTO baton_runs (run_id, job, run_key, status, job_config, key_type, deadline_at, created_at, updated_at)
-             VALUES (:run_id, :job, :run_key, 'planning', :job_config, :key_type, :deadline_at, :now, :now)",
+        Stmt::named("plan_run", 
+            "INSERT INTO baton_runs (run_id, job, run_key, status, job_config, key_type, null_keys, deadline_at, created_at, updated_at)
+             VALUES (:run_id, :job, :run_key, 'planning', :job_config, :key_type, :null_keys, :deadline_at, :now, :now)",
             Params::new()
                 .with("run_id", run_id)
                 .with("job", run.job)
                 .with("run_key", run.run_key)
                 .with("job_config", run.job_config)
                 .with("key_type", run.key_type)
+                .with("null_keys", run.null_keys)
                 .with("deadline_at", run.deadline_at)
                 .with("now", run.now),
         ),
-        Stmt::new(
+        Stmt::named("plan_run", 
             format!(
                 "INSERT INTO baton_pages (run_id, page_no, lo, hi, items, status, attempts)
                  SELECT :run_id, b.page_no, LAG(b.k) OVER (ORDER BY b.rn), b.k,
@@ -91,7 +96,7 @@ pub fn plan_run(
             ),
             Params::new().with("run_id", run_id).with("page_size", page_size),
         ),
-        Stmt::new(
+        Stmt::named("plan_run", 
             "WITH RECURSIVE seq(n) AS (
                 SELECT 0
                 UNION ALL
@@ -103,7 +108,7 @@ pub fn plan_run(
              SELECT :run_id, n, 1, 'active', :now, 0 FROM seq",
             Params::new().with("run_id", run_id).with("chains", chains).with("now", run.now),
         ),
-        Stmt::new(
+        Stmt::named("plan_run", 
             "UPDATE baton_runs SET
                 status = 'running',
                 chains = (SELECT COUNT(*) FROM baton_chains WHERE run_id = :run_id),
@@ -125,7 +130,8 @@ pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str
         Params::new().with("run_id", run_id).with("to", to).with("reason", reason.map(str::to_owned)).with("now", now);
     let from_list = in_list(&mut params, "from", from.iter().map(|s| Value::from(*s)));
     let finished = if matches!(to, "succeeded" | "failed" | "cancelled") { ":now" } else { "finished_at" };
-    Stmt::new(
+    Stmt::named(
+        "set_run_status",
         format!(
             "UPDATE baton_runs SET status = :to, reason = COALESCE(:reason, reason), updated_at = :now,
                  finished_at = {finished}
@@ -138,7 +144,8 @@ pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str
 
 /// Resume: back to `running`, forgetting the failures counted so far for the threshold.
 pub fn resume_run(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "resume_run",
         "UPDATE baton_runs SET status = 'running', reason = NULL, updated_at = :now,
              failure_baseline = (SELECT COUNT(*) FROM baton_ledger WHERE run_id = :run_id AND state = 'failed')
          WHERE run_id = :run_id AND status IN ('pausing', 'paused')
@@ -148,12 +155,14 @@ pub fn resume_run(run_id: &str, now: i64) -> Stmt {
 }
 
 /// Completion, exactly once: only the statement that moves `running` to `succeeded` while no
-/// page is left undone returns a row.
+/// page is left undone and no item is left `claimed` returns a row.
 pub fn complete_run(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "complete_run",
         "UPDATE baton_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
          WHERE run_id = :run_id AND status = 'running'
            AND NOT EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id AND status <> 'done')
+           AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND state = 'claimed')
          RETURNING run_id",
         Params::new().with("run_id", run_id).with("now", now),
     )
@@ -161,7 +170,8 @@ pub fn complete_run(run_id: &str, now: i64) -> Stmt {
 
 /// After completion: chains still marked active (a hop in flight, a queued next hop) end.
 pub fn end_chains(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "end_chains",
         "UPDATE baton_chains SET status = 'ended' WHERE run_id = :run_id AND status = 'active'",
         Params::new().with("run_id", run_id),
     )
@@ -169,7 +179,8 @@ pub fn end_chains(run_id: &str) -> Stmt {
 
 /// A pausing run becomes paused once no chain is active.
 pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "settle_pause",
         "UPDATE baton_runs SET status = 'paused', updated_at = :now
          WHERE run_id = :run_id AND status = 'pausing'
            AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
@@ -180,7 +191,8 @@ pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
 
 /// Runs that may need the sweeper: every run not in a final state.
 pub fn open_runs() -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "open_runs",
         format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"),
         Params::new(),
     )
@@ -190,17 +202,29 @@ pub fn open_runs() -> Stmt {
 
 /// The fork-proof hop start: compare-and-set `next_hop = hop -> hop + 1`. A duplicate delivery of
 /// the same hop, or a stale one, changes nothing and gets no row back.
-pub fn start_hop(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
-    Stmt::new(
-        "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now
-         WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop AND status = 'active'
+///
+/// `token` is unique to this invocation and stored with the move, so a re-run of this very
+/// statement (its commit's response was lost) recognises its own move and gets the row again,
+/// while a duplicate delivery, which has another token, still loses.
+pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64) -> Stmt {
+    Stmt::named(
+        "start_hop",
+        "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now, hop_token = :token
+         WHERE run_id = :run_id AND chain_no = :chain AND status = 'active'
+           AND (next_hop = :hop OR (next_hop = :hop + 1 AND hop_token = :token))
          RETURNING chain_no",
-        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("token", token)
+            .with("now", now),
     )
 }
 
 pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "heartbeat",
         "UPDATE baton_chains SET heartbeat_at = :now
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop + 1",
         Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
@@ -230,7 +254,8 @@ pub fn set_chain_status(
         }
         None => "",
     };
-    Stmt::new(
+    Stmt::named(
+        "set_chain_status",
         format!(
             "UPDATE baton_chains SET status = :to, reason = COALESCE(:reason, reason)
              WHERE run_id = :run_id AND chain_no = :chain AND status IN ({from_list}) {hop_cond}
@@ -240,9 +265,23 @@ pub fn set_chain_status(
     )
 }
 
+/// A hop that found its run pausing parks its chain, but only while the run is still pausing
+/// (or paused) and the hop is still the chain's current one: a resume that came in between wins.
+pub fn park_chain(run_id: &str, chain: i64, hop: i64) -> Stmt {
+    Stmt::named(
+        "park_chain",
+        "UPDATE baton_chains SET status = 'paused'
+         WHERE run_id = :run_id AND chain_no = :chain AND status = 'active' AND next_hop = :hop + 1
+           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('pausing', 'paused'))
+         RETURNING chain_no",
+        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop),
+    )
+}
+
 /// Resume: every parked chain becomes active again and is returned with its checkpoint.
 pub fn unpark_chains(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "unpark_chains",
         "UPDATE baton_chains SET status = 'active', heartbeat_at = :now
          WHERE run_id = :run_id AND status = 'paused'
          RETURNING chain_no, next_hop",
@@ -253,7 +292,8 @@ pub fn unpark_chains(run_id: &str, now: i64) -> Stmt {
 /// Sweeper: active chains silent since `stale_before` are claimed for a restart (the heartbeat
 /// moves, so a second sweeper finds nothing) and returned with their checkpoint.
 pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "claim_stale_chains",
         "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no, next_hop",
@@ -263,7 +303,8 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
 
 /// Sweeper: when pages are claimable but no chain is active, revive one ended chain.
 pub fn revive_chain(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "revive_chain",
         "UPDATE baton_chains SET status = 'active', heartbeat_at = :now, restarts = restarts + 1
          WHERE run_id = :run_id AND chain_no = (
              SELECT MIN(chain_no) FROM baton_chains WHERE run_id = :run_id AND status = 'ended')
@@ -275,18 +316,22 @@ pub fn revive_chain(run_id: &str, now: i64) -> Stmt {
     )
 }
 
-/// Sweeper, pausing runs: a chain that stopped answering is parked where it is.
+/// Sweeper, pausing runs: a chain that stopped answering is parked where it is (only while the
+/// run is still pausing).
 pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "park_stale_chains",
         "UPDATE baton_chains SET status = 'paused'
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
+           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'pausing')
          RETURNING chain_no",
         Params::new().with("run_id", run_id).with("stale_before", stale_before),
     )
 }
 
 pub fn chains_of(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "chains_of",
         "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts FROM baton_chains
          WHERE run_id = :run_id ORDER BY chain_no",
         Params::new().with("run_id", run_id),
@@ -296,22 +341,32 @@ pub fn chains_of(run_id: &str) -> Stmt {
 // ---- pages ------------------------------------------------------------------------------------
 
 const CLAIMABLE: &str = "(status = 'pending' OR (status = 'leased' AND lease_expires_at < :now))";
+const OWN_LEASE: &str = "(status = 'leased' AND lease_owner = :owner)";
+
+/// Fencing: a ledger write on page `:page_no` changes something only while `:owner` still holds
+/// the page's lease. A writer whose lease was taken over (it outlived its lease, or its clock
+/// ran slow) writes nothing.
+const HOLDS_LEASE: &str = "EXISTS (SELECT 1 FROM baton_pages lp WHERE lp.run_id = :run_id AND lp.page_no = :page_no
+                              AND lp.status = 'leased' AND lp.lease_owner = :owner)";
 
 /// Claims one page for a hop, in one statement, only while the run is `running` and the hop is
 /// still its chain's current hop (the kill switch and the fork guard). Chains prefer their own
-/// stripe of pages (`page_no % chains = chain`) so concurrent claims rarely collide.
+/// stripe of pages (`page_no % chains = chain`) so concurrent claims rarely collide. A page this
+/// owner already holds comes first: a re-run of a claim whose response was lost gets it back
+/// instead of stranding it until its lease expires.
 pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, now: i64, lease_ms: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "claim_page",
         format!(
             "UPDATE baton_pages SET status = 'leased', lease_owner = :owner,
                  lease_expires_at = :lease_expires_at, attempts = attempts + 1
              WHERE run_id = :run_id
                AND page_no = (
                    SELECT page_no FROM baton_pages
-                   WHERE run_id = :run_id AND {CLAIMABLE}
-                   ORDER BY CASE WHEN page_no % :chains = :chain THEN 0 ELSE 1 END, page_no
+                   WHERE run_id = :run_id AND ({CLAIMABLE} OR {OWN_LEASE})
+                   ORDER BY CASE WHEN {OWN_LEASE} THEN 0 WHEN page_no % :chains = :chain THEN 1 ELSE 2 END, page_no
                    LIMIT 1)
-               AND {CLAIMABLE}
+               AND ({CLAIMABLE} OR {OWN_LEASE})
                AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
                AND EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND chain_no = :chain
                            AND next_hop = :hop + 1 AND status = 'active')
@@ -330,7 +385,8 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
 
 /// Why a claim found nothing: the run's status and the pages still open.
 pub fn page_summary(run_id: &str, now: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "page_summary",
         format!(
             "SELECT r.status AS run_status,
                     (SELECT COUNT(*) FROM baton_pages WHERE run_id = :run_id AND {CLAIMABLE}) AS claimable,
@@ -343,21 +399,26 @@ pub fn page_summary(run_id: &str, now: i64) -> Stmt {
     )
 }
 
-/// Finishes (`done`) or releases (`pending`) a page, only while the caller holds its lease.
+/// Finishes (`done`) or releases (`pending`) a page, only while the caller holds its lease. A
+/// page is `done` only when none of its items is left `claimed`; the row comes back when it is
+/// (also on a re-run after a lost response: the last owner stays recorded).
 pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt {
-    let status = if done { "done" } else { "pending" };
-    Stmt::new(
-        format!(
-            "UPDATE baton_pages SET status = '{status}', lease_owner = NULL, lease_expires_at = NULL
-             WHERE run_id = :run_id AND page_no = :page_no AND status = 'leased' AND lease_owner = :owner
-             RETURNING page_no"
-        ),
-        Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner),
-    )
+    let sql = if done {
+        "UPDATE baton_pages SET status = 'done', lease_expires_at = NULL
+         WHERE run_id = :run_id AND page_no = :page_no AND lease_owner = :owner AND status IN ('leased', 'done')
+           AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND page_no = :page_no AND state = 'claimed')
+         RETURNING page_no"
+    } else {
+        "UPDATE baton_pages SET status = 'pending', lease_expires_at = NULL
+         WHERE run_id = :run_id AND page_no = :page_no AND lease_owner = :owner AND status = 'leased'
+         RETURNING page_no"
+    };
+    Stmt::named("finish_page", sql, Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner))
 }
 
 pub fn page_progress(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "page_progress",
         "SELECT status, COUNT(*) AS n, CAST(COALESCE(SUM(items), 0) AS BIGINT) AS items FROM baton_pages
          WHERE run_id = :run_id GROUP BY status",
         Params::new().with("run_id", run_id),
@@ -371,9 +432,12 @@ pub fn page_progress(run_id: &str) -> Stmt {
 /// and distinct keys, since a key that is not unique cannot page.
 pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     vec![
-        Stmt::new(format!("SELECT * FROM ({source}) AS src LIMIT 1"), Params::new()),
-        Stmt::new(
-            format!("SELECT COUNT(*) AS n, COUNT(DISTINCT src.{key}) AS d FROM ({source}) AS src"),
+        Stmt::named("source_sample", format!("SELECT * FROM ({source}) AS src LIMIT 1"), Params::new()),
+        Stmt::named(
+            "source_sample",
+            format!(
+                "SELECT COUNT(src.{key}) AS n, COUNT(DISTINCT src.{key}) AS d, COUNT(*) AS total FROM ({source}) AS src"
+            ),
             Params::new(),
         ),
     ]
@@ -390,13 +454,17 @@ pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Para
 /// All rows of one page, in key order.
 pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value) -> Stmt {
     let (cond, params) = range_condition(key, lo, hi);
-    Stmt::new(format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"), params)
+    Stmt::named("load_page", format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"), params)
 }
 
 // ---- the delivery ledger ----------------------------------------------------------------------
 
-/// Item claims before effects: one statement inserts a `claimed` row per key; keys already in
-/// the ledger (done, failed, skipped, unknown, or claimed by someone else) are not returned.
+/// Item claims before effects: one statement inserts a `claimed` row per key and returns the
+/// keys this owner now holds as `claimed`: the new ones, and (on a re-run after a lost
+/// response, or after taking over a dead owner's claims) those it already held. Keys that are
+/// done, failed, skipped, unknown or claimed by someone else are not returned. Fenced: nothing
+/// is claimed unless the owner holds the page's lease and, by its clock, the lease is current.
+/// `keys` must be distinct (the engine de-duplicates a page's rows first).
 pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[String]) -> Stmt {
     let mut params =
         Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
@@ -405,14 +473,20 @@ pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[St
         .enumerate()
         .map(|(i, k)| {
             params.push(format!("k{i}"), k.as_str());
-            format!("(:run_id, :k{i}, :page_no, 'claimed', :owner, :now)")
+            format!("(:k{i})")
         })
         .collect();
-    Stmt::new(
+    Stmt::named(
+        "claim_items",
         format!(
             "INSERT INTO baton_ledger (run_id, item_key, page_no, state, claimed_by, updated_at)
-             VALUES {}
-             ON CONFLICT (run_id, item_key) DO NOTHING
+             SELECT :run_id, v.column1, :page_no, 'claimed', :owner, :now
+             FROM (VALUES {}) AS v
+             WHERE {HOLDS_LEASE}
+               AND EXISTS (SELECT 1 FROM baton_pages cp WHERE cp.run_id = :run_id AND cp.page_no = :page_no
+                           AND cp.lease_expires_at > :now)
+             ON CONFLICT (run_id, item_key) DO UPDATE SET updated_at = excluded.updated_at
+               WHERE baton_ledger.claimed_by = excluded.claimed_by AND baton_ledger.state = 'claimed'
              RETURNING item_key",
             rows.join(", ")
         ),
@@ -422,18 +496,24 @@ pub fn claim_items(run_id: &str, page_no: i64, owner: &str, now: i64, keys: &[St
 
 /// A page re-offered after its lease expired may hold items its crashed owner claimed and may
 /// or may not have processed. At-most-once: they become `unknown`, never retried. At-least-once:
-/// the new owner takes the claims over and processes them again.
+/// the new owner takes the claims over and processes them again; the statement returns every
+/// claim the owner then holds on the page, so a re-run after a lost response returns the same
+/// set. Fenced on the owner holding the page's lease.
 pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool, now: i64) -> Stmt {
     let params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
-    let set = if resend {
-        "claimed_by = :owner"
+    let (set, whose) = if resend {
+        ("claimed_by = :owner", "")
     } else {
-        "state = 'unknown', reason = 'the hop that claimed it stopped before recording a result'"
+        (
+            "state = 'unknown', reason = 'the hop that claimed it stopped before recording a result'",
+            "AND claimed_by <> :owner",
+        )
     };
-    Stmt::new(
+    Stmt::named(
+        "settle_stale_claims",
         format!(
             "UPDATE baton_ledger SET {set}, updated_at = :now
-             WHERE run_id = :run_id AND page_no = :page_no AND state = 'claimed' AND claimed_by <> :owner
+             WHERE run_id = :run_id AND page_no = :page_no AND state = 'claimed' {whose} AND {HOLDS_LEASE}
              RETURNING item_key"
         ),
         params,
@@ -441,9 +521,17 @@ pub fn settle_stale_claims(run_id: &str, page_no: i64, owner: &str, resend: bool
 }
 
 /// Results written back in one statement: `(key, state, reason)` for each processed item, only
-/// over rows this owner still holds as `claimed`.
-pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &str, Option<String>)]) -> Stmt {
-    let mut params = Params::new().with("run_id", run_id).with("owner", owner).with("now", now);
+/// over rows this owner still holds as `claimed` on a page whose lease it still holds. A re-run
+/// finds nothing left `claimed` and changes nothing.
+pub fn record_results(
+    run_id: &str,
+    page_no: i64,
+    owner: &str,
+    now: i64,
+    results: &[(String, &str, Option<String>)],
+) -> Stmt {
+    let mut params =
+        Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
     let rows: Vec<String> = results
         .iter()
         .enumerate()
@@ -454,12 +542,14 @@ pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &
             format!("(:k{i}, :s{i}, :r{i})")
         })
         .collect();
-    Stmt::new(
+    Stmt::named(
+        "record_results",
         format!(
             "UPDATE baton_ledger SET state = v.column2, reason = NULLIF(v.column3, ''), updated_at = :now
              FROM (VALUES {}) AS v
              WHERE baton_ledger.run_id = :run_id AND baton_ledger.item_key = v.column1
-               AND baton_ledger.claimed_by = :owner AND baton_ledger.state = 'claimed'",
+               AND baton_ledger.page_no = :page_no
+               AND baton_ledger.claimed_by = :owner AND baton_ledger.state = 'claimed' AND {HOLDS_LEASE}",
             rows.join(", ")
         ),
         params,
@@ -467,22 +557,24 @@ pub fn record_results(run_id: &str, owner: &str, now: i64, results: &[(String, &
 }
 
 /// Claims this owner holds but never acted on (the time budget ran out): definitely not sent,
-/// so they are dropped and the page will claim them again.
+/// so they are dropped and the page will claim them again. Fenced on the page's lease.
 pub fn release_claims(run_id: &str, page_no: i64, owner: &str, keys: &[String]) -> Stmt {
     let mut params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner);
     let list = in_list(&mut params, "k", keys.iter().map(|k| Value::from(k.as_str())));
-    Stmt::new(
+    Stmt::named(
+        "release_claims",
         format!(
             "DELETE FROM baton_ledger
              WHERE run_id = :run_id AND page_no = :page_no AND claimed_by = :owner AND state = 'claimed'
-               AND item_key IN ({list})"
+               AND item_key IN ({list}) AND {HOLDS_LEASE}"
         ),
         params,
     )
 }
 
 pub fn ledger_counts(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "ledger_counts",
         "SELECT state, COUNT(*) AS n FROM baton_ledger WHERE run_id = :run_id GROUP BY state",
         Params::new().with("run_id", run_id),
     )
@@ -490,7 +582,8 @@ pub fn ledger_counts(run_id: &str) -> Stmt {
 
 /// The failure threshold's count: failures since the run last resumed.
 pub fn failures_since_baseline(run_id: &str) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "failures_since_baseline",
         "SELECT (SELECT COUNT(*) FROM baton_ledger WHERE run_id = :run_id AND state = 'failed')
                 - r.failure_baseline AS failures, r.total_items AS total
          FROM baton_runs r WHERE r.run_id = :run_id",
@@ -499,7 +592,8 @@ pub fn failures_since_baseline(run_id: &str) -> Stmt {
 }
 
 pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
-    Stmt::new(
+    Stmt::named(
+        "ledger_items",
         "SELECT item_key, state, reason FROM baton_ledger
          WHERE run_id = :run_id AND state = :state ORDER BY item_key LIMIT :limit",
         Params::new().with("run_id", run_id).with("state", state).with("limit", limit),

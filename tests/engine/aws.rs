@@ -126,15 +126,19 @@ async fn ses_errors_are_classified_by_what_the_engine_must_do() {
 }
 
 #[tokio::test]
-async fn ses_server_errors_are_transient_and_timeouts_ambiguous() {
-    let rule = mock!(aws_sdk_sesv2::Client::send_email).then_http_response(|| {
-        aws_smithy_runtime_api::http::Response::new(
-            aws_smithy_runtime_api::http::StatusCode::try_from(503).unwrap(),
-            aws_smithy_types::body::SdkBody::from("{}"),
-        )
-    });
-    let got = send_with(&rule).await.unwrap_err();
-    assert!(matches!(got, MailError::Transient(_)), "{got:?}");
+async fn ses_server_errors_and_timeouts_are_ambiguous() {
+    // A 5xx can follow an accepted message: never "not sent". (Failed before the fix: 5xx were
+    // `Transient` and retried, so at-most-once could mail twice.)
+    for status in [500u16, 502, 503, 504] {
+        let rule = mock!(aws_sdk_sesv2::Client::send_email).then_http_response(move || {
+            aws_smithy_runtime_api::http::Response::new(
+                aws_smithy_runtime_api::http::StatusCode::try_from(status).unwrap(),
+                aws_smithy_types::body::SdkBody::from("{}"),
+            )
+        });
+        let got = send_with(&rule).await.unwrap_err();
+        assert!(matches!(got, MailError::Ambiguous(_)), "{status}: {got:?}");
+    }
     let timeout = aws_sdk_sesv2::error::SdkError::timeout_error("operation timed out");
     assert!(matches!(classify(&timeout), MailError::Ambiguous(_)));
 }

@@ -25,7 +25,9 @@ async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
     let (_store, name, url) = pg_with_users(dir.path(), &users).await;
     let pg = PostgresStore::connect(&url, 16).unwrap();
 
-    let data_api = Arc::new(FakeDataApi::new(pg));
+    // Every 29th statement commits and then answers 503: the engine must re-run it safely, and
+    // the SDK must not re-send it on its own.
+    let data_api = Arc::new(FakeDataApi { lost_every: 29, ..FakeDataApi::new(pg) });
     data_api.resuming_next.store(3, Ordering::SeqCst); // the cluster is waking up
     let data_api_url = serve_data_api(data_api.clone()).await;
     let lambda = Arc::new(FakeLambda { duplicate_every: 3, timeout: Duration::from_secs(2), ..Default::default() });
@@ -38,7 +40,7 @@ async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
         secret_arn: "arn:aws:secretsmanager:eu-west-1:123456789012:secret:baton".into(),
         database: name,
     };
-    let data_api_store = Arc::new(DataApiStore::new(aws_sdk_rdsdata::Client::new(&sdk_config(&data_api_url)), target));
+    let data_api_store = Arc::new(DataApiStore::new(DataApiStore::client_from(&sdk_config(&data_api_url)), target));
     let mut settings = test_settings();
     settings.hop_timeout = Duration::from_secs(5);
     settings.hop_margin = Duration::from_secs(2);
@@ -78,6 +80,8 @@ async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
         users.iter().filter_map(|(_, e, _)| e.as_ref()).filter(|e| baton::mail::check_address(e).is_ok()).collect();
     assert_eq!(sent.len(), valid.len(), "every valid user has exactly one message in moto");
     assert_eq!(status.skipped, 80);
+    assert!(data_api.lost.load(Ordering::SeqCst) > 10, "responses were lost after commit");
+    assert_eq!(status.claimed, 0, "no item is left claimed: {status:?}");
     // Sends still in flight at a hop's cut-off are `unknown` (delivered at most once).
     assert!(status.done as usize <= sent.len() && sent.len() <= (status.done + status.unknown) as usize, "{status:?}");
 }
@@ -166,4 +170,25 @@ async fn the_operator_cli_starts_inspects_pauses_and_cancels_runs_in_aurora() {
     let out = baton(&["cancel", "--json"]).await.unwrap();
     let cancelled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cancelled["status"], "cancelled");
+}
+
+/// The SDK's own retries would re-send a statement whose response was lost after it committed:
+/// the production client sends it once and reports a transient error for the engine to judge.
+/// (Failed before the fix: `aws_sdk_rdsdata::Client::new` kept the standard retries, and the
+/// insert below ran three times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_api_client_never_resends_a_statement_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, name, url) = pg_with_users(dir.path(), &[]).await;
+    store.query(Stmt::new("CREATE TABLE hits (n BIGINT)", Params::new())).await.unwrap();
+    let pg = PostgresStore::connect(&url, 2).unwrap();
+    let data_api = Arc::new(FakeDataApi { lost_every: 1, ..FakeDataApi::new(pg) });
+    let endpoint = serve_data_api(data_api.clone()).await;
+    let target = DataApiTarget { resource_arn: "arn:c".into(), secret_arn: "arn:s".into(), database: name };
+    let data_api_store = DataApiStore::new(DataApiStore::client_from(&sdk_config(&endpoint)), target);
+    let err = data_api_store.query(Stmt::new("INSERT INTO hits (n) VALUES (1)", Params::new())).await.unwrap_err();
+    assert!(err.is_transient(), "a lost response is transient, for the engine to re-run: {err}");
+    assert_eq!(data_api.executes.load(Ordering::SeqCst), 1, "sent exactly once");
+    let hits = store.query(Stmt::new("SELECT COUNT(*) AS n FROM hits", Params::new())).await.unwrap();
+    assert_eq!(hits.first().unwrap().int("n"), 1);
 }

@@ -88,13 +88,17 @@ use serde_json::{Value as J, json};
 /// Speaks the Data API's REST protocol and runs the SQL on a real PostgreSQL server.
 pub struct FakeDataApi {
     pub pg: PostgresStore,
-    transactions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<deadpool_postgres::Object>>>>,
+    pub transactions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<deadpool_postgres::Object>>>>,
     /// The next n `Execute` calls fail with `DatabaseResumingException` (nothing runs).
     pub resuming_next: AtomicU32,
     /// The next n `Execute` calls fail with `StatementTimeoutException` (nothing runs).
     pub timeout_next: AtomicU32,
     pub executes: AtomicU64,
     pub response_limit: usize,
+    /// Every n-th `Execute` outside a transaction runs and commits, then answers 503 as if its
+    /// response were lost on the way back (0: never).
+    pub lost_every: u64,
+    pub lost: AtomicU64,
 }
 
 impl FakeDataApi {
@@ -106,6 +110,8 @@ impl FakeDataApi {
             timeout_next: AtomicU32::new(0),
             executes: AtomicU64::new(0),
             response_limit: 1024 * 1024,
+            lost_every: 0,
+            lost: AtomicU64::new(0),
         }
     }
 }
@@ -148,7 +154,8 @@ fn field_of(v: &Value) -> J {
 }
 
 async fn execute(State(api): State<Arc<FakeDataApi>>, Json(req): Json<J>) -> Response {
-    api.executes.fetch_add(1, Ordering::SeqCst);
+    let n = api.executes.fetch_add(1, Ordering::SeqCst) + 1;
+    let lose = api.lost_every > 0 && n % api.lost_every == 0 && req.get("transactionId").is_none();
     if take_one(&api.resuming_next) {
         return aws_error(
             "DatabaseResumingException",
@@ -184,6 +191,10 @@ async fn execute(State(api): State<Arc<FakeDataApi>>, Json(req): Json<J>) -> Res
         Ok(rows) => rows,
         Err(e) => return aws_error("DatabaseErrorException", StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    if lose {
+        api.lost.fetch_add(1, Ordering::SeqCst);
+        return aws_error("ServiceUnavailableError", StatusCode::SERVICE_UNAVAILABLE, "response lost (injected)");
+    }
     let body = json!({
         "records": rows.rows.iter().map(|r| r.iter().map(field_of).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "columnMetadata": rows.columns.iter().map(|c| json!({ "name": c, "label": c })).collect::<Vec<_>>(),

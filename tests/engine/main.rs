@@ -1,6 +1,7 @@
 //! The engine's invariants, each proved on SQLite and on a real PostgreSQL server. One test
 //! binary (modules below) keeps link times down. Run with `scripts/test`.
 
+mod adversarial;
 mod aws;
 mod aws_run;
 mod cases;
@@ -10,14 +11,15 @@ mod lambda_mode;
 mod moto;
 mod support;
 
-/// Instantiates each case once per backend.
+/// Instantiates each case (`module::case`) once per backend, as `sqlite::case` and
+/// `postgres::case`.
 macro_rules! on_both_backends {
-    ($($case:ident),* $(,)?) => {
+    ($($module:ident :: $case:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    crate::cases::$case(crate::support::Backend::Sqlite).await
+                    crate::$module::$case(crate::support::Backend::Sqlite).await
                 }
             )*
         }
@@ -25,7 +27,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    crate::cases::$case(crate::support::Backend::Postgres).await
+                    crate::$module::$case(crate::support::Backend::Postgres).await
                 }
             )*
         }
@@ -33,36 +35,47 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
-    migrations_apply_once_and_are_safe_twice,
-    run_sends_each_valid_user_exactly_once,
-    duplicated_hop_does_not_fork_its_chain,
-    duplicate_deliveries_throughout_a_run_send_nothing_twice,
-    start_twice_is_one_run,
-    completion_is_marked_exactly_once,
-    expired_lease_reoffers_page_without_resending_done_items,
-    crash_mid_page_leaves_unknown_never_resent_at_most_once,
-    crash_mid_page_is_resent_at_least_once,
-    cancel_stops_sends_within_one_page_per_chain,
-    pause_then_resume_completes_without_duplicates,
-    dropped_hops_are_recovered_by_the_sweeper,
-    hop_budget_stops_a_runaway,
-    run_deadline_fails_a_run,
-    failure_threshold_pauses_the_run,
-    account_stop_pauses_the_run_without_losing_items,
-    zero_users,
-    one_user,
-    exact_multiple_of_page_size,
-    more_chains_than_pages,
-    text_keys,
-    uuid_keys,
-    sparse_and_negative_keys,
-    rate_limited_pages_span_hops,
-    sql_kind_runs_one_statement_per_page,
-    statements_per_page_are_constant,
-    bad_input_changes_nothing,
-    database_fault_mid_page_is_recovered,
-    randomized_fault_schedules_keep_exactly_once,
-    source_column_types_are_read,
-    hung_send_is_cut_off_and_only_it_is_unknown,
-    whole_run_through_the_lambda_invoke_api_with_duplicates,
+    cases::migrations_apply_once_and_are_safe_twice,
+    cases::run_sends_each_valid_user_exactly_once,
+    cases::duplicated_hop_does_not_fork_its_chain,
+    cases::duplicate_deliveries_throughout_a_run_send_nothing_twice,
+    cases::start_twice_is_one_run,
+    cases::completion_is_marked_exactly_once,
+    cases::expired_lease_reoffers_page_without_resending_done_items,
+    cases::crash_mid_page_leaves_unknown_never_resent_at_most_once,
+    cases::crash_mid_page_is_resent_at_least_once,
+    cases::cancel_stops_sends_within_one_page_per_chain,
+    cases::pause_then_resume_completes_without_duplicates,
+    cases::dropped_hops_are_recovered_by_the_sweeper,
+    cases::hop_budget_stops_a_runaway,
+    cases::run_deadline_fails_a_run,
+    cases::failure_threshold_pauses_the_run,
+    cases::account_stop_pauses_the_run_without_losing_items,
+    cases::zero_users,
+    cases::one_user,
+    cases::exact_multiple_of_page_size,
+    cases::more_chains_than_pages,
+    cases::text_keys,
+    cases::uuid_keys,
+    cases::sparse_and_negative_keys,
+    cases::rate_limited_pages_span_hops,
+    cases::sql_kind_runs_one_statement_per_page,
+    cases::statements_per_page_are_constant,
+    cases::bad_input_changes_nothing,
+    cases::database_fault_mid_page_is_recovered,
+    cases::randomized_fault_schedules_keep_exactly_once,
+    cases::source_column_types_are_read,
+    cases::hung_send_is_cut_off_and_only_it_is_unknown,
+    cases::whole_run_through_the_lambda_invoke_api_with_duplicates,
+    adversarial::every_statement_is_safe_when_it_fails_or_its_response_is_lost,
+    adversarial::a_lost_response_while_taking_over_claims_loses_nobody,
+    adversarial::a_duplicate_key_that_appears_mid_run_is_failed_and_never_sent_twice,
+    adversarial::a_writer_that_lost_its_lease_changes_nothing,
+    adversarial::a_hop_keeps_to_hop_timeout_whatever_deadline_it_is_given,
+    adversarial::a_resume_between_pausing_and_parking_keeps_the_chain_going,
+    adversarial::the_sweeper_unparks_chains_of_a_running_run,
+    adversarial::concurrent_cold_start_migrations_on_a_fresh_database,
+    adversarial::null_keys_are_left_out_and_counted,
+    adversarial::at_least_once_resends_what_was_in_flight_at_the_cut_off,
+    adversarial::the_sweeper_starts_chains_that_never_ran,
 );

@@ -33,19 +33,44 @@ pub enum Backend {
 pub async fn fresh_store(backend: Backend, dir: &std::path::Path) -> Arc<dyn SqlStore> {
     let store: Arc<dyn SqlStore> = match backend {
         Backend::Sqlite => Arc::new(SqliteStore::open(&dir.join("baton.db")).unwrap()),
-        Backend::Postgres => {
-            let url = std::env::var("BATON_TEST_PG_URL").expect(
-                "BATON_TEST_PG_URL is not set: run the suite with `scripts/test` (it starts a throwaway PostgreSQL)",
-            );
-            let admin = PostgresStore::connect(&url, 1).unwrap();
-            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-            admin.query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new())).await.unwrap();
-            let base = url.rsplit_once('/').unwrap().0;
-            Arc::new(PostgresStore::connect(&format!("{base}/{name}"), 24).unwrap())
-        }
+        Backend::Postgres => Arc::new(PostgresStore::connect(&fresh_database_url().await, 24).unwrap()),
     };
     baton::sql::migrations::migrate(store.as_ref(), 0).await.unwrap();
     store
+}
+
+/// A fresh store that `n` processes (stores of their own) migrated at once, as Lambda's cold
+/// starts do on a fresh database.
+pub async fn concurrently_migrated_store(backend: Backend, dir: &std::path::Path, n: usize) -> Arc<dyn SqlStore> {
+    let stores = stores_on_a_fresh_database(backend, dir, n).await;
+    for r in futures::future::join_all(stores.iter().map(|s| baton::sql::migrations::migrate(s.as_ref(), 0))).await {
+        r.unwrap_or_else(|e| panic!("{backend:?}: a concurrent migration failed: {e}"));
+    }
+    stores.into_iter().next().unwrap()
+}
+
+/// `n` stores (connections or pools of their own, like separate processes) on one new, empty
+/// database.
+pub async fn stores_on_a_fresh_database(backend: Backend, dir: &std::path::Path, n: usize) -> Vec<Arc<dyn SqlStore>> {
+    match backend {
+        Backend::Sqlite => {
+            (0..n).map(|_| Arc::new(SqliteStore::open(&dir.join("baton.db")).unwrap()) as Arc<dyn SqlStore>).collect()
+        }
+        Backend::Postgres => {
+            let url = fresh_database_url().await;
+            (0..n).map(|_| Arc::new(PostgresStore::connect(&url, 24).unwrap()) as Arc<dyn SqlStore>).collect()
+        }
+    }
+}
+
+/// A new, empty database on the throwaway PostgreSQL server; its URL.
+pub async fn fresh_database_url() -> String {
+    let url = std::env::var("BATON_TEST_PG_URL")
+        .expect("BATON_TEST_PG_URL is not set: run the suite with `scripts/test` (it starts a throwaway PostgreSQL)");
+    let admin = PostgresStore::connect(&url, 1).unwrap();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    admin.query(Stmt::new(format!("CREATE DATABASE {name}"), Params::new())).await.unwrap();
+    format!("{}/{name}", url.rsplit_once('/').unwrap().0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +221,10 @@ impl Setup {
 
 pub struct Harness {
     pub backend: Backend,
+    /// The store as it is (for checks); the engine uses `faulty`, which injects the SQL faults
+    /// of the setup's fault schedule.
     pub store: Arc<dyn SqlStore>,
+    pub faulty: Arc<baton::local::faults::FaultyStore>,
     pub local: LocalRuntime,
     pub mailer: Arc<TestMailer>,
     pub outbox_dir: PathBuf,
@@ -227,8 +255,9 @@ impl Harness {
         let clock = ManualClock::default();
         let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
         config.validate().unwrap();
+        let faulty = Arc::new(baton::local::faults::FaultyStore::new(store.clone(), setup.faults.clone(), setup.seed));
         let local = LocalRuntime::start(LocalParts {
-            store: store.clone(),
+            store: faulty.clone(),
             mailer: mailer.clone(),
             clock: Arc::new(clock),
             config,
@@ -236,7 +265,7 @@ impl Harness {
             faults: setup.faults,
             seed: setup.seed,
         });
-        Harness { backend, store, local, mailer, outbox_dir, _dir: dir }
+        Harness { backend, store, faulty, local, mailer, outbox_dir, _dir: dir }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -296,6 +325,16 @@ impl Harness {
         let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
         assert!(twice.is_empty(), "{:?}: addresses mailed twice: {twice:?}", self.backend);
         let unknown = self.keys_in(run_id, "unknown").await;
+        // Keys that turned out duplicated mid-run are failed, not sent: not "missed".
+        let duplicated: HashSet<String> = self
+            .engine()
+            .items_in_state(run_id, "failed", 1_000_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with("duplicate key")))
+            .map(|(k, _)| k)
+            .collect();
         for (key, email, _) in users {
             let Some(email) = email else { continue };
             if baton::mail::check_address(email).is_err() {
@@ -304,7 +343,7 @@ impl Harness {
             }
             let key = key.key_text().unwrap();
             assert!(
-                per_address.contains_key(email) || unknown.contains(&key),
+                per_address.contains_key(email) || unknown.contains(&key) || duplicated.contains(&key),
                 "{:?}: user {key} <{email}> was missed (status {status:?})",
                 self.backend
             );
@@ -338,40 +377,106 @@ impl Invoker for RecordingInvoker {
     }
 }
 
-/// A store that fails the next statement matching a predicate, once (a database fault, or a
-/// hop dying between two statements).
-pub struct FaultyStore {
-    inner: Arc<dyn SqlStore>,
-    #[allow(clippy::type_complexity)]
-    fail_next: Mutex<Option<Box<dyn Fn(&Stmt) -> bool + Send>>>,
+/// When a [`StepStore`] fault strikes: before the statement runs, or after it committed (its
+/// response lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strike {
+    BeforeCommit,
+    ResponseLost,
 }
 
-impl FaultyStore {
-    pub fn fail_next(&self, when: impl Fn(&Stmt) -> bool + Send + 'static) {
-        *self.fail_next.lock().unwrap() = Some(Box::new(when));
+struct Planned {
+    statement: &'static str,
+    strike: Strike,
+    times: u32,
+}
+
+/// A store that fails chosen statements (by name) a chosen number of times: a database fault,
+/// a response lost after commit, or (failing more times than the engine retries) a hop dying
+/// between two statements.
+pub struct StepStore {
+    inner: Arc<dyn SqlStore>,
+    planned: Mutex<Option<Planned>>,
+    pub struck: AtomicU64,
+    gate: Mutex<Option<Gate>>,
+}
+
+/// A statement held back: the test hears when it is reached and says when it may run.
+struct Gate {
+    statement: &'static str,
+    reached: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl StepStore {
+    /// The hop dies at the next `statement`: it fails every time the engine re-runs it.
+    pub fn fail_next(&self, statement: &'static str) {
+        self.strike(statement, Strike::BeforeCommit, baton::engine::SQL_ATTEMPTS);
     }
 
-    fn check(&self, stmt: &Stmt) -> Result<(), SqlError> {
-        let mut slot = self.fail_next.lock().unwrap();
-        if slot.as_ref().is_some_and(|f| f(stmt)) {
-            *slot = None;
-            return Err(SqlError::transient("injected fault: connection lost"));
+    pub fn strike(&self, statement: &'static str, strike: Strike, times: u32) {
+        *self.planned.lock().unwrap() = Some(Planned { statement, strike, times });
+    }
+
+    /// Holds the next `statement` until the returned sender fires; the receiver hears when it
+    /// was reached (a hop stalled at a chosen point, e.g. between two protocol steps).
+    pub fn hold_before(
+        &self,
+        statement: &'static str,
+    ) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        *self.gate.lock().unwrap() = Some(Gate { statement, reached, release });
+        (reached_rx, release_tx)
+    }
+
+    async fn pass_gate(&self, name: &str) {
+        let gate = {
+            let mut slot = self.gate.lock().unwrap();
+            if slot.as_ref().is_some_and(|g| g.statement == name) { slot.take() } else { None }
+        };
+        if let Some(gate) = gate {
+            let _ = gate.reached.send(());
+            let _ = gate.release.await;
         }
-        Ok(())
+    }
+
+    /// Whether this statement is struck, and how.
+    fn take(&self, name: &str) -> Option<Strike> {
+        let mut slot = self.planned.lock().unwrap();
+        let planned = slot.as_mut().filter(|p| p.statement == name)?;
+        planned.times -= 1;
+        let strike = planned.strike;
+        if planned.times == 0 {
+            *slot = None;
+        }
+        self.struck.fetch_add(1, Ordering::SeqCst);
+        Some(strike)
     }
 }
 
 #[async_trait]
-impl SqlStore for FaultyStore {
+impl SqlStore for StepStore {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
-        self.check(&stmt)?;
-        self.inner.query(stmt).await
+        self.pass_gate(stmt.name).await;
+        match self.take(stmt.name) {
+            None => self.inner.query(stmt).await,
+            Some(Strike::BeforeCommit) => Err(SqlError::transient("injected fault: connection lost")),
+            Some(Strike::ResponseLost) => {
+                self.inner.query(stmt).await?;
+                Err(SqlError::transient("injected fault: committed, response lost"))
+            }
+        }
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
-        for s in &stmts {
-            self.check(s)?;
+        match self.take(stmts.first().map(|s| s.name).unwrap_or_default()) {
+            None => self.inner.transaction(stmts).await,
+            Some(Strike::BeforeCommit) => Err(SqlError::transient("injected fault: connection lost")),
+            Some(Strike::ResponseLost) => {
+                self.inner.transaction(stmts).await?;
+                Err(SqlError::transient("injected fault: committed, response lost"))
+            }
         }
-        self.inner.transaction(stmts).await
     }
 }
 
@@ -396,7 +501,7 @@ impl Mailer for HangingMailer {
 pub struct Manual {
     pub engine: Engine,
     pub invoker: Arc<RecordingInvoker>,
-    pub store: Arc<FaultyStore>,
+    pub store: Arc<StepStore>,
     pub counting: Arc<CountingStore<Arc<dyn SqlStore>>>,
     pub clock: ManualClock,
     pub mailer: Arc<HangingMailer>,
@@ -411,7 +516,12 @@ impl Manual {
         let raw = fresh_store(backend, dir.path()).await;
         create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
         let counting = Arc::new(CountingStore::new(raw));
-        let store = Arc::new(FaultyStore { inner: counting.clone(), fail_next: Mutex::new(None) });
+        let store = Arc::new(StepStore {
+            inner: counting.clone(),
+            planned: Mutex::new(None),
+            struck: AtomicU64::new(0),
+            gate: Mutex::new(None),
+        });
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(HangingMailer {
             inner: TestMailer {

@@ -4,10 +4,13 @@
 //! - Parameters are typed `Field`s; uuids carry `typeHint: UUID`. A typed NULL (a first page's
 //!   `:lo`) cannot be hinted as bigint or text, so its uses are wrapped in `CAST(:lo AS type)`.
 //! - Results are decoded from `Field` values with column names from the result metadata.
+//! - The client's own SDK retries are off ([`DataApiStore::client_from`]): the SDK would
+//!   re-send after timeouts, transport errors and 5xx, which can follow a commit.
 //! - `DatabaseResumingException` (an auto-paused Aurora Serverless v2 takes up to ~15 s to
 //!   resume, and the SDK does not retry it) and `StatementTimeoutException` (the statement was
-//!   cancelled and rolled back) are retried here with jittered backoff; other errors are not,
-//!   since a statement whose response was lost may have run.
+//!   cancelled and rolled back) are retried here with jittered backoff: neither ran. Other
+//!   errors are returned, transport errors and 5xx as transient: the engine re-runs those
+//!   itself, since every statement it issues is safe to re-run after a lost response.
 //! - The 1 MiB response limit comes back as a clear error naming `page_size`, never as a
 //!   silently shortened page.
 //! - Several statements that must be atomic run in a Data API transaction.
@@ -42,6 +45,17 @@ pub struct DataApiStore {
 impl DataApiStore {
     pub fn new(client: aws_sdk_rdsdata::Client, target: DataApiTarget) -> Self {
         Self { client, target, resume_budget: Duration::from_secs(45) }
+    }
+
+    /// A client from the shared AWS config with the SDK's own retries off. The SDK would re-send
+    /// a statement after a timeout, a transport error or a 5xx, all of which can follow a
+    /// commit; baton re-runs statements itself, and only those its classification says are
+    /// safe (see the module docs).
+    pub fn client_from(shared: &aws_config::SdkConfig) -> aws_sdk_rdsdata::Client {
+        let config = aws_sdk_rdsdata::config::Builder::from(shared)
+            .retry_config(aws_sdk_rdsdata::config::retry::RetryConfig::disabled())
+            .build();
+        aws_sdk_rdsdata::Client::from_conf(config)
     }
 
     pub fn with_resume_budget(mut self, budget: Duration) -> Self {
@@ -98,7 +112,7 @@ impl Retry {
     }
 }
 
-fn classify<R: std::fmt::Debug>(e: &SdkError<ExecuteStatementError, R>) -> Retry {
+fn classify(e: &SdkError<ExecuteStatementError, aws_sdk_rdsdata::config::http::HttpResponse>) -> Retry {
     match e {
         SdkError::ServiceError(s) => {
             let err = s.err();
@@ -114,6 +128,8 @@ fn classify<R: std::fmt::Debug>(e: &SdkError<ExecuteStatementError, R>) -> Retry
                         "{message}. A page's rows must fit in the Data API's 1 MiB response: lower jobs.NAME.page_size"
                     )))
                 }
+                // An unmodelled 5xx may follow a commit: transient, for the engine to re-run.
+                _ if s.raw().status().as_u16() >= 500 => Retry::Fatal(SqlError::transient(message)),
                 _ => Retry::Fatal(SqlError::statement(message)),
             }
         }

@@ -10,7 +10,7 @@
 //! | daily quota exceeded, `SendingPausedException`, `AccountSuspendedException` | `AccountStopped` | pauses the run, says why |
 //! | `MessageRejected`, `BadRequestException`, `MailFromDomainNotVerifiedException`, `NotFoundException` | `Permanent` | fails the item |
 //! | could not connect (nothing was sent) | `Transient` | retries |
-//! | timeout or broken response after the request left | `Ambiguous` | `unknown` (at-most-once) |
+//! | timeout, 5xx or broken response after the request left | `Ambiguous` | `unknown` (at-most-once) |
 
 use async_trait::async_trait;
 use aws_sdk_sesv2::config::http::HttpResponse;
@@ -152,8 +152,9 @@ fn classify_unmodelled(code: &str, message: &str, status: Option<u16>) -> MailEr
             MailError::AccountStopped(format!("the SES daily sending quota is spent ({described})"))
         }
         ("Throttling" | "ThrottlingException", _) | (_, Some(429)) => MailError::Throttled(described),
-        // A 5xx means SES failed to process it: it was not sent.
-        (_, Some(s)) if s >= 500 => MailError::Transient(described),
+        // A 5xx can follow an accepted message (the front end timed out waiting, a proxy
+        // failed on the way back): the message may have gone out.
+        (_, Some(s)) if s >= 500 => MailError::Ambiguous(format!("SES answered {s}: {described}")),
         _ => MailError::Permanent(described),
     }
 }

@@ -1,0 +1,307 @@
+//! The faults real AWS produces, each driven step by step on both stores: statements that
+//! commit and lose their response (or fail before committing), a hop whose environment gives it
+//! more time than its lease covers, a writer that lost its lease, duplicate keys that appear
+//! mid-run, a resume racing a chain's parking, concurrent cold-start migrations, NULL keys, sends
+//! in flight at the cut-off under at-least-once, and chains that never ran. Each case failed
+//! before the change that closed it.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use baton::config::Ambiguity;
+use baton::engine::event::{ControlAction, Event};
+use baton::engine::{HopNext, Outcome};
+use baton::jobs::KindRegistry;
+use baton::ports::Clock;
+use baton::sql::{Params, SqlStore, Stmt, migrations, statements as st};
+use tokio::time::Instant;
+
+use crate::support::*;
+
+/// Every statement a run issues, from start to completion (one chain, no re-offered page).
+const RUN_STATEMENTS: [&str; 16] = [
+    "run_by_key",
+    "source_sample",
+    "plan_run",
+    "run_by_id",
+    "chains_of",
+    "start_hop",
+    "claim_page",
+    "load_page",
+    "claim_items",
+    "record_results",
+    "finish_page",
+    "heartbeat",
+    "page_summary",
+    "set_chain_status",
+    "complete_run",
+    "end_chains",
+];
+
+async fn raw(m: &Manual, sql: &str) -> baton::sql::Rows {
+    m.counting.query(Stmt::new(sql, Params::new())).await.unwrap()
+}
+
+/// One run of 30 users (one invalid address) in pages of 10 through one chain, with `statement`
+/// struck once as `strike`: the engine re-runs it, and the run must end exactly as without the
+/// fault, with no sweep, nothing `unknown` and nothing left `claimed`.
+pub async fn every_statement_is_safe_when_it_fails_or_its_response_is_lost(b: Backend) {
+    let users = int_users(30);
+    for statement in RUN_STATEMENTS {
+        for strike in [Strike::BeforeCommit, Strike::ResponseLost] {
+            let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+            m.store.strike(statement, strike, 1);
+            let run = m.start().await;
+            m.pump().await;
+            let what = format!("{b:?}: {statement} {strike:?}");
+            assert_eq!(m.store.struck.load(Ordering::SeqCst), 1, "{what}: the statement was never issued");
+            let status = m.status(&run).await;
+            assert_eq!(status.status, "succeeded", "{what}: {status:?}");
+            assert_eq!(
+                (status.done, status.skipped, status.unknown, status.claimed),
+                (29, 1, 0, 0),
+                "{what}: {status:?}"
+            );
+            let sent = m.sent();
+            assert!(duplicates(&sent).is_empty(), "{what}: mailed twice: {:?}", duplicates(&sent));
+            assert_eq!(sent.len(), 29, "{what}");
+        }
+    }
+}
+
+/// A hop dies mid-page under at-least-once; the hop that takes the page over loses the response
+/// of its takeover statement. Its re-run must return the same claims, or they would stay
+/// `claimed`, never sent, under a page marked done.
+pub async fn a_lost_response_while_taking_over_claims_loses_nobody(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(10, 1);
+    job.ambiguity = Ambiguity::AtLeastOnce;
+    job.newsletter.as_mut().unwrap().in_flight = 1;
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.mailer.limit.store(4, Ordering::SeqCst);
+    let hop1 = m.next_event().unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), m.deliver(hop1)).await.is_err(), "killed mid-page");
+    m.mailer.limit.store(u64::MAX, Ordering::SeqCst);
+    m.expire_leases();
+    m.store.strike("settle_stale_claims", Strike::ResponseLost, 1);
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
+    m.pump().await;
+    assert_eq!(m.store.struck.load(Ordering::SeqCst), 1);
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!((status.done, status.unknown, status.claimed), (20, 0, 0), "{status:?}");
+    let sent = m.sent();
+    // At-least-once: only the 4 that went out before the crash went out twice; nobody missed.
+    assert_eq!(duplicates(&sent).len(), 4, "{:?}", duplicates(&sent));
+    assert_eq!(sent.len(), 24);
+}
+
+/// Key uniqueness is checked at start only. A row that arrives mid-run with a key already on a
+/// page (here through a join-like UNION) must not get that key mailed twice.
+pub async fn a_duplicate_key_that_appears_mid_run_is_failed_and_never_sent_twice(b: Backend) {
+    let users = int_users(30);
+    let mut job = newsletter_job(10, 1);
+    job.source = "SELECT id, email, name FROM users UNION ALL SELECT id, email, name FROM late_rows".into();
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    raw(&m, "CREATE TABLE late_rows (id BIGINT, email TEXT, name TEXT)").await;
+    let run = m.start().await;
+    // User 18 (on page 1) gets a twin after the run started.
+    raw(&m, "INSERT INTO late_rows (id, email, name) VALUES (18, 'twin@example.com', 'Twin')").await;
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    let failed = m.engine.items_in_state(&run, "failed", 10).await.unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "18");
+    let reason = failed[0].1.clone().unwrap_or_default();
+    assert!(reason.contains("duplicate key") && reason.contains("id = 18"), "{reason}");
+    let sent = m.sent();
+    assert!(duplicates(&sent).is_empty());
+    assert!(!sent.iter().any(|a| a == "twin@example.com" || a == "user18@example.com"), "{sent:?}");
+    assert_eq!(sent.len(), 29 - 1);
+    assert!(status.accounted(), "{status:?}");
+}
+
+/// A writer whose lease expired (by its own clock) claims nothing; one whose page was taken
+/// over records, releases and finishes nothing.
+pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
+    let m = Manual::new(b, &int_users(20), newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let _hop1 = m.next_event();
+    let store = m.counting.clone();
+    let lease = m.settings.lease().as_millis() as i64;
+    let now = m.clock.now_ms();
+    assert_eq!(store.query(st::start_hop(&run, 0, 1, "token-a", now)).await.unwrap().rows.len(), 1);
+    let page = store.query(st::claim_page(&run, 0, 1, 1, "A", now, lease)).await.unwrap();
+    let page_no = page.first().unwrap().int("page_no");
+    let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    let claimed = store.query(st::claim_items(&run, page_no, "A", now, &keys(&["5", "18"]))).await.unwrap();
+    assert_eq!(claimed.rows.len(), 2);
+
+    // A stalls past its lease. Its next claim, by its own clock, takes nothing.
+    m.expire_leases();
+    let late = m.clock.now_ms();
+    let claimed = store.query(st::claim_items(&run, page_no, "A", late, &keys(&["31"]))).await.unwrap();
+    assert!(claimed.rows.is_empty(), "a writer past its lease claimed {:?}", claimed.rows);
+
+    // B (the restarted chain's next hop) takes the page over.
+    assert_eq!(store.query(st::start_hop(&run, 0, 2, "token-b", late)).await.unwrap().rows.len(), 1);
+    let taken = store.query(st::claim_page(&run, 0, 2, 1, "B", late, lease)).await.unwrap();
+    assert_eq!(taken.first().unwrap().int("page_no"), page_no);
+
+    // A's late writes change nothing.
+    store.query(st::record_results(&run, page_no, "A", late, &[("5".into(), "done", None)])).await.unwrap();
+    store.query(st::release_claims(&run, page_no, "A", &keys(&["18"]))).await.unwrap();
+    assert!(store.query(st::finish_page(&run, page_no, "A", true)).await.unwrap().rows.is_empty());
+    assert!(store.query(st::settle_stale_claims(&run, page_no, "A", true, late)).await.unwrap().rows.is_empty());
+    let ledger = raw(&m, "SELECT item_key, state, claimed_by FROM baton_ledger ORDER BY item_key").await;
+    let rows: Vec<(String, String, String)> = ledger
+        .records()
+        .map(|r| (r.text("item_key").unwrap(), r.text("state").unwrap(), r.text("claimed_by").unwrap()))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![("18".into(), "claimed".into(), "A".into()), ("5".into(), "claimed".into(), "A".into())],
+        "{b:?}"
+    );
+    let pages = raw(&m, &format!("SELECT status, lease_owner FROM baton_pages WHERE page_no = {page_no}")).await;
+    let p = pages.first().unwrap();
+    assert_eq!((p.text("status").unwrap(), p.text("lease_owner").unwrap()), ("leased".into(), "B".into()));
+}
+
+/// Lambda may give a hop up to 15 minutes while leases derive from `hop_timeout`: the hop must
+/// keep to `hop_timeout` itself, or it would send after another hop took its page over.
+pub async fn a_hop_keeps_to_hop_timeout_whatever_deadline_it_is_given(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(10, 1);
+    job.newsletter.as_mut().unwrap().in_flight = 1;
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.mailer.limit.store(4, Ordering::SeqCst); // the fifth send hangs
+    let hop1 = m.next_event().unwrap();
+    let started = Instant::now();
+    let generous = started + m.settings.hop_timeout * 20;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), m.engine.handle(hop1, generous))
+        .await
+        .expect("the hop returned")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < m.settings.hop_timeout * 2, "the hop ran {took:?}, past hop_timeout {:?}", m.settings.hop_timeout);
+    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Continued, .. }), "{outcome:?}");
+    let mid = m.status(&run).await;
+    assert_eq!((mid.done, mid.unknown, mid.claimed), (4, 1, 0), "{mid:?}");
+}
+
+/// Pause, then a resume that lands while a hop is between reading `pausing` and parking its
+/// chain: the chain must not park under a running run.
+pub async fn a_resume_between_pausing_and_parking_keeps_the_chain_going(b: Backend) {
+    let users = int_users(60);
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    m.engine.control(&run, ControlAction::Pause).await.unwrap();
+    let (reached, release) = m.store.hold_before("park_chain");
+    let hop1 = m.next_event().unwrap();
+    let (outcome, ()) = tokio::join!(m.deliver(hop1), async {
+        reached.await.expect("the hop reached the parking step");
+        m.engine.control(&run, ControlAction::Resume).await.unwrap();
+        release.send(()).unwrap();
+    });
+    let outcome = outcome.unwrap();
+    assert!(!matches!(outcome, Outcome::Hopped { next: HopNext::Parked, .. }), "parked after resume: {outcome:?}");
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert!(duplicates(&m.sent()).is_empty());
+    assert_eq!(m.sent().len(), 58);
+}
+
+/// A chain left parked under a running run (however it happened) is picked up by the sweeper.
+pub async fn the_sweeper_unparks_chains_of_a_running_run(b: Backend) {
+    let users = int_users(30);
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let _lost = m.next_event();
+    raw(&m, "UPDATE baton_chains SET status = 'paused'").await;
+    let report = m.engine.sweep().await.unwrap();
+    assert_eq!(report.unparked, 1, "{report:?}");
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!(m.sent().len(), 29);
+}
+
+/// Lambda migrates at every cold start, so a fan-out migrates one fresh database from many
+/// sandboxes at once. (On PostgreSQL, failed before the fix with `23505` on
+/// `pg_type_typname_nsp_index`.)
+pub async fn concurrent_cold_start_migrations_on_a_fresh_database(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = stores_on_a_fresh_database(b, dir.path(), 12).await;
+    let results = futures::future::join_all(stores.iter().map(|s| migrations::migrate(s.as_ref(), 0))).await;
+    let mut applied = Vec::new();
+    for r in results {
+        applied.extend(r.unwrap_or_else(|e| panic!("{b:?}: a concurrent migration failed: {e}")));
+    }
+    applied.sort();
+    let all: Vec<i64> = (1..=migrations::MIGRATIONS.len() as i64).collect();
+    assert_eq!(applied, all, "each version applied exactly once");
+    let versions =
+        stores[0].query(Stmt::new("SELECT COUNT(*) AS n FROM baton_schema_migrations", Params::new())).await.unwrap();
+    assert_eq!(versions.first().unwrap().int("n"), migrations::MIGRATIONS.len() as i64);
+}
+
+/// Rows whose key is NULL are left out of the run, as README says, and counted, not refused as
+/// "not unique" (as before the fix).
+pub async fn null_keys_are_left_out_and_counted(b: Backend) {
+    let users = int_users(30);
+    let mut job = newsletter_job(10, 2);
+    job.source = "SELECT id, email, name FROM users \
+                  UNION ALL SELECT NULL, 'nokey1@example.com', 'No key' \
+                  UNION ALL SELECT NULL, 'nokey2@example.com', 'No key'"
+        .into();
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!((status.total, status.null_keys), (30, 2), "{status:?}");
+    assert!(status.accounted());
+    assert!(!m.sent().iter().any(|a| a.starts_with("nokey")));
+}
+
+/// Under at-least-once, a send still in flight at the hop's cut-off is sent again by a later
+/// hop, never parked as `unknown` (which only at-most-once reports).
+pub async fn at_least_once_resends_what_was_in_flight_at_the_cut_off(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(10, 1);
+    job.ambiguity = Ambiguity::AtLeastOnce;
+    job.newsletter.as_mut().unwrap().in_flight = 1;
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.mailer.limit.store(4, Ordering::SeqCst); // the fifth send hangs until the cut-off
+    let outcome = m.deliver_next().await.unwrap().unwrap();
+    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Continued, .. }), "{outcome:?}");
+    m.mailer.limit.store(u64::MAX, Ordering::SeqCst);
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded");
+    assert_eq!((status.done, status.unknown, status.claimed), (20, 0, 0), "{status:?}");
+    assert_eq!(m.sent().len(), 20, "the hung send never reached the outbox; a later hop sent it");
+}
+
+/// A start whose hop events were all lost (or whose plan's answer was lost before it invoked
+/// anything) is picked up by the sweeper once its chains look silent.
+pub async fn the_sweeper_starts_chains_that_never_ran(b: Backend) {
+    let users = int_users(40);
+    let m = Manual::new(b, &users, newsletter_job(10, 3), KindRegistry::default()).await;
+    let run = m.start().await;
+    let lost: Vec<Event> = std::iter::from_fn(|| m.next_event()).collect();
+    assert_eq!(lost.len(), 3);
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 0, "fresh chains are not stale");
+    m.expire_leases();
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 3);
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!(m.sent().len(), 39);
+}
