@@ -144,6 +144,10 @@ pub struct JobConfig {
     /// Extra hops each chain may take beyond one per page.
     #[serde(default = "default_hop_slack")]
     pub hop_slack: u32,
+    /// The IANA time zone the run key's period (`YYYY-MM`) is taken in, e.g. `Asia/Tokyo`: a
+    /// schedule at 08:00 Tokyo time on the 1st fires at 23:00 UTC the day before.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newsletter: Option<NewsletterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +157,9 @@ pub struct JobConfig {
     pub params: Option<serde_json::Value>,
 }
 
+fn default_time_zone() -> String {
+    "UTC".into()
+}
 fn default_key_column() -> String {
     "id".into()
 }
@@ -321,6 +328,15 @@ impl JobConfig {
         }
         if self.run_deadline < Duration::from_secs(1) {
             return Err(invalid(f("run_deadline"), "must be at least 1s"));
+        }
+        if let Err(e) = jiff::tz::TimeZone::get(&self.time_zone) {
+            return Err(invalid(
+                f("time_zone"),
+                format!(
+                    "`{}` is not an IANA time zone (e.g. `UTC`, `Europe/Berlin`, `Asia/Tokyo`): {e}",
+                    self.time_zone
+                ),
+            ));
         }
         match self.kind.as_str() {
             "newsletter" => {

@@ -50,7 +50,7 @@ pub async fn engine_from_env() -> Result<Engine, String> {
     };
     crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await.map_err(|e| e.to_string())?;
     let mailer = SesMailer::new(SesMailer::client_from(&shared), std::env::var("BATON_SES_CONFIGURATION_SET").ok());
-    let invoker = LambdaInvoker::new(aws_sdk_lambda::Client::new(&shared), env("AWS_LAMBDA_FUNCTION_NAME")?);
+    let invoker = LambdaInvoker::new(LambdaInvoker::client_from(&shared), env("AWS_LAMBDA_FUNCTION_NAME")?);
     Ok(Engine::new(EngineParts {
         store,
         invoker: Arc::new(invoker),

@@ -20,7 +20,7 @@ use crate::engine::Outcome;
 use crate::engine::run::RunStatus;
 use crate::jobs::KindRegistry;
 use crate::local::driver::{LocalParts, LocalRuntime};
-use crate::local::faults::Faults;
+use crate::local::faults::{Faults, FaultyStore, SqlFaultCounts};
 use crate::local::lambda::LambdaCounts;
 use crate::local::outbox::{self, Outbox};
 use crate::ports::{Clock, Mailer, SystemClock};
@@ -50,9 +50,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0.0)]
     pub send_rate: f64,
     /// Inject faults at the documented default rates: 2% duplicate hop deliveries, 1% lost hop
-    /// events, 1% hops crashing mid-page, 5% delayed hop events, 2% transient mail errors,
+    /// events, 1% hops crashing mid-page, 5% delayed hop events, 5% sandboxes whose deadline
+    /// outlives the lease, clocks off by up to 100 ms per invocation, 2% transient mail errors,
     /// 1% mail throttling, 0.2% ambiguous mail timeouts (accepted, but the caller sees a
-    /// timeout).
+    /// timeout), 0.3% SQL statements failing before commit and 0.3% committing with their
+    /// answer lost, a duplicate key appearing mid-run, and eight concurrent cold-start
+    /// migrations.
     #[arg(long)]
     pub chaos: bool,
     /// Seed for the synthetic users and the fault schedule: the same seed, the same run.
@@ -66,7 +69,15 @@ pub struct DemoArgs {
 pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
     JobConfig {
         kind: "newsletter".into(),
-        source: format!("SELECT id, email, name, city, plan FROM {table}"),
+        // Under --chaos a second table can add rows mid-run, like a source built on a join.
+        source: if args.chaos {
+            format!(
+                "SELECT id, email, name, city, plan FROM {table} \
+                 UNION ALL SELECT id, email, name, city, plan FROM {table}_late"
+            )
+        } else {
+            format!("SELECT id, email, name, city, plan FROM {table}")
+        },
         key_column: "id".into(),
         page_size: args.page_size,
         chains: args.chains,
@@ -75,6 +86,7 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
         ambiguity: Default::default(),
         run_deadline: Duration::from_secs(3600),
         hop_slack: 20,
+        time_zone: "UTC".into(),
         newsletter: Some(NewsletterConfig {
             email_column: "email".into(),
             from: "Baton Monthly <news@baton.example>".into(),
@@ -136,6 +148,11 @@ async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> R
     const ROWS: u32 = 400;
     const PER_TRANSACTION: u32 = 20;
     let mut batch = vec![
+        Stmt::new(format!("DROP TABLE IF EXISTS {table}_late"), Params::new()),
+        Stmt::new(
+            format!("CREATE TABLE {table}_late (id BIGINT, email TEXT, name TEXT, city TEXT, plan TEXT)"),
+            Params::new(),
+        ),
         Stmt::new(format!("DROP TABLE IF EXISTS {table}"), Params::new()),
         Stmt::new(
             format!(
@@ -175,6 +192,19 @@ async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> R
     Ok(())
 }
 
+/// Faults injected during a demo run, by class, and what they can account for.
+#[derive(Debug, Default, Serialize)]
+pub struct Injected {
+    pub sql: SqlFaultCounts,
+    pub mail_ambiguous: u64,
+    /// Keys that got a second source row mid-run.
+    pub duplicate_keys: Vec<String>,
+    pub concurrent_migrations: usize,
+    /// The most `unknown` items the injected faults can explain: every ambiguous send, plus a
+    /// page's worth for every hop that was killed or failed.
+    pub ambiguous_outcomes: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct DemoSummary {
     pub run: RunStatus,
@@ -187,6 +217,8 @@ pub struct DemoSummary {
     pub missed_users: usize,
     pub unknown_users: usize,
     pub hops: LambdaCounts,
+    /// What the fault injection did (with `--chaos`).
+    pub injected: Injected,
     /// Statements the engine issued for the run (planning, hops, sweeps, progress polls).
     pub sql_statements: u64,
     pub sql_statements_per_page: f64,
@@ -230,13 +262,25 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
     let store = open_store(common).await?;
+    let concurrent_migrations = if args.chaos {
+        // Cold starts of a fan-out migrate at once: eight more stores, each migrating.
+        let others = futures::future::join_all((0..8).map(|_| open_store(common))).await;
+        others.into_iter().collect::<Result<Vec<_>>>()?.len()
+    } else {
+        0
+    };
     if !common.json {
         let place = if embedded { dir.join("baton.db").display().to_string() } else { format!("table {table}") };
         eprintln!("Creating {} synthetic users in {place} ...", args.users);
     }
     create_users(store.as_ref(), table, args.users, args.seed).await?;
+    let mut outbox_ambiguous = None;
     let mailer: Arc<dyn Mailer> = match common.mailer {
-        MailerKind::Outbox => Arc::new(Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?),
+        MailerKind::Outbox => {
+            let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
+            outbox_ambiguous = Some(outbox.ambiguous.clone());
+            Arc::new(outbox)
+        }
         MailerKind::Ses => {
             let shared = aws_config::load_from_env().await;
             Arc::new(SesMailer::new(SesMailer::client_from(&shared), common.ses_configuration_set.clone()))
@@ -244,7 +288,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     };
 
     let started = Instant::now();
-    let counting = Arc::new(crate::sql::CountingStore::new(store.clone()));
+    let faulty = Arc::new(FaultyStore::new(store.clone(), faults.clone(), args.seed));
+    let counting = Arc::new(crate::sql::CountingStore::new(faulty.clone()));
     let local = LocalRuntime::start(LocalParts {
         store: counting.clone(),
         mailer,
@@ -265,14 +310,48 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         );
     }
     let show = !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let twin = args.chaos.then(|| {
+        tokio::spawn(add_twin_mid_run(
+            local.engine.clone(),
+            store.clone(),
+            table,
+            run_id.clone(),
+            args.users,
+            args.seed,
+        ))
+    });
     let status = local.drive(&run_id, show).await?;
+    let duplicate_keys = match twin {
+        Some(task) => task.await.unwrap_or(Ok(None))?.into_iter().collect(),
+        None => Vec::new(),
+    };
     let wall = started.elapsed().as_secs_f64();
 
     let statements = counting.statements();
     let outbox = (common.mailer == MailerKind::Outbox).then_some(outbox_dir.as_path());
     let unknown: HashSet<String> =
         local.engine.items_in_state(&run_id, "unknown", i64::MAX).await?.into_iter().map(|(k, _)| k).collect();
-    let mut summary = check(unknown, outbox, status, wall, local.lambda_counts(), faults, args.users, args.seed)?;
+    // Keys failed because a second row appeared mid-run: not sent, on purpose.
+    let excused: HashSet<String> = local
+        .engine
+        .items_in_state(&run_id, "failed", i64::MAX)
+        .await?
+        .into_iter()
+        .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with("duplicate key")))
+        .map(|(k, _)| k)
+        .collect();
+    let hops = local.lambda_counts();
+    let mail_ambiguous = outbox_ambiguous.map(|a| a.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(0);
+    let injected = Injected {
+        sql: faulty.counts(),
+        mail_ambiguous,
+        duplicate_keys,
+        concurrent_migrations,
+        ambiguous_outcomes: mail_ambiguous + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
+    };
+    let mut summary = check(Checked { unknown, excused }, outbox, status, wall, hops, faults, args.users, args.seed)?;
+    summary.checks_passed &= summary.run.unknown as u64 <= injected.ambiguous_outcomes || !args.chaos;
+    summary.injected = injected;
     summary.sql_statements = statements;
     summary.sql_statements_per_page = statements as f64 / summary.run.pages_total.max(1) as f64;
     if common.json {
@@ -283,11 +362,52 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Under `--chaos`: once a tenth of the items are done, the user in the middle gets a second
+/// source row with the same key (a join gone wrong, a row inserted mid-run). Returns its key.
+async fn add_twin_mid_run(
+    engine: Arc<crate::engine::Engine>,
+    store: Arc<dyn SqlStore>,
+    table: &'static str,
+    run_id: String,
+    users: u32,
+    seed: u64,
+) -> Result<Option<String>> {
+    loop {
+        let p = engine.progress(&run_id).await?;
+        if p.is_settled() {
+            return Ok(None);
+        }
+        if p.items_done * 10 >= p.total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (id, _, name, city, plan) = synthetic_user(users / 2, seed);
+    let twin = Params::new()
+        .with("id", id)
+        .with("email", format!("twin{id}@example.com"))
+        .with("name", name)
+        .with("city", city)
+        .with("plan", plan);
+    let sql =
+        format!("INSERT INTO {table}_late (id, email, name, city, plan) VALUES (:id, :email, :name, :city, :plan)");
+    store.query(Stmt::new(sql, twin)).await?;
+    Ok(Some(id.to_string()))
+}
+
+/// Keys the outbox check accepts as not mailed: `unknown` ones, and those `excused` (failed as
+/// duplicate keys).
+struct Checked {
+    unknown: HashSet<String>,
+    excused: HashSet<String>,
+}
+
 /// Checks the outbox against the synthetic users: nobody twice, nobody missed but the
-/// `unknown` ones. With a provider instead of the outbox, only the ledger's accounting is checked.
+/// `unknown` and excused ones. With a provider instead of the outbox, only the ledger's
+/// accounting is checked.
 #[allow(clippy::too_many_arguments)]
 fn check(
-    unknown_keys: HashSet<String>,
+    keys: Checked,
     outbox_dir: Option<&std::path::Path>,
     run: RunStatus,
     wall: f64,
@@ -315,11 +435,13 @@ fn check(
             continue;
         };
         valid += 1;
-        if sent.is_some() && !per_address.contains_key(email.as_str()) && !unknown_keys.contains(&id.to_string()) {
+        let key = id.to_string();
+        let accounted = keys.unknown.contains(&key) || keys.excused.contains(&key);
+        if sent.is_some() && !per_address.contains_key(email.as_str()) && !accounted {
             missed += 1;
         }
     }
-    let checks_passed = duplicated.is_empty() && missed == 0 && run.accounted();
+    let checks_passed = duplicated.is_empty() && missed == 0 && run.accounted() && run.claimed == 0;
     Ok(DemoSummary {
         messages_per_second: run.done as f64 / wall.max(1e-9),
         wall_seconds: wall,
@@ -327,8 +449,9 @@ fn check(
         valid_users: valid,
         duplicated_addresses: duplicated,
         missed_users: missed,
-        unknown_users: unknown_keys.len(),
+        unknown_users: keys.unknown.len(),
         hops,
+        injected: Injected::default(),
         faults,
         checks_passed,
         sql_statements: 0,
@@ -359,6 +482,19 @@ fn print_summary(s: &DemoSummary, outbox_dir: Option<&std::path::Path>) {
         "  sql:     {} statements, {:.1} per page (planning, hops, sweeps and progress polls included)",
         s.sql_statements, s.sql_statements_per_page
     );
+    let i = &s.injected;
+    if s.faults != Faults::default() {
+        println!(
+            "  faults:  {} long-lived sandboxes | sql: {} failed before commit, {} committed with the answer lost | \
+             {} ambiguous sends | {} duplicate keys mid-run | {} concurrent migrations",
+            s.hops.long_lived,
+            i.sql.failed_before_commit,
+            i.sql.response_lost,
+            i.mail_ambiguous,
+            i.duplicate_keys.len(),
+            i.concurrent_migrations
+        );
+    }
     let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
     if s.outbox_files.is_some() {
         println!(
@@ -385,4 +521,13 @@ fn print_summary(s: &DemoSummary, outbox_dir: Option<&std::path::Path>) {
     );
     let over: Vec<_> = s.run.chains.iter().filter(|c| c.hops > c.hop_budget).collect();
     println!("  {} every chain within its hop budget", mark(over.is_empty()));
+    println!("  {} no item left claimed ({})", mark(s.run.claimed == 0), s.run.claimed);
+    if s.faults != Faults::default() {
+        println!(
+            "  {} unknown ({}) within the ambiguous outcomes injected ({})",
+            mark(s.run.unknown as u64 <= i.ambiguous_outcomes),
+            s.run.unknown,
+            i.ambiguous_outcomes
+        );
+    }
 }

@@ -400,6 +400,9 @@ pub fn print_status(s: &RunStatus, json: bool) {
         s.unknown,
         s.pending + s.claimed
     );
+    if s.null_keys > 0 {
+        println!("  left out: {} source rows with a NULL key (not part of the run)", s.null_keys);
+    }
     println!("  pages:   {}/{} done   elapsed {:.1}s", s.pages_done, s.pages_total, s.elapsed_ms as f64 / 1000.0);
     for c in &s.chains {
         println!(
@@ -411,5 +414,8 @@ pub fn print_status(s: &RunStatus, json: bool) {
             c.restarts,
             c.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
         );
+        if let Some(w) = &c.warning {
+            println!("      warning: {w}");
+        }
     }
 }

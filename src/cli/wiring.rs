@@ -149,7 +149,7 @@ impl Runtime {
                 let Some(function) = &common.function else {
                     bail!("--invoker lambda needs --function NAME (or BATON_FUNCTION): the baton function to invoke");
                 };
-                let invoker = LambdaInvoker::new(aws_sdk_lambda::Client::new(&shared_aws().await), function);
+                let invoker = LambdaInvoker::new(LambdaInvoker::client_from(&shared_aws().await), function);
                 Runtime::Lambda(Arc::new(Engine::new(EngineParts {
                     store,
                     invoker: Arc::new(invoker),
@@ -204,5 +204,5 @@ pub async fn brake_invoker(common: &Common) -> Result<LambdaInvoker> {
     let Some(function) = &common.function else {
         bail!("--function NAME (or BATON_FUNCTION) names the Lambda function to brake");
     };
-    Ok(LambdaInvoker::new(aws_sdk_lambda::Client::new(&shared_aws().await), function))
+    Ok(LambdaInvoker::new(LambdaInvoker::client_from(&shared_aws().await), function))
 }

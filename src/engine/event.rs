@@ -9,12 +9,17 @@ pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
-    /// Plan and start a run of `job` (from the schedule, or the CLI). `run_key` defaults to the
-    /// current month, `YYYY-MM`, so a schedule firing twice cannot start two runs.
+    /// Plan and start a run of `job` (from the schedule, or the CLI). The run key is `run_key`,
+    /// or the period (`YYYY-MM`, in the job's `time_zone`) of `scheduled_time`, the RFC 3339
+    /// time the schedule fired for (EventBridge Scheduler's `<aws.scheduler.scheduled-time>`):
+    /// a schedule firing twice, or a start delivered hours late, cannot open a second run. A
+    /// start event with neither is refused.
     Start {
         job: String,
         #[serde(default)]
         run_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scheduled_time: Option<String>,
     },
     /// Continue chain `chain` of run `run_id` with hop number `hop`.
     Hop {
@@ -79,7 +84,8 @@ mod tests {
     #[test]
     fn round_trips_every_event() {
         for e in [
-            Event::Start { job: "j".into(), run_key: Some("2026-12".into()) },
+            Event::Start { job: "j".into(), run_key: Some("2026-12".into()), scheduled_time: None },
+            Event::Start { job: "j".into(), run_key: None, scheduled_time: Some("2026-11-30T23:00:00Z".into()) },
             Event::Hop { run_id: "r".into(), chain: 2, hop: 7, traceparent: None },
             Event::Sweep {},
             Event::Control { run_id: "r".into(), action: ControlAction::Cancel },

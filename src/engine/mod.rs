@@ -157,7 +157,22 @@ impl Engine {
 
     pub async fn handle(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
         match event {
-            Event::Start { job, run_key } => self.start(&job, run_key.as_deref()).await,
+            Event::Start { job, run_key, scheduled_time } => {
+                let run_key = match (run_key, scheduled_time) {
+                    (Some(key), _) => key,
+                    (None, Some(at)) => self.scheduled_run_key(&job, &at)?,
+                    (None, None) => {
+                        return Err(EventError::Malformed(
+                            "a start event needs `scheduled_time` (EventBridge Scheduler: \
+                             \"<aws.scheduler.scheduled-time>\") or `run_key`: the current month could name \
+                             another period than the one the schedule fired for"
+                                .into(),
+                        )
+                        .into());
+                    }
+                };
+                self.start(&job, Some(&run_key)).await
+            }
             Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
             Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
             Event::Control { run_id, action } => self.control(&run_id, action).await,
@@ -189,7 +204,7 @@ impl Engine {
             attempt += 1;
             match self.store.query(stmt.clone()).await {
                 Err(e) if e.is_transient() && attempt < SQL_ATTEMPTS => {
-                    tracing::warn!(statement = stmt.name, attempt, error = %e, "statement will be re-run");
+                    tracing::info!(statement = stmt.name, attempt, error = %e, "statement will be re-run");
                     tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
                 }
                 other => return other,
@@ -228,7 +243,7 @@ impl Engine {
         let mut config = self.config.job(job_name)?.clone();
         let run_key = match run_key {
             Some(k) => k.to_owned(),
-            None => month_key(self.now_ms()),
+            None => period_key(self.now_ms(), &config.time_zone)?,
         };
         if run_key.is_empty() || !run_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(EngineError::RunKey(run_key));
@@ -325,6 +340,17 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// The run key of a scheduled start: the month of `scheduled_time` in the job's time zone.
+    fn scheduled_run_key(&self, job: &str, scheduled_time: &str) -> Result<String, EngineError> {
+        let config = self.config.job(job)?;
+        let at: jiff::Timestamp = scheduled_time.parse().map_err(|e| {
+            EventError::Malformed(format!(
+                "`scheduled_time` must be an RFC 3339 time such as 2026-12-01T08:00:00Z, got `{scheduled_time}`: {e}"
+            ))
+        })?;
+        period_key(at.as_millisecond(), &config.time_zone)
     }
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
@@ -479,14 +505,24 @@ impl Engine {
             pages_total: run.total_pages,
             chains: chains
                 .records()
-                .map(|c| ChainStatus {
-                    chain: c.int("chain_no"),
-                    status: c.text("status").unwrap_or_default(),
-                    reason: c.text("reason"),
-                    hops: c.int("next_hop") - 1,
-                    hop_budget: run.max_hops,
-                    restarts: c.int("restarts"),
-                    heartbeat_at_ms: c.int("heartbeat_at"),
+                .map(|c| {
+                    let lost_at_hops: Vec<i64> = c
+                        .text("restart_hops")
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter_map(|h| h.trim().parse().ok())
+                        .collect();
+                    ChainStatus {
+                        chain: c.int("chain_no"),
+                        status: c.text("status").unwrap_or_default(),
+                        reason: c.text("reason"),
+                        hops: c.int("next_hop") - 1,
+                        hop_budget: run.max_hops,
+                        restarts: c.int("restarts"),
+                        warning: run::loss_pattern(&lost_at_hops),
+                        lost_at_hops,
+                        heartbeat_at_ms: c.int("heartbeat_at"),
+                    }
                 })
                 .collect(),
             created_at_ms: run.created_at,
@@ -585,19 +621,14 @@ fn count_by(rows: &crate::sql::Rows, column: &str) -> HashMap<String, i64> {
     rows.records().map(|r| (r.text(column).unwrap_or_default(), r.int("n"))).collect()
 }
 
-/// `YYYY-MM` (UTC) of an epoch-milliseconds instant: the default run key.
-pub fn month_key(now_ms: i64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let days = now_ms.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
-    format!("{year:04}-{month:02}")
+/// `YYYY-MM` of an epoch-milliseconds instant in the IANA time zone `tz`: a run key.
+pub fn period_key(at_ms: i64, tz: &str) -> Result<String, EngineError> {
+    let zone =
+        jiff::tz::TimeZone::get(tz).map_err(|e| EngineError::State(format!("time zone `{tz}` is not known: {e}")))?;
+    let at = jiff::Timestamp::from_millisecond(at_ms)
+        .map_err(|e| EngineError::State(format!("time {at_ms} ms is out of range: {e}")))?;
+    let local = zone.to_datetime(at);
+    Ok(format!("{:04}-{:02}", local.year(), local.month()))
 }
 
 /// How long before `deadline` a hop stops claiming pages.
@@ -608,10 +639,17 @@ pub(crate) fn soft_deadline(deadline: Instant, margin: Duration) -> Instant {
 
 #[cfg(test)]
 mod tests {
+    use super::period_key;
+
     #[test]
-    fn month_keys() {
-        assert_eq!(super::month_key(0), "1970-01");
-        assert_eq!(super::month_key(1_795_000_000_000), "2026-11");
-        assert_eq!(super::month_key(951_782_400_000), "2000-02"); // 2000-02-29
+    fn period_keys_in_the_jobs_time_zone() {
+        assert_eq!(period_key(0, "UTC").unwrap(), "1970-01");
+        assert_eq!(period_key(1_795_000_000_000, "UTC").unwrap(), "2026-11");
+        assert_eq!(period_key(951_782_400_000, "UTC").unwrap(), "2000-02"); // 2000-02-29
+        // 08:00 on 1 December in Tokyo is 23:00 UTC on 30 November.
+        let fired: jiff::Timestamp = "2026-11-30T23:00:00Z".parse().unwrap();
+        assert_eq!(period_key(fired.as_millisecond(), "Asia/Tokyo").unwrap(), "2026-12");
+        assert_eq!(period_key(fired.as_millisecond(), "UTC").unwrap(), "2026-11");
+        assert!(period_key(0, "Mars/Olympus").is_err());
     }
 }

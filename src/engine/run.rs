@@ -96,7 +96,30 @@ pub struct ChainStatus {
     /// The most hops this chain may take (the run's hop budget).
     pub hop_budget: i64,
     pub restarts: i64,
+    /// The hop numbers at which the sweeper found the chain silent and restarted it.
+    pub lost_at_hops: Vec<i64>,
+    /// Set when those losses look systematic rather than chance (see [`loss_pattern`]).
+    pub warning: Option<String>,
     pub heartbeat_at_ms: i64,
+}
+
+/// A chain whose hops keep being lost at the same stride (hop 17, 33, 49, ...) is not unlucky:
+/// something stops it every N hops, and Lambda's recursive-loop detection does exactly that
+/// after about 16 hops when the function does not allow recursion. Two or more restarts at an
+/// equal stride of at most 20 hops (counted from hop 1) say so.
+pub fn loss_pattern(lost_at: &[i64]) -> Option<String> {
+    if lost_at.len() < 2 {
+        return None;
+    }
+    let stride = lost_at[0] - 1;
+    let regular = (1..=20).contains(&stride) && lost_at.windows(2).all(|w| w[1] - w[0] == stride);
+    regular.then(|| {
+        format!(
+            "hops are lost every {stride} hops (at {}): Lambda's recursive-loop detection stops chains after \
+             about 16 hops; set `RecursiveLoop: Allow` on the function",
+            lost_at.iter().map(|h| format!("hop {h}")).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 impl RunStatus {
@@ -126,5 +149,19 @@ pub struct RunProgress {
 impl RunProgress {
     pub fn is_settled(&self) -> bool {
         TERMINAL.contains(&self.status.as_str()) || self.status == "paused"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loss_pattern;
+
+    #[test]
+    fn hops_lost_at_a_fixed_stride_are_flagged() {
+        let flagged = loss_pattern(&[17, 33, 49]).unwrap();
+        assert!(flagged.contains("every 16 hops") && flagged.contains("RecursiveLoop: Allow"), "{flagged}");
+        assert!(loss_pattern(&[17]).is_none(), "one loss is chance");
+        assert!(loss_pattern(&[5, 40]).is_none(), "irregular losses are chance");
+        assert!(loss_pattern(&[101, 201]).is_none(), "a stride far beyond 16 is not loop detection");
     }
 }

@@ -30,6 +30,8 @@ pub struct LambdaStats {
     pub crashed: AtomicU64,
     pub timed_out: AtomicU64,
     pub errors: AtomicU64,
+    /// Invocations given a deadline longer than `hop_timeout` (fault injection).
+    pub long_lived: AtomicU64,
     /// Accepted events not yet finished (queued, delayed or running).
     pub outstanding: AtomicU64,
 }
@@ -43,6 +45,7 @@ pub struct LambdaCounts {
     pub crashed: u64,
     pub timed_out: u64,
     pub errors: u64,
+    pub long_lived: u64,
 }
 
 impl LambdaStats {
@@ -56,6 +59,7 @@ impl LambdaStats {
             crashed: g(&self.crashed),
             timed_out: g(&self.timed_out),
             errors: g(&self.errors),
+            long_lived: g(&self.long_lived),
         }
     }
 }
@@ -159,7 +163,11 @@ impl LambdaQueue {
             let is_hop = matches!(event, Event::Hop { .. });
             let roll = |what: &[u8]| dice(self.seed, &[what, id.as_bytes(), &n.to_le_bytes()]);
             // A sandbox whose function timeout is longer than `hop_timeout`.
-            let lifetime = if is_hop && roll(b"long") < self.faults.long_sandbox { timeout * 3 } else { timeout };
+            let long = is_hop && roll(b"long") < self.faults.long_sandbox;
+            if long {
+                self.stats.long_lived.fetch_add(1, Ordering::SeqCst);
+            }
+            let lifetime = if long { timeout * 3 } else { timeout };
             let crash_at = (is_hop && crash_roll < self.faults.crash_hop).then(|| lifetime.mul_f64(roll(b"crash-at")));
             let skew_ms = (self.faults.clock_skew.as_millis() as f64 * (roll(b"skew") * 2.0 - 1.0)) as i64;
             let engine = engine.clone();

@@ -73,6 +73,9 @@ pub const MIGRATIONS: &[&[&str]] = &[
         // The invocation that moved a chain's `next_hop` last, so a re-run of its own hop start
         // (response lost) is told apart from a duplicate delivery.
         "ALTER TABLE baton_chains ADD COLUMN hop_token TEXT",
+        // The hop numbers at which the sweeper restarted the chain (comma-separated), so `status`
+        // can tell a chain whose hops keep being lost at a fixed stride (Lambda's loop detection).
+        "ALTER TABLE baton_chains ADD COLUMN restart_hops TEXT",
         // Source rows left out of the run because their key is NULL (reported by `status`).
         "ALTER TABLE baton_runs ADD COLUMN null_keys BIGINT NOT NULL DEFAULT 0",
     ],

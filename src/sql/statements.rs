@@ -294,7 +294,9 @@ pub fn unpark_chains(run_id: &str, now: i64) -> Stmt {
 pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
     Stmt::named(
         "claim_stale_chains",
-        "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1
+        "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1,
+             restart_hops = CASE WHEN restart_hops IS NULL THEN CAST(next_hop AS TEXT)
+                                 ELSE restart_hops || ',' || CAST(next_hop AS TEXT) END
          WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
          RETURNING chain_no, next_hop",
         Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now),
@@ -332,7 +334,7 @@ pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
 pub fn chains_of(run_id: &str) -> Stmt {
     Stmt::named(
         "chains_of",
-        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts FROM baton_chains
+        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts, restart_hops FROM baton_chains
          WHERE run_id = :run_id ORDER BY chain_no",
         Params::new().with("run_id", run_id),
     )

@@ -305,3 +305,66 @@ pub async fn the_sweeper_starts_chains_that_never_ran(b: Backend) {
     assert_eq!(status.status, "succeeded", "{status:?}");
     assert_eq!(m.sent().len(), 39);
 }
+
+/// Without `RecursiveLoop: Allow`, Lambda silently drops about every 17th hop of a chain. The
+/// sweeper restarts the chain each time; `status` must tell that pattern from bad luck.
+pub async fn a_chain_losing_hops_at_a_fixed_stride_is_flagged(b: Backend) {
+    let users = int_users(40);
+    let mut settings = test_settings();
+    settings.max_pages_per_hop = Some(1);
+    let m = Manual::with_settings(b, &users, newsletter_job(1, 1), KindRegistry::default(), settings).await;
+    let run = m.start().await;
+    let mut dropped = Vec::new();
+    while let Some(event) = m.next_event() {
+        if let Event::Hop { hop, .. } = event
+            && (hop == 17 || hop == 33)
+            && !dropped.contains(&hop)
+        {
+            dropped.push(hop); // Lambda stops the "loop" here
+            m.expire_leases();
+            assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
+            continue;
+        }
+        m.deliver(event).await.unwrap();
+    }
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    let chain = &status.chains[0];
+    assert_eq!(chain.lost_at_hops, vec![17, 33], "{chain:?}");
+    let warning = chain.warning.as_deref().unwrap_or_default();
+    assert!(warning.contains("every 16 hops") && warning.contains("RecursiveLoop: Allow"), "{chain:?}");
+    assert_eq!(m.sent().len(), 39);
+}
+
+/// The schedule passes the time it fired for; the run key is that time's month in the job's
+/// time zone. A start delivered hours late (async events can be) finds the same run, even
+/// across a month boundary in UTC; a Lambda start with neither time nor key is refused.
+pub async fn a_late_scheduled_start_opens_no_second_run(b: Backend) {
+    let mut job = newsletter_job(10, 1);
+    job.time_zone = "Asia/Tokyo".into();
+    let m = Manual::new(b, &int_users(20), job, KindRegistry::default()).await;
+    // 08:00 on 1 December in Tokyo.
+    let scheduled =
+        Event::Start { job: JOB.into(), run_key: None, scheduled_time: Some("2026-11-30T23:00:00Z".into()) };
+    let Outcome::Started { run_id, existing: false, .. } = m.deliver(scheduled.clone()).await.unwrap() else {
+        panic!("the first start opens the run")
+    };
+    assert_eq!(m.status(&run_id).await.run_key, "2026-12");
+    m.clock.advance_ms(6 * 3_600_000); // delivered six hours late, on another UTC day
+    let again = m.deliver(scheduled).await.unwrap();
+    assert!(
+        matches!(again, Outcome::Started { ref run_id, existing: true, .. } if *run_id == m.status(run_id).await.run_id),
+        "{again:?}"
+    );
+    let runs = raw(&m, "SELECT COUNT(*) AS n FROM baton_runs").await;
+    assert_eq!(runs.first().unwrap().int("n"), 1);
+    for (event, expect) in [
+        (Event::Start { job: JOB.into(), run_key: None, scheduled_time: None }, "scheduled_time"),
+        (Event::Start { job: JOB.into(), run_key: None, scheduled_time: Some("yesterday".into()) }, "RFC 3339"),
+    ] {
+        let err = m.deliver(event).await.unwrap_err().to_string();
+        assert!(err.contains(expect), "expected `{expect}` in: {err}");
+    }
+    let runs = raw(&m, "SELECT COUNT(*) AS n FROM baton_runs").await;
+    assert_eq!(runs.first().unwrap().int("n"), 1, "a refused start created nothing");
+}

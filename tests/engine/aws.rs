@@ -215,7 +215,7 @@ async fn invoke_retries_throttling_and_names_the_fix_for_recursive_loops() {
 async fn invoke_refuses_payloads_over_one_megabyte_without_calling() {
     let rule = mock!(aws_sdk_lambda::Client::invoke).then_output(|| InvokeOutput::builder().status_code(202).build());
     let client = mock_client!(aws_sdk_lambda, [&rule]);
-    let huge = Event::Start { job: "x".repeat(1024 * 1024 + 1), run_key: None };
+    let huge = Event::Start { job: "x".repeat(1024 * 1024 + 1), run_key: None, scheduled_time: None };
     let err = LambdaInvoker::new(client, "baton").invoke(&huge).await.unwrap_err();
     assert!(err.fatal && err.message.contains("1 MB"), "{err:?}");
     assert_eq!(rule.num_calls(), 0);

@@ -19,6 +19,12 @@ fn demo_with_chaos_succeeds_and_status_reports_it() {
     assert_eq!(summary["checks_passed"], true);
     assert_eq!(summary["duplicated_addresses"].as_array().unwrap().len(), 0);
     assert_eq!(summary["missed_users"], 0);
+    // The chaos classes fired, and the checks held under them.
+    let injected = &summary["injected"];
+    assert_eq!(injected["concurrent_migrations"], 8, "{injected}");
+    assert_eq!(injected["duplicate_keys"].as_array().unwrap().len(), 1, "{injected}");
+    assert_eq!(summary["run"]["claimed"], 0);
+    assert!(summary["run"]["unknown"].as_u64().unwrap() <= injected["ambiguous_outcomes"].as_u64().unwrap());
     assert!(summary["hops"]["delivered"].as_u64().unwrap() > 3, "chains made many hops: {summary}");
     let eml = std::fs::read_dir(dir.path().join("outbox")).unwrap().count() as u64;
     assert_eq!(eml, summary["outbox_files"].as_u64().unwrap());
@@ -89,4 +95,20 @@ fn demo_runs_against_a_real_postgresql_with_store_postgres() {
         status["run_key"].as_str().unwrap().starts_with("demo-"),
         "each demo on a shared database is a run of its own"
     );
+}
+
+/// `baton start` with the local invoker used to return 50 ms after starting hops, killing them
+/// mid-page (hundreds of items left `claimed`). It is refused now, before anything is created.
+#[test]
+fn start_with_the_local_invoker_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, "[jobs.a]\nkind='sql'\nsource='SELECT 1 AS id'\n[jobs.a.sql]\nstatement='SELECT :hi'\n")
+        .unwrap();
+    let out = baton(&["start", "a", "--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("baton run a") && err.contains("--invoker lambda"), "{err}");
+    assert!(!data.exists(), "a refused start created {}", data.display());
 }

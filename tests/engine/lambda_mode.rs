@@ -28,6 +28,8 @@ struct Emulator {
     answered: Notify,
     next_id: Mutex<u64>,
     invokes: Mutex<u64>,
+    /// `X-Amzn-Trace-Id` headers seen on Invoke requests.
+    trace_headers: Mutex<Vec<String>>,
 }
 
 impl Emulator {
@@ -62,6 +64,16 @@ async fn next(State(em): State<Arc<Emulator>>) -> Response {
             let mut headers = HeaderMap::new();
             headers.insert("lambda-runtime-aws-request-id", HeaderValue::from_str(&id).unwrap());
             headers.insert("lambda-runtime-deadline-ms", HeaderValue::from_str(&deadline.to_string()).unwrap());
+            // As Lambda does: the invocation's X-Ray trace, which lambda_runtime puts in
+            // `_X_AMZN_TRACE_ID` and the SDK would copy into every request.
+            headers.insert(
+                "lambda-runtime-trace-id",
+                HeaderValue::from_str(&format!(
+                    "Root=1-{:08x}-{:024x};Parent={:016x};Sampled=1",
+                    deadline as u32, deadline, deadline as u64
+                ))
+                .unwrap(),
+            );
             headers.insert(
                 "lambda-runtime-invoked-function-arn",
                 HeaderValue::from_static("arn:aws:lambda:eu-west-1:123456789012:function:baton"),
@@ -88,6 +100,9 @@ async fn error(State(em): State<Arc<Emulator>>, Path(id): Path<String>, body: By
 async fn invoke(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     assert_eq!(headers.get("x-amz-invocation-type").and_then(|v| v.to_str().ok()), Some("Event"));
     *em.invokes.lock().unwrap() += 1;
+    if let Some(trace) = headers.get("x-amzn-trace-id") {
+        em.trace_headers.lock().unwrap().push(trace.to_str().unwrap_or_default().to_owned());
+    }
     em.enqueue(&body);
     StatusCode::ACCEPTED
 }
@@ -191,4 +206,8 @@ unsubscribe_url = "https://example.com/u"
     assert_eq!(sent.len(), 120 - 4, "every valid user once (every 25th address is invalid)");
     assert_eq!(unique.len(), sent.len());
     assert!(*em.invokes.lock().unwrap() >= 6, "chains hopped through Invoke, one page per hop");
+    // Every hop is its own trace: no Invoke carried the invocation's X-Ray header, which would
+    // feed Lambda's recursive-loop detection (failed before the fix: every Invoke carried it).
+    let traced = em.trace_headers.lock().unwrap().clone();
+    assert!(traced.is_empty(), "Invoke requests carried X-Amzn-Trace-Id: {traced:?}");
 }

@@ -78,4 +78,6 @@ on_both_backends!(
     adversarial::null_keys_are_left_out_and_counted,
     adversarial::at_least_once_resends_what_was_in_flight_at_the_cut_off,
     adversarial::the_sweeper_starts_chains_that_never_ran,
+    adversarial::a_chain_losing_hops_at_a_fixed_stride_is_flagged,
+    adversarial::a_late_scheduled_start_opens_no_second_run,
 );

@@ -137,6 +137,7 @@ pub fn newsletter_job(page_size: u32, chains: u32) -> JobConfig {
         ambiguity: Default::default(),
         run_deadline: Duration::from_secs(600),
         hop_slack: 20,
+        time_zone: "UTC".into(),
         newsletter: Some(NewsletterConfig {
             email_column: "email".into(),
             from: "News <news@example.com>".into(),
@@ -512,6 +513,16 @@ pub struct Manual {
 
 impl Manual {
     pub async fn new(backend: Backend, users: &[User], job: JobConfig, kinds: KindRegistry) -> Manual {
+        Self::with_settings(backend, users, job, kinds, test_settings()).await
+    }
+
+    pub async fn with_settings(
+        backend: Backend,
+        users: &[User],
+        job: JobConfig,
+        kinds: KindRegistry,
+        settings: Settings,
+    ) -> Manual {
         let dir = tempfile::tempdir().unwrap();
         let raw = fresh_store(backend, dir.path()).await;
         create_users(raw.as_ref(), backend, KeyKind::Int, users).await;
@@ -534,7 +545,6 @@ impl Manual {
         });
         let invoker = Arc::new(RecordingInvoker::default());
         let clock = ManualClock::default();
-        let settings = test_settings();
         let engine = Engine::new(EngineParts {
             store: store.clone(),
             invoker: invoker.clone(),

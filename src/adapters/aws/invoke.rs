@@ -7,14 +7,21 @@
 //!   fork-proof), a lost event is the sweeper's job.
 //! - `RecursiveInvocationException` (Lambda's recursive-loop detection stops chains after about
 //!   16 hops) is fatal, and the message names the fix: `RecursiveLoop: Allow`.
-//! - No `X-Amzn-Trace-Id` is set here: trace context travels in the event's `traceparent`.
+//! - Invoke requests carry no `X-Amzn-Trace-Id`. `lambda_runtime` sets `_X_AMZN_TRACE_ID` for
+//!   every invocation and the SDK's recursion-detection interceptor copies it into every request;
+//!   on `Invoke` that header is what Lambda's recursive-loop detection counts, silently dropping
+//!   about the 17th hop of a chain (async `Invoke` still answers 202). [`LambdaInvoker::client_from`]
+//!   adds an interceptor that removes it just before sending (the header is not signed). Each hop
+//!   is its own trace, linked to the previous one through the event's `traceparent`.
 //!
 //! The operator's emergency brake lives here too: reserved concurrency 0, and its release.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_lambda::error::SdkError;
+use aws_sdk_lambda::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_lambda::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_lambda::error::{BoxError, SdkError};
 use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
@@ -29,7 +36,34 @@ pub struct LambdaInvoker {
     attempts: u32,
 }
 
+/// Removes `X-Amzn-Trace-Id` from every request (see the module docs).
+#[derive(Debug)]
+struct NoTraceHeader;
+
+impl Intercept for NoTraceHeader {
+    fn name(&self) -> &'static str {
+        "baton::NoTraceHeader"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context.request_mut().headers_mut().remove("x-amzn-trace-id");
+        Ok(())
+    }
+}
+
 impl LambdaInvoker {
+    /// A Lambda client from the shared AWS config whose requests carry no `X-Amzn-Trace-Id`, so
+    /// chains are not counted as recursive loops by Lambda (see the module docs).
+    pub fn client_from(shared: &aws_config::SdkConfig) -> aws_sdk_lambda::Client {
+        let config = aws_sdk_lambda::config::Builder::from(shared).interceptor(NoTraceHeader).build();
+        aws_sdk_lambda::Client::from_conf(config)
+    }
+
     /// `function`: the name or ARN to invoke (in Lambda, `AWS_LAMBDA_FUNCTION_NAME`).
     pub fn new(client: aws_sdk_lambda::Client, function: impl Into<String>) -> Self {
         Self { client, function: function.into(), attempts: 5 }
