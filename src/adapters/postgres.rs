@@ -83,8 +83,9 @@ impl ToSql for PgParam<'_> {
                 Type::INT8 | Type::INT4 | Type::INT2 => PgParam(&Value::Int(*b as i64)).to_sql(ty, out),
                 _ => Err(mismatch()),
             },
-            Value::Text(s) | Value::Uuid(s) => match *ty {
+            Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => match *ty {
                 Type::UUID => uuid::Uuid::parse_str(s)?.to_sql(ty, out),
+                Type::TIMESTAMP => pg_timestamp_micros(s)?.to_sql(&Type::INT8, out),
                 Type::INT8 | Type::INT4 | Type::INT2 => {
                     PgParam(&Value::Int(s.parse().map_err(|_| mismatch())?)).to_sql(ty, out)
                 }
@@ -140,6 +141,48 @@ impl<'a> tokio_postgres::types::FromSql<'a> for Numeric {
     }
 }
 
+/// PostgreSQL's `timestamp` epoch (2000-01-01) in Unix microseconds.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// `2026-12-01 08:00:00[.ffffff]` (or with a `T`) as microseconds since PostgreSQL's epoch, the
+/// binary form of a `timestamp` parameter.
+fn pg_timestamp_micros(text: &str) -> Result<i64, BoxError> {
+    let civil: jiff::civil::DateTime =
+        text.trim().parse().map_err(|e| format!("`{text}` is not a timestamp (YYYY-MM-DD HH:MM:SS): {e}"))?;
+    let unix = jiff::tz::TimeZone::UTC.to_timestamp(civil)?.as_microsecond();
+    Ok(unix - PG_EPOCH_MICROS)
+}
+
+/// A `timestamp` read as PostgreSQL's own text form (`CAST(ts AS TEXT)`), so keys read here and
+/// page bounds computed by the server are written alike.
+struct PgTimestamp(String);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for PgTimestamp {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let micros = i64::from_sql(&Type::INT8, raw)?;
+        let at = jiff::Timestamp::from_microsecond(micros + PG_EPOCH_MICROS)?;
+        let civil = jiff::tz::TimeZone::UTC.to_datetime(at);
+        let mut text = format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            civil.year(),
+            civil.month(),
+            civil.day(),
+            civil.hour(),
+            civil.minute(),
+            civil.second()
+        );
+        let fraction = micros.rem_euclid(1_000_000);
+        if fraction != 0 {
+            text.push_str(format!(".{fraction:06}").trim_end_matches('0'));
+        }
+        Ok(PgTimestamp(text))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMP
+    }
+}
+
 fn declared_type(v: &Value) -> Type {
     match v {
         Value::Int(_) | Value::NullOf(KeyType::Int) => Type::INT8,
@@ -147,6 +190,7 @@ fn declared_type(v: &Value) -> Type {
         Value::Bool(_) => Type::BOOL,
         Value::Text(_) | Value::NullOf(KeyType::Text) => Type::TEXT,
         Value::Uuid(_) | Value::NullOf(KeyType::Uuid) => Type::UUID,
+        Value::Timestamp(_) | Value::NullOf(KeyType::Timestamp) => Type::TIMESTAMP,
         Value::Null => Type::UNKNOWN,
     }
 }
@@ -170,6 +214,7 @@ fn decode(row: &Row, i: usize) -> Result<Value, SqlError> {
             row.try_get::<_, Option<serde_json::Value>>(i).map_err(err)?.map(|j| Value::Text(j.to_string()))
         }
         Type::NUMERIC => row.try_get::<_, Option<Numeric>>(i).map_err(err)?.map(|n| Value::Text(n.0)),
+        Type::TIMESTAMP => row.try_get::<_, Option<PgTimestamp>>(i).map_err(err)?.map(|t| Value::Timestamp(t.0)),
         _ => {
             return Err(SqlError::statement(format!(
                 "column `{}` has type {ty}, which baton does not read; cast it in the query, e.g. `{}::text`",

@@ -182,7 +182,7 @@ fn to_template_value(v: &Value) -> minijinja::Value {
         Value::Int(i) => minijinja::Value::from(*i),
         Value::Real(f) => minijinja::Value::from(*f),
         Value::Bool(b) => minijinja::Value::from(*b),
-        Value::Text(s) | Value::Uuid(s) => minijinja::Value::from(s.clone()),
+        Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => minijinja::Value::from(s.clone()),
     }
 }
 

@@ -70,7 +70,9 @@ impl ToSql for Param<'_> {
             Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
             Value::Real(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
             Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
-            Value::Text(s) | Value::Uuid(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => {
+                ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes()))
+            }
         })
     }
 }

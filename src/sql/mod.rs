@@ -33,6 +33,9 @@ pub enum Value {
     Text(String),
     /// A uuid, kept in its canonical lowercase hyphenated text form.
     Uuid(String),
+    /// A timestamp without time zone, in PostgreSQL's text form (`2026-12-01 08:00:00`, with
+    /// `.ffffff` when it has fractions of a second).
+    Timestamp(String),
     Bool(bool),
 }
 
@@ -49,7 +52,7 @@ impl Value {
 
     pub fn as_str(&self) -> Option<&str> {
         match self {
-            Value::Text(s) | Value::Uuid(s) => Some(s),
+            Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => Some(s),
             _ => None,
         }
     }
@@ -68,7 +71,7 @@ impl Value {
     pub fn key_text(&self) -> Option<String> {
         match self {
             Value::Int(i) => Some(i.to_string()),
-            Value::Text(s) | Value::Uuid(s) => Some(s.clone()),
+            Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => Some(s.clone()),
             _ => None,
         }
     }
@@ -79,6 +82,7 @@ impl Value {
             Value::Int(_) => Some(KeyType::Int),
             Value::Text(_) => Some(KeyType::Text),
             Value::Uuid(_) => Some(KeyType::Uuid),
+            Value::Timestamp(_) => Some(KeyType::Timestamp),
             _ => None,
         }
     }
@@ -90,7 +94,7 @@ impl fmt::Display for Value {
             Value::Null | Value::NullOf(_) => f.write_str("NULL"),
             Value::Int(i) => write!(f, "{i}"),
             Value::Real(r) => write!(f, "{r}"),
-            Value::Text(s) | Value::Uuid(s) => f.write_str(s),
+            Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => f.write_str(s),
             Value::Bool(b) => write!(f, "{b}"),
         }
     }
@@ -127,13 +131,15 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
-/// The sortable key types pages can range over.
+/// The sortable key types pages can range over. (A `timestamp` key is a PostgreSQL or Aurora
+/// `timestamp without time zone` column; SQLite keeps times as text, which pages as `text`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyType {
     Int,
     Text,
     Uuid,
+    Timestamp,
 }
 
 impl KeyType {
@@ -142,6 +148,7 @@ impl KeyType {
             KeyType::Int => "int",
             KeyType::Text => "text",
             KeyType::Uuid => "uuid",
+            KeyType::Timestamp => "timestamp",
         }
     }
 
@@ -150,6 +157,7 @@ impl KeyType {
             "int" => Some(KeyType::Int),
             "text" => Some(KeyType::Text),
             "uuid" => Some(KeyType::Uuid),
+            "timestamp" => Some(KeyType::Timestamp),
             _ => None,
         }
     }
@@ -160,6 +168,7 @@ impl KeyType {
             KeyType::Int => text.parse().map(Value::Int).unwrap_or(Value::Text(text.into())),
             KeyType::Text => Value::Text(text.into()),
             KeyType::Uuid => Value::Uuid(text.into()),
+            KeyType::Timestamp => Value::Timestamp(text.into()),
         }
     }
 }

@@ -85,7 +85,11 @@ use baton::adapters::postgres::{PostgresStore, execute_on};
 use baton::sql::{Params, Rows, SqlError, Stmt, Value};
 use serde_json::{Value as J, json};
 
-/// Speaks the Data API's REST protocol and runs the SQL on a real PostgreSQL server.
+/// Speaks the Data API's REST protocol and runs the SQL on a real PostgreSQL server, typing
+/// parameters and results as the Data API documents it: a parameter's SQL type comes from its
+/// `Field` kind and `typeHint` alone (`stringValue` without a hint is `varchar`, so comparing it
+/// with a uuid column fails as on Aurora), and uuid, timestamp and numeric columns come back as
+/// `stringValue` with the column's `typeName`.
 pub struct FakeDataApi {
     pub pg: PostgresStore,
     pub transactions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<deadpool_postgres::Object>>>>,
@@ -129,11 +133,38 @@ fn take_one(counter: &AtomicU32) -> bool {
     counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
+/// The SQL type the Data API gives a parameter: from its `Field` kind and `typeHint` only.
+fn sql_type_of(field: &J, hint: Option<&str>) -> Option<&'static str> {
+    if field.get("longValue").is_some() {
+        Some("bigint")
+    } else if field.get("doubleValue").is_some() {
+        Some("double precision")
+    } else if field.get("booleanValue").is_some() {
+        Some("boolean")
+    } else if field.get("stringValue").is_some() {
+        Some(match hint {
+            Some("UUID") => "uuid",
+            Some("TIMESTAMP") => "timestamp",
+            Some("DATE") => "date",
+            Some("TIME") => "time",
+            Some("DECIMAL") => "numeric",
+            Some("JSON") => "jsonb",
+            _ => "varchar",
+        })
+    } else {
+        None // isNull: untyped, the server infers it
+    }
+}
+
 fn value_of(field: &J, hint: Option<&str>) -> Value {
     if let Some(i) = field.get("longValue").and_then(J::as_i64) {
         Value::Int(i)
     } else if let Some(s) = field.get("stringValue").and_then(J::as_str) {
-        if hint == Some("UUID") { Value::Uuid(s.to_owned()) } else { Value::Text(s.to_owned()) }
+        match hint {
+            Some("UUID") => Value::Uuid(s.to_owned()),
+            Some("TIMESTAMP") => Value::Timestamp(s.to_owned()),
+            _ => Value::Text(s.to_owned()),
+        }
     } else if let Some(f) = field.get("doubleValue").and_then(J::as_f64) {
         Value::Real(f)
     } else if let Some(b) = field.get("booleanValue").and_then(J::as_bool) {
@@ -148,8 +179,20 @@ fn field_of(v: &Value) -> J {
         Value::Int(i) => json!({ "longValue": i }),
         Value::Real(f) => json!({ "doubleValue": f }),
         Value::Bool(b) => json!({ "booleanValue": b }),
-        Value::Text(s) | Value::Uuid(s) => json!({ "stringValue": s }),
+        Value::Text(s) | Value::Uuid(s) | Value::Timestamp(s) => json!({ "stringValue": s }),
         Value::Null | Value::NullOf(_) => json!({ "isNull": true }),
+    }
+}
+
+/// A column's `typeName`, from the first value that is not NULL.
+fn type_name_of(rows: &Rows, column: usize) -> &'static str {
+    match rows.rows.iter().map(|r| &r[column]).find(|v| !v.is_null()) {
+        Some(Value::Int(_)) => "int8",
+        Some(Value::Real(_)) => "float8",
+        Some(Value::Bool(_)) => "bool",
+        Some(Value::Uuid(_)) => "uuid",
+        Some(Value::Timestamp(_)) => "timestamp",
+        _ => "text",
     }
 }
 
@@ -172,11 +215,18 @@ async fn execute(State(api): State<Arc<FakeDataApi>>, Json(req): Json<J>) -> Res
         }
     }
     let mut params = Params::new();
+    let mut casts: Vec<(String, &'static str)> = Vec::new();
     for p in req.get("parameters").and_then(J::as_array).cloned().unwrap_or_default() {
         let name = p["name"].as_str().unwrap_or_default();
-        params.push(name, value_of(&p["value"], p.get("typeHint").and_then(J::as_str)));
+        let hint = p.get("typeHint").and_then(J::as_str);
+        if let Some(ty) = sql_type_of(&p["value"], hint) {
+            casts.push((name.to_owned(), ty));
+        }
+        params.push(name, value_of(&p["value"], hint));
     }
-    let stmt = Stmt::new(req["sql"].as_str().unwrap(), params);
+    let casts: Vec<(&str, &str)> = casts.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+    let sql = baton::sql::params::cast_params(req["sql"].as_str().unwrap(), &casts);
+    let stmt = Stmt::new(sql, params);
     let result: Result<Rows, SqlError> = match req.get("transactionId").and_then(J::as_str) {
         Some(id) => {
             let tx = api.transactions.lock().unwrap().get(id).cloned();
@@ -197,7 +247,12 @@ async fn execute(State(api): State<Arc<FakeDataApi>>, Json(req): Json<J>) -> Res
     }
     let body = json!({
         "records": rows.rows.iter().map(|r| r.iter().map(field_of).collect::<Vec<_>>()).collect::<Vec<_>>(),
-        "columnMetadata": rows.columns.iter().map(|c| json!({ "name": c, "label": c })).collect::<Vec<_>>(),
+        "columnMetadata": rows
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| json!({ "name": c, "label": c, "typeName": type_name_of(&rows, i) }))
+            .collect::<Vec<_>>(),
         "numberOfRecordsUpdated": if rows.columns.is_empty() { rows.affected } else { 0 },
     })
     .to_string();

@@ -156,6 +156,7 @@ fn encode(stmt: &Stmt) -> Result<(String, Vec<SqlParameter>), SqlError> {
                         KeyType::Int => "BIGINT",
                         KeyType::Text => "TEXT",
                         KeyType::Uuid => "UUID",
+                        KeyType::Timestamp => "TIMESTAMP",
                     },
                 ));
                 (Field::IsNull(true), None)
@@ -165,6 +166,7 @@ fn encode(stmt: &Stmt) -> Result<(String, Vec<SqlParameter>), SqlError> {
             Value::Bool(b) => (Field::BooleanValue(*b), None),
             Value::Text(s) => (Field::StringValue(s.clone()), None),
             Value::Uuid(s) => (Field::StringValue(s.clone()), Some(TypeHint::Uuid)),
+            Value::Timestamp(s) => (Field::StringValue(s.clone()), Some(TypeHint::Timestamp)),
         };
         parameters.push(SqlParameter::builder().name(&name).value(field).set_type_hint(hint).build());
     }
@@ -174,18 +176,34 @@ fn encode(stmt: &Stmt) -> Result<(String, Vec<SqlParameter>), SqlError> {
 
 fn decode(out: aws_sdk_rdsdata::operation::execute_statement::ExecuteStatementOutput) -> Result<Rows, SqlError> {
     let columns: Vec<String> = out.column_metadata().iter().map(|c| c.name().unwrap_or_default().to_owned()).collect();
+    // The Data API returns uuids and timestamps as strings; the column's type name says which
+    // they are, so a uuid key binds back as a uuid (not as varchar, which Aurora cannot compare
+    // with a uuid column) and a timestamp key as a timestamp.
+    let kinds: Vec<Option<KeyType>> = out
+        .column_metadata()
+        .iter()
+        .map(|c| match c.type_name().unwrap_or_default().to_ascii_lowercase().as_str() {
+            "uuid" => Some(KeyType::Uuid),
+            "timestamp" => Some(KeyType::Timestamp),
+            _ => None,
+        })
+        .collect();
     let rows: Vec<Vec<Value>> = out
         .records()
         .iter()
         .map(|record| {
             record
                 .iter()
-                .map(|field| match field {
+                .enumerate()
+                .map(|(i, field)| match field {
                     Field::IsNull(_) => Value::Null,
                     Field::LongValue(i) => Value::Int(*i),
                     Field::DoubleValue(f) => Value::Real(*f),
                     Field::BooleanValue(b) => Value::Bool(*b),
-                    Field::StringValue(s) => Value::Text(s.clone()),
+                    Field::StringValue(s) => match kinds.get(i).copied().flatten() {
+                        Some(k) => k.value(s),
+                        None => Value::Text(s.clone()),
+                    },
                     Field::BlobValue(b) => Value::Text(String::from_utf8_lossy(b.as_ref()).into_owned()),
                     other => Value::Text(format!("{other:?}")),
                 })
