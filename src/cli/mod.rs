@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
+use crate::engine::state::RunState;
 use crate::engine::{Engine, Outcome};
 
 const ABOUT: &str = "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
@@ -368,9 +369,9 @@ async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCo
 }
 
 fn exit_for(status: &RunStatus) -> ExitCode {
-    match status.status.as_str() {
-        "succeeded" => ExitCode::SUCCESS,
-        "paused" => ExitCode::from(3),
+    match status.status {
+        RunState::Succeeded => ExitCode::SUCCESS,
+        RunState::Paused => ExitCode::from(3),
         _ => ExitCode::FAILURE,
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use super::state::{ChainState, ItemState, RunState, State};
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::sql::{Record, statements as st};
@@ -121,9 +122,9 @@ impl Engine {
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
-                self.sql(st::set_run_status(run_id, &["running", "pausing"], "failed", Some(&reason), now)).await?;
+                self.sql(st::set_run_status(run_id, RunState::Failed, Some(&reason), now)).await?;
             } else if let Some(reason) = report.pause_reason {
-                self.sql(st::set_run_status(run_id, &["running"], "pausing", Some(&reason), now)).await?;
+                self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
             } else if report.failures > 0 {
                 self.check_failure_threshold(&run).await?;
             }
@@ -155,17 +156,18 @@ impl Engine {
         let Some(s) = summary.first() else {
             return Err(EngineError::RunNotFound(id.into()));
         };
-        let status = s.text("run_status").unwrap_or_default();
-        let end = |to: &'static str| st::set_chain_status(id, chain, Some(hop), &["active"], to, None);
-        match status.as_str() {
-            "running" if s.int("claimable") > 0 => {
+        let text = s.text("run_status").unwrap_or_default();
+        let status = RunState::parse(&text).ok_or_else(|| EngineError::State(format!("run status `{text}`")))?;
+        let end = st::set_chain_status(id, chain, Some(hop), ChainState::Ended, None);
+        match status {
+            RunState::Running if s.int("claimable") > 0 => {
                 // Pages are claimable but this claim got none: a concurrent claim took the page
                 // it aimed at, or a restart overtook this hop (the claim's guard refuses it).
                 // The caller retries a few times, then hands over; the CAS settles any overlap.
                 Ok(None)
             }
-            "running" => {
-                self.sql(end("ended")).await?;
+            RunState::Running => {
+                self.sql(end).await?;
                 if s.int("leased") == 0 && !self.sql(st::complete_run(id, now)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
                     self.sql(st::end_chains(id)).await?;
@@ -173,7 +175,7 @@ impl Engine {
                 }
                 Ok(Some(HopNext::Ended))
             }
-            "pausing" | "paused" => {
+            RunState::Pausing | RunState::Paused => {
                 // Parks only while the run is still pausing: a resume in between wins, and then
                 // this hop goes on claiming.
                 if self.sql(st::park_chain(id, chain, hop)).await?.rows.is_empty() {
@@ -183,7 +185,7 @@ impl Engine {
                 Ok(Some(HopNext::Parked))
             }
             _ => {
-                self.sql(end("ended")).await?;
+                self.sql(end).await?;
                 Ok(Some(HopNext::Stopped))
             }
         }
@@ -206,17 +208,8 @@ impl Engine {
     async fn fail_run(&self, run: &RunRow, chain: i64, reason: &str) -> Result<Outcome, EngineError> {
         let now = self.now_ms();
         tracing::error!(run_id = run.run_id, chain, reason, "run failed");
-        self.sql(st::set_chain_status(
-            &run.run_id,
-            chain,
-            None,
-            &["active", "paused", "ended"],
-            "failed",
-            Some(reason),
-        ))
-        .await?;
-        self.sql(st::set_run_status(&run.run_id, &["running", "pausing", "paused"], "failed", Some(reason), now))
-            .await?;
+        self.sql(st::set_chain_status(&run.run_id, chain, None, ChainState::Failed, Some(reason))).await?;
+        self.sql(st::set_run_status(&run.run_id, RunState::Failed, Some(reason), now)).await?;
         Ok(Outcome::Hopped { pages: 0, next: HopNext::Failed(reason.to_owned()) })
     }
 
@@ -241,7 +234,7 @@ impl Engine {
                 }
             );
             tracing::warn!(run_id = run.run_id, reason, "pausing run");
-            self.sql(st::set_run_status(&run.run_id, &["running"], "pausing", Some(&reason), self.now_ms())).await?;
+            self.sql(st::set_run_status(&run.run_id, RunState::Pausing, Some(&reason), self.now_ms())).await?;
         }
         Ok(())
     }
@@ -278,7 +271,9 @@ impl Engine {
             items.iter().map(|i| i.key.as_str()).chain(results.iter().map(|(k, _, _)| k.as_str())).collect();
         let vanished: Vec<String> = retaken.iter().filter(|k| !present.contains(k.as_str())).cloned().collect();
         drop(present);
-        results.extend(vanished.into_iter().map(|k| (k, "skipped", Some("no longer in the job's source".to_owned()))));
+        results.extend(
+            vanished.into_iter().map(|k| (k, ItemState::Skipped, Some("no longer in the job's source".to_owned()))),
+        );
         if items.is_empty() && results.is_empty() {
             return Ok(PageReport { finished: true, ..Default::default() });
         }
@@ -348,7 +343,7 @@ impl Engine {
         }
         tracing::debug!(page = page.page_no, outcomes = outcomes.len(), "items processed");
         let mut report = PageReport { finished: true, ..Default::default() };
-        report.failures += results.iter().filter(|(_, state, _)| *state == "failed").count() as u64;
+        report.failures += results.iter().filter(|(_, state, _)| *state == ItemState::Failed).count() as u64;
         let mut released = Vec::new();
         for (key, outcome) in outcomes {
             // At-least-once: an outcome that may not have happened is sent again by a later hop,
@@ -359,7 +354,7 @@ impl Engine {
             };
             match outcome.ledger() {
                 Some((state, reason)) => {
-                    report.failures += (state == "failed") as u64;
+                    report.failures += (state == ItemState::Failed) as u64;
                     results.push((key, state, reason));
                 }
                 None => {
@@ -403,7 +398,7 @@ impl Engine {
 }
 
 /// A ledger result: key, state, reason.
-type LedgerResult = (String, &'static str, Option<String>);
+type LedgerResult = (String, ItemState, Option<String>);
 
 /// A page's rows with each key once. A key that appears on more than one row (a source built on
 /// a join, a row inserted mid-run: key uniqueness is only checked at start) cannot be told
@@ -428,7 +423,7 @@ fn dedupe_by_key(items: Vec<Item>, key_column: &str) -> (Vec<Item>, Vec<LedgerRe
                     "duplicate key: {n} source rows have {key_column} = {}; none was sent (make the key unique)",
                     item.key
                 );
-                failed.push((item.key, "failed", Some(reason)));
+                failed.push((item.key, ItemState::Failed, Some(reason)));
             }
             None => {} // a further row of a key already failed
         }

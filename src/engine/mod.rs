@@ -24,6 +24,7 @@
 pub mod event;
 pub mod hop;
 pub mod run;
+pub mod state;
 pub mod sweep;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use crate::ports::{Clock, InvokeError, Invoker, Mailer};
 use crate::sql::{KeyType, Rows, SqlError, SqlStore, Stmt, Value, migrations, statements as st};
 use event::{ControlAction, Event, EventError};
 use run::{ChainStatus, RunRow, RunStatus};
+use state::{ChainState, RunState, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -85,7 +87,7 @@ pub enum Outcome {
     Swept(sweep::SweepReport),
     Controlled {
         run_id: String,
-        status: String,
+        status: RunState,
     },
 }
 
@@ -433,7 +435,7 @@ impl Engine {
         let now = self.now_ms();
         match action {
             ControlAction::Pause => {
-                self.sql(st::set_run_status(run_id, &["running"], "pausing", Some("paused by operator"), now)).await?;
+                self.sql(st::set_run_status(run_id, RunState::Pausing, Some("paused by operator"), now)).await?;
                 self.sql(st::settle_pause(run_id, now)).await?;
             }
             ControlAction::Resume => {
@@ -444,18 +446,11 @@ impl Engine {
                 self.invoke_chains(run_id, &revived).await;
             }
             ControlAction::Cancel => {
-                self.sql(st::set_run_status(
-                    run_id,
-                    &["running", "pausing", "paused", "planning"],
-                    "cancelled",
-                    Some("cancelled by operator"),
-                    now,
-                ))
-                .await?;
+                self.sql(st::set_run_status(run_id, RunState::Cancelled, Some("cancelled by operator"), now)).await?;
             }
         }
         let after = self.load_run(run_id).await?;
-        tracing::info!(run_id, ?action, from = run.status, to = after.status, "control");
+        tracing::info!(run_id, ?action, from = %run.status, to = %after.status, "control");
         Ok(Outcome::Controlled { run_id: run_id.to_owned(), status: after.status })
     }
 
@@ -491,7 +486,7 @@ impl Engine {
             run_id: run.run_id.clone(),
             job: run.job.clone(),
             run_key: run.run_key.clone(),
-            status: run.status.clone(),
+            status: run.status,
             reason: run.reason.clone(),
             total: run.total_items,
             done: get(&counts, "done"),
@@ -514,7 +509,7 @@ impl Engine {
                         .collect();
                     ChainStatus {
                         chain: c.int("chain_no"),
-                        status: c.text("status").unwrap_or_default(),
+                        status: ChainState::parse(&c.text("status").unwrap_or_default()).unwrap_or(ChainState::Failed),
                         reason: c.text("reason"),
                         hops: c.int("next_hop") - 1,
                         hop_budget: run.max_hops,
@@ -543,7 +538,10 @@ impl Engine {
             items_done: done.map(|r| r.int("items")).unwrap_or(0),
             pages_done: done.map(|r| r.int("n")).unwrap_or(0),
             pages_total: run.total_pages,
-            active_chains: chains.records().filter(|c| c.text("status").as_deref() == Some("active")).count(),
+            active_chains: chains
+                .records()
+                .filter(|c| c.text("status").as_deref() == Some(ChainState::Active.as_str()))
+                .count(),
             hops: chains.records().map(|c| c.int("next_hop") - 1).sum(),
         })
     }

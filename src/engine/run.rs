@@ -2,18 +2,16 @@
 
 use serde::Serialize;
 
+use super::state::{ChainState, RunState, State};
 use crate::config::JobConfig;
 use crate::sql::{KeyType, Record, Rows};
-
-/// Run statuses. `pausing` becomes `paused` once every chain has parked.
-pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 #[derive(Debug, Clone)]
 pub struct RunRow {
     pub run_id: String,
     pub job: String,
     pub run_key: String,
-    pub status: String,
+    pub status: RunState,
     pub reason: Option<String>,
     pub job_config: JobConfig,
     pub key_type: KeyType,
@@ -36,7 +34,8 @@ impl RunRow {
             run_id: r.text("run_id").unwrap_or_default(),
             job: r.text("job").unwrap_or_default(),
             run_key: r.text("run_key").unwrap_or_default(),
-            status: r.text("status").unwrap_or_default(),
+            status: RunState::parse(&r.text("status").unwrap_or_default())
+                .ok_or_else(|| format!("run has an unknown status {:?}", r.text("status")))?,
             reason: r.text("reason"),
             job_config,
             key_type: KeyType::parse(&r.text("key_type").unwrap_or_default()).unwrap_or(KeyType::Text),
@@ -56,7 +55,7 @@ impl RunRow {
     }
 
     pub fn is_terminal(&self) -> bool {
-        TERMINAL.contains(&self.status.as_str())
+        self.status.is_final()
     }
 }
 
@@ -66,7 +65,7 @@ pub struct RunStatus {
     pub run_id: String,
     pub job: String,
     pub run_key: String,
-    pub status: String,
+    pub status: RunState,
     pub reason: Option<String>,
     pub total: i64,
     pub done: i64,
@@ -89,7 +88,7 @@ pub struct RunStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChainStatus {
     pub chain: i64,
-    pub status: String,
+    pub status: ChainState,
     pub reason: Option<String>,
     /// Hops this chain has started (its next hop number minus one).
     pub hops: i64,
@@ -124,7 +123,7 @@ pub fn loss_pattern(lost_at: &[i64]) -> Option<String> {
 
 impl RunStatus {
     pub fn is_terminal(&self) -> bool {
-        TERMINAL.contains(&self.status.as_str())
+        self.status.is_final()
     }
 
     /// The identity that must hold when a run succeeded.
@@ -136,7 +135,7 @@ impl RunStatus {
 /// A cheap view of a run for progress displays: no ledger scan (O(pages + chains)).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunProgress {
-    pub status: String,
+    pub status: RunState,
     pub total: i64,
     /// Items of finished pages.
     pub items_done: i64,
@@ -148,7 +147,7 @@ pub struct RunProgress {
 
 impl RunProgress {
     pub fn is_settled(&self) -> bool {
-        TERMINAL.contains(&self.status.as_str()) || self.status == "paused"
+        self.status.is_settled()
     }
 }
 

@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use super::state::RunState;
 use super::{Engine, EngineError, run::RunRow};
 use crate::sql::statements as st;
 
@@ -33,18 +34,15 @@ impl Engine {
             report.runs += 1;
             if now > run.deadline_at {
                 let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
-                if !self
-                    .store
-                    .query(st::set_run_status(id, &["running", "pausing"], "failed", Some(reason), now))
-                    .await?
-                    .rows
-                    .is_empty()
-                {
+                if !self.sql(st::set_run_status(id, RunState::Failed, Some(reason), now)).await?.rows.is_empty() {
                     report.failed += 1;
                 }
                 continue;
             }
-            if run.status == "pausing" {
+            if run.status == RunState::Paused {
+                continue; // waits for the operator; only its deadline applies
+            }
+            if run.status == RunState::Pausing {
                 report.parked += self.sql(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
                 self.sql(st::settle_pause(id, now)).await?;
                 continue;

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::config::{Ambiguity, JobConfig};
+use crate::engine::state::ItemState;
 use crate::ports::{Clock, Mailer};
 use crate::sql::{SqlStore, Value};
 
@@ -56,12 +57,12 @@ pub enum ItemOutcome {
 
 impl ItemOutcome {
     /// The ledger state and reason, for outcomes that are recorded.
-    pub fn ledger(&self) -> Option<(&'static str, Option<String>)> {
+    pub fn ledger(&self) -> Option<(ItemState, Option<String>)> {
         match self {
-            ItemOutcome::Done => Some(("done", None)),
-            ItemOutcome::Failed(r) => Some(("failed", Some(r.clone()))),
-            ItemOutcome::Skipped(r) => Some(("skipped", Some(r.clone()))),
-            ItemOutcome::Unknown(r) => Some(("unknown", Some(r.clone()))),
+            ItemOutcome::Done => Some((ItemState::Done, None)),
+            ItemOutcome::Failed(r) => Some((ItemState::Failed, Some(r.clone()))),
+            ItemOutcome::Skipped(r) => Some((ItemState::Skipped, Some(r.clone()))),
+            ItemOutcome::Unknown(r) => Some((ItemState::Unknown, Some(r.clone()))),
             ItemOutcome::Released | ItemOutcome::PauseRun(_) => None,
         }
     }

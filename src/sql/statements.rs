@@ -9,6 +9,13 @@
 //! first page has no `lo`.
 
 use super::{Params, Stmt, Value};
+use crate::engine::state::{ChainState, ItemState, RunState, State, Transition, sql_list};
+
+/// `status IN (...)` of the states a run, chain or item may move to `to` from (the transition
+/// table in [`crate::engine::state`]).
+fn from_list<S: Transition>(to: S) -> String {
+    sql_list(S::from_states(to))
+}
 
 // ---- runs -------------------------------------------------------------------------------------
 
@@ -124,12 +131,16 @@ pub fn plan_run(
     ]
 }
 
-/// Sets a run's status if it is currently one of `from`. Returns the row when it changed.
-pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str>, now: i64) -> Stmt {
-    let mut params =
-        Params::new().with("run_id", run_id).with("to", to).with("reason", reason.map(str::to_owned)).with("now", now);
-    let from_list = in_list(&mut params, "from", from.iter().map(|s| Value::from(*s)));
-    let finished = if matches!(to, "succeeded" | "failed" | "cancelled") { ":now" } else { "finished_at" };
+/// Moves a run to `to` if the transition table allows it from its current status. Returns the
+/// row when it changed.
+pub fn set_run_status(run_id: &str, to: RunState, reason: Option<&str>, now: i64) -> Stmt {
+    let params = Params::new()
+        .with("run_id", run_id)
+        .with("to", to.as_str())
+        .with("reason", reason.map(str::to_owned))
+        .with("now", now);
+    let from_list = from_list(to);
+    let finished = if to.is_final() { ":now" } else { "finished_at" };
     Stmt::named(
         "set_run_status",
         format!(
@@ -146,10 +157,13 @@ pub fn set_run_status(run_id: &str, from: &[&str], to: &str, reason: Option<&str
 pub fn resume_run(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "resume_run",
-        "UPDATE baton_runs SET status = 'running', reason = NULL, updated_at = :now,
-             failure_baseline = (SELECT COUNT(*) FROM baton_ledger WHERE run_id = :run_id AND state = 'failed')
-         WHERE run_id = :run_id AND status IN ('pausing', 'paused')
-         RETURNING run_id",
+        format!(
+            "UPDATE baton_runs SET status = 'running', reason = NULL, updated_at = :now,
+                 failure_baseline = (SELECT COUNT(*) FROM baton_ledger WHERE run_id = :run_id AND state = 'failed')
+             WHERE run_id = :run_id AND status IN ({})
+             RETURNING run_id",
+            from_list(RunState::Running)
+        ),
         Params::new().with("run_id", run_id).with("now", now),
     )
 }
@@ -159,11 +173,14 @@ pub fn resume_run(run_id: &str, now: i64) -> Stmt {
 pub fn complete_run(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "complete_run",
-        "UPDATE baton_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
-         WHERE run_id = :run_id AND status = 'running'
-           AND NOT EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id AND status <> 'done')
-           AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND state = 'claimed')
-         RETURNING run_id",
+        format!(
+            "UPDATE baton_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
+             WHERE run_id = :run_id AND status IN ({})
+               AND NOT EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id AND status <> 'done')
+               AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND state = 'claimed')
+             RETURNING run_id",
+            from_list(RunState::Succeeded)
+        ),
         Params::new().with("run_id", run_id).with("now", now),
     )
 }
@@ -172,7 +189,10 @@ pub fn complete_run(run_id: &str, now: i64) -> Stmt {
 pub fn end_chains(run_id: &str) -> Stmt {
     Stmt::named(
         "end_chains",
-        "UPDATE baton_chains SET status = 'ended' WHERE run_id = :run_id AND status = 'active'",
+        format!(
+            "UPDATE baton_chains SET status = 'ended' WHERE run_id = :run_id AND status IN ({})",
+            from_list(ChainState::Ended)
+        ),
         Params::new().with("run_id", run_id),
     )
 }
@@ -181,19 +201,24 @@ pub fn end_chains(run_id: &str) -> Stmt {
 pub fn settle_pause(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "settle_pause",
-        "UPDATE baton_runs SET status = 'paused', updated_at = :now
-         WHERE run_id = :run_id AND status = 'pausing'
-           AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
-         RETURNING run_id",
+        format!(
+            "UPDATE baton_runs SET status = 'paused', updated_at = :now
+             WHERE run_id = :run_id AND status IN ({})
+               AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
+             RETURNING run_id",
+            from_list(RunState::Paused)
+        ),
         Params::new().with("run_id", run_id).with("now", now),
     )
 }
 
-/// Runs that may need the sweeper: every run not in a final state.
+/// Runs that may need the sweeper: every run past planning and not in a final state.
 pub fn open_runs() -> Stmt {
+    let open: Vec<RunState> =
+        RunState::ALL.iter().copied().filter(|s| !s.is_final() && *s != RunState::Planning).collect();
     Stmt::named(
         "open_runs",
-        format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ('running', 'pausing') ORDER BY created_at"),
+        format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ({}) ORDER BY created_at", sql_list(&open)),
         Params::new(),
     )
 }
@@ -231,22 +256,15 @@ pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
     )
 }
 
-/// Ends, parks or fails a chain, but only if `hop` is still its current hop (or, with
-/// `hop = None`, whatever its hop) and it is in one of `from`.
-pub fn set_chain_status(
-    run_id: &str,
-    chain: i64,
-    hop: Option<i64>,
-    from: &[&str],
-    to: &str,
-    reason: Option<&str>,
-) -> Stmt {
+/// Ends or fails a chain, but only if `hop` is still its current hop (or, with `hop = None`,
+/// whatever its hop) and the transition table allows `to` from its status.
+pub fn set_chain_status(run_id: &str, chain: i64, hop: Option<i64>, to: ChainState, reason: Option<&str>) -> Stmt {
     let mut params = Params::new()
         .with("run_id", run_id)
         .with("chain", chain)
-        .with("to", to)
+        .with("to", to.as_str())
         .with("reason", reason.map(str::to_owned));
-    let from_list = in_list(&mut params, "from", from.iter().map(|s| Value::from(*s)));
+    let from_list = from_list(to);
     let hop_cond = match hop {
         Some(h) => {
             params.push("hop", h);
@@ -270,15 +288,19 @@ pub fn set_chain_status(
 pub fn park_chain(run_id: &str, chain: i64, hop: i64) -> Stmt {
     Stmt::named(
         "park_chain",
-        "UPDATE baton_chains SET status = 'paused'
-         WHERE run_id = :run_id AND chain_no = :chain AND status = 'active' AND next_hop = :hop + 1
-           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('pausing', 'paused'))
-         RETURNING chain_no",
+        format!(
+            "UPDATE baton_chains SET status = 'paused'
+             WHERE run_id = :run_id AND chain_no = :chain AND status IN ({}) AND next_hop = :hop + 1
+               AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('pausing', 'paused'))
+             RETURNING chain_no",
+            from_list(ChainState::Paused)
+        ),
         Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop),
     )
 }
 
-/// Resume: every parked chain becomes active again and is returned with its checkpoint.
+/// Resume: every parked chain becomes active again and is returned with its checkpoint (the
+/// `paused -> active` edge of the transition table).
 pub fn unpark_chains(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "unpark_chains",
@@ -303,7 +325,8 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
     )
 }
 
-/// Sweeper: when pages are claimable but no chain is active, revive one ended chain.
+/// Sweeper: when pages are claimable but no chain is active, revive one ended chain (the
+/// `ended -> active` edge of the transition table).
 pub fn revive_chain(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "revive_chain",
@@ -323,10 +346,13 @@ pub fn revive_chain(run_id: &str, now: i64) -> Stmt {
 pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
     Stmt::named(
         "park_stale_chains",
-        "UPDATE baton_chains SET status = 'paused'
-         WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
-           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'pausing')
-         RETURNING chain_no",
+        format!(
+            "UPDATE baton_chains SET status = 'paused'
+             WHERE run_id = :run_id AND status IN ({}) AND heartbeat_at < :stale_before
+               AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'pausing')
+             RETURNING chain_no",
+            from_list(ChainState::Paused)
+        ),
         Params::new().with("run_id", run_id).with("stale_before", stale_before),
     )
 }
@@ -530,7 +556,7 @@ pub fn record_results(
     page_no: i64,
     owner: &str,
     now: i64,
-    results: &[(String, &str, Option<String>)],
+    results: &[(String, ItemState, Option<String>)],
 ) -> Stmt {
     let mut params =
         Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
@@ -539,7 +565,8 @@ pub fn record_results(
         .enumerate()
         .map(|(i, (key, state, reason))| {
             params.push(format!("k{i}"), key.as_str());
-            params.push(format!("s{i}"), *state);
+            debug_assert!(ItemState::from_states(*state).contains(&ItemState::Claimed), "a result state");
+            params.push(format!("s{i}"), state.as_str());
             params.push(format!("r{i}"), reason.clone().unwrap_or_default());
             format!("(:k{i}, :s{i}, :r{i})")
         })

@@ -151,7 +151,16 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     assert_eq!(taken.first().unwrap().int("page_no"), page_no);
 
     // A's late writes change nothing.
-    store.query(st::record_results(&run, page_no, "A", late, &[("5".into(), "done", None)])).await.unwrap();
+    store
+        .query(st::record_results(
+            &run,
+            page_no,
+            "A",
+            late,
+            &[("5".into(), baton::engine::state::ItemState::Done, None)],
+        ))
+        .await
+        .unwrap();
     store.query(st::release_claims(&run, page_no, "A", &keys(&["18"]))).await.unwrap();
     assert!(store.query(st::finish_page(&run, page_no, "A", true)).await.unwrap().rows.is_empty());
     assert!(store.query(st::settle_stale_claims(&run, page_no, "A", true, late)).await.unwrap().rows.is_empty());
@@ -367,4 +376,20 @@ pub async fn a_late_scheduled_start_opens_no_second_run(b: Backend) {
     }
     let runs = raw(&m, "SELECT COUNT(*) AS n FROM baton_runs").await;
     assert_eq!(runs.first().unwrap().int("n"), 1, "a refused start created nothing");
+}
+
+/// One transition table decides every status change; before it, `fail_run` accepted `paused`
+/// while the sweeper's deadline check did not look at paused runs at all, so a paused run
+/// outlived its deadline for ever.
+pub async fn a_paused_run_past_its_deadline_fails(b: Backend) {
+    let m = Manual::new(b, &int_users(30), newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    m.engine.control(&run, ControlAction::Pause).await.unwrap();
+    m.pump().await; // the chain parks
+    assert_eq!(m.status(&run).await.status, "paused");
+    m.clock.advance_ms(601_000); // past run_deadline (600 s)
+    assert_eq!(m.engine.sweep().await.unwrap().failed, 1);
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "failed", "{status:?}");
+    assert!(status.reason.as_deref().unwrap_or_default().contains("deadline"), "{status:?}");
 }

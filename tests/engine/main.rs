@@ -80,4 +80,5 @@ on_both_backends!(
     adversarial::the_sweeper_starts_chains_that_never_ran,
     adversarial::a_chain_losing_hops_at_a_fixed_stride_is_flagged,
     adversarial::a_late_scheduled_start_opens_no_second_run,
+    adversarial::a_paused_run_past_its_deadline_fails,
 );
