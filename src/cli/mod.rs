@@ -106,8 +106,10 @@ enum Command {
     Status {
         /// A run id; defaults to the latest run.
         run_id: Option<String>,
-        /// Also list items in this ledger state (unknown, failed, skipped).
-        #[arg(long, value_parser = ["unknown", "failed", "skipped", "claimed"])]
+        /// Also list items in this ledger state (unknown, failed, skipped, claimed), or the
+        /// source rows left out because their key is NULL (null-keys). One per line:
+        /// `STATE<TAB>KEY<TAB>REASON`, control characters escaped.
+        #[arg(long, value_parser = ["unknown", "failed", "skipped", "claimed", "null-keys"])]
         list: Option<String>,
         #[command(flatten)]
         common: Common,
@@ -245,10 +247,19 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
             };
             print_status(&status, common.json);
-            if let Some(state) = list {
-                for (key, reason) in engine.items_in_state(&status.run_id, &state, 1000).await? {
-                    println!("{state}\t{key}\t{}", reason.unwrap_or_default());
+            match list.as_deref() {
+                Some("null-keys") => {
+                    for row in engine.null_key_rows(&status.run_id, 1000).await? {
+                        let row: Vec<String> = row.iter().map(|(c, v)| format!("{c}={}", printable(v))).collect();
+                        println!("null-key\t{}\tthe key column is NULL: left out of the run", row.join(" "));
+                    }
                 }
+                Some(state) => {
+                    for (key, reason) in engine.items_in_state(&status.run_id, state, 1000).await? {
+                        println!("{state}\t{}\t{}", printable(&key), printable(&reason.unwrap_or_default()));
+                    }
+                }
+                None => {}
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -368,6 +379,12 @@ async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCo
     Ok(exit_for(&status))
 }
 
+/// Data shown on a terminal with its control characters (ESC, CR, LF, ...) escaped, so a
+/// hostile value cannot move the cursor or fake lines.
+fn printable(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 fn exit_for(status: &RunStatus) -> ExitCode {
     match status.status {
         RunState::Succeeded => ExitCode::SUCCESS,
@@ -418,5 +435,14 @@ pub fn print_status(s: &RunStatus, json: bool) {
         if let Some(w) = &c.warning {
             println!("      warning: {w}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_from_data_are_escaped_on_the_terminal() {
+        assert_eq!(super::printable("Eve\u{1b}[2J\r\nBcc: x"), "Eve\\u{1b}[2J\\r\\nBcc: x");
+        assert_eq!(super::printable("Zoë 田中"), "Zoë 田中");
     }
 }

@@ -557,6 +557,18 @@ impl Engine {
         Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
     }
 
+    /// Source rows the run left out because their key is NULL, as `column=value` pairs (the
+    /// run's own source query, as it stood when the run started).
+    pub async fn null_key_rows(&self, run_id: &str, limit: i64) -> Result<Vec<Vec<(String, String)>>, EngineError> {
+        let run = self.load_run(run_id).await?;
+        let cfg = &run.job_config;
+        let rows = self.sql(st::null_key_rows(&cfg.source, &cfg.key_column, limit)).await?;
+        Ok(rows
+            .records()
+            .map(|r| r.columns.iter().cloned().zip(r.values.iter().map(|v| v.to_string())).collect())
+            .collect())
+    }
+
     /// Renders one item's message without sending (the `preview` command).
     pub async fn preview(
         &self,

@@ -471,6 +471,15 @@ pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     ]
 }
 
+/// Rows of the source whose key is NULL: left out of every run, listed by `status`.
+pub fn null_key_rows(source: &str, key: &str, limit: i64) -> Stmt {
+    Stmt::named(
+        "null_key_rows",
+        format!("SELECT * FROM ({source}) AS src WHERE src.{key} IS NULL LIMIT :limit"),
+        Params::new().with("limit", limit),
+    )
+}
+
 /// The `WHERE` condition of a page's key range over `src`, and its parameters.
 pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Params) {
     match lo {

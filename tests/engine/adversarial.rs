@@ -276,6 +276,11 @@ pub async fn null_keys_are_left_out_and_counted(b: Backend) {
     assert_eq!((status.total, status.null_keys), (30, 2), "{status:?}");
     assert!(status.accounted());
     assert!(!m.sent().iter().any(|a| a.starts_with("nokey")));
+    // Listed too (`baton status --list null-keys`), never silently dropped.
+    let left_out = m.engine.null_key_rows(&run, 10).await.unwrap();
+    let emails: Vec<&str> =
+        left_out.iter().filter_map(|row| row.iter().find(|(c, _)| c == "email").map(|(_, v)| v.as_str())).collect();
+    assert_eq!(emails, vec!["nokey1@example.com", "nokey2@example.com"], "{left_out:?}");
 }
 
 /// Under at-least-once, a send still in flight at the hop's cut-off is sent again by a later
