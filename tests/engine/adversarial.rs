@@ -38,6 +38,15 @@ const RUN_STATEMENTS: [&str; 16] = [
     "end_chains",
 ];
 
+/// Pages of 10 through one chain, one send at a time: a hanging mailer stops a hop at a known
+/// item.
+fn one_send_at_a_time(ambiguity: Ambiguity) -> baton::config::JobConfig {
+    let mut job = newsletter_job(10, 1);
+    job.ambiguity = ambiguity;
+    job.newsletter.as_mut().unwrap().in_flight = 1;
+    job
+}
+
 async fn raw(m: &Manual, sql: &str) -> baton::sql::Rows {
     m.counting.query(Stmt::new(sql, Params::new())).await.unwrap()
 }
@@ -74,10 +83,7 @@ pub async fn every_statement_is_safe_when_it_fails_or_its_response_is_lost(b: Ba
 /// `claimed`, never sent, under a page marked done.
 pub async fn a_lost_response_while_taking_over_claims_loses_nobody(b: Backend) {
     let users = int_users(20);
-    let mut job = newsletter_job(10, 1);
-    job.ambiguity = Ambiguity::AtLeastOnce;
-    job.newsletter.as_mut().unwrap().in_flight = 1;
-    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtLeastOnce), KindRegistry::default()).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     let hop1 = m.next_event().unwrap();
@@ -183,9 +189,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
 /// keep to `hop_timeout` itself, or it would send after another hop took its page over.
 pub async fn a_hop_keeps_to_hop_timeout_whatever_deadline_it_is_given(b: Backend) {
     let users = int_users(20);
-    let mut job = newsletter_job(10, 1);
-    job.newsletter.as_mut().unwrap().in_flight = 1;
-    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtMostOnce), KindRegistry::default()).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst); // the fifth send hangs
     let hop1 = m.next_event().unwrap();
@@ -287,10 +291,7 @@ pub async fn null_keys_are_left_out_and_counted(b: Backend) {
 /// hop, never parked as `unknown` (which only at-most-once reports).
 pub async fn at_least_once_resends_what_was_in_flight_at_the_cut_off(b: Backend) {
     let users = int_users(20);
-    let mut job = newsletter_job(10, 1);
-    job.ambiguity = Ambiguity::AtLeastOnce;
-    job.newsletter.as_mut().unwrap().in_flight = 1;
-    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtLeastOnce), KindRegistry::default()).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst); // the fifth send hangs until the cut-off
     let outcome = m.deliver_next().await.unwrap().unwrap();
