@@ -200,8 +200,10 @@ pub struct Injected {
     /// Keys that got a second source row mid-run.
     pub duplicate_keys: Vec<String>,
     pub concurrent_migrations: usize,
-    /// The most `unknown` items the injected faults can explain: every ambiguous send, plus a
-    /// page's worth for every hop that was killed or failed.
+    /// Sends still in flight when a hop had to stop waiting for them (observed, not injected).
+    pub cut_off_in_flight: u64,
+    /// The most `unknown` items the ambiguous outcomes can explain: every ambiguous send, every
+    /// send cut off in flight, and a page's worth for every hop that was killed or failed.
     pub ambiguous_outcomes: u64,
 }
 
@@ -329,8 +331,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
 
     let statements = counting.statements();
     let outbox = (common.mailer == MailerKind::Outbox).then_some(outbox_dir.as_path());
-    let unknown: HashSet<String> =
-        local.engine.items_in_state(&run_id, "unknown", i64::MAX).await?.into_iter().map(|(k, _)| k).collect();
+    let unknown_items = local.engine.items_in_state(&run_id, "unknown", i64::MAX).await?;
+    // Sends the hop stopped waiting for at its cut-off (a slow disk or provider, not a fault
+    // that was injected): ambiguous outcomes too.
+    let cut_off = unknown_items
+        .iter()
+        .filter(|(_, reason)| reason.as_deref() == Some(crate::engine::hop::CUT_OFF_IN_FLIGHT))
+        .count() as u64;
+    let unknown: HashSet<String> = unknown_items.into_iter().map(|(k, _)| k).collect();
     // Keys failed because a second row appeared mid-run: not sent, on purpose.
     let excused: HashSet<String> = local
         .engine
@@ -347,7 +355,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         mail_ambiguous,
         duplicate_keys,
         concurrent_migrations,
-        ambiguous_outcomes: mail_ambiguous + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
+        cut_off_in_flight: cut_off,
+        ambiguous_outcomes: mail_ambiguous
+            + cut_off
+            + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
     };
     let mut summary = check(Checked { unknown, excused }, outbox, status, wall, hops, faults, args.users, args.seed)?;
     summary.checks_passed &= summary.run.unknown as u64 <= injected.ambiguous_outcomes || !args.chaos;

@@ -23,6 +23,7 @@ struct Page {
     lo: Option<String>,
     hi: String,
     attempts: i64,
+    lease_expires_at: i64,
 }
 
 impl Page {
@@ -32,6 +33,7 @@ impl Page {
             lo: r.text("lo"),
             hi: r.text("hi").unwrap_or_default(),
             attempts: r.int("attempts"),
+            lease_expires_at: r.int("lease_expires_at"),
         }
     }
 }
@@ -45,8 +47,21 @@ struct PageReport {
     fail_reason: Option<String>,
 }
 
+/// The reason recorded for a send still in flight when the hop had to stop waiting for it.
+pub const CUT_OFF_IN_FLIGHT: &str = "the send was still in flight when the hop had to stop";
+
 /// Claims retried when a concurrent claim took the page this one aimed at.
 const CLAIM_RETRIES: u32 = 3;
+
+/// Items per batched ledger statement. A page up to this size takes one statement each to claim,
+/// record and release; larger pages take a few, so no statement outgrows the Data API's 64 KiB
+/// limit on SQL text.
+const ITEMS_PER_STATEMENT: usize = 1000;
+
+/// Under at-least-once, items whose outcome is unknown are sent again on later claims of their
+/// page, up to this many claims; past it they are recorded `unknown` rather than mailed without
+/// end (a recipient whose every send times out).
+const RESEND_CLAIMS: i64 = 4;
 
 impl Engine {
     #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
@@ -60,6 +75,8 @@ impl Engine {
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
         if run.is_terminal() {
+            // The chain was waiting for this hop: it ends with its run.
+            self.sql(st::set_chain_status(run_id, chain, Some(hop - 1), ChainState::Ended, None)).await?;
             return Ok(Outcome::Hopped { pages: 0, next: HopNext::Stopped });
         }
         if hop > run.max_hops {
@@ -96,7 +113,7 @@ impl Engine {
         while Instant::now() + slowest < soft {
             let claim = st::claim_page(run_id, chain, hop, run.chains, &owner, self.now_ms(), lease_ms);
             let Some(page) = self.sql(claim).await?.first().map(Page::from_record) else {
-                match self.no_page(&run, chain, hop).await? {
+                match self.no_page(&run, chain, hop, &token).await? {
                     Some(next) => return Ok(Outcome::Hopped { pages, next }),
                     None if retries < CLAIM_RETRIES => {
                         retries += 1;
@@ -149,7 +166,7 @@ impl Engine {
 
     /// No page could be claimed. Decide why: `None` means pages are claimable (a concurrent
     /// claim won the race) and the caller should try again.
-    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<HopNext>, EngineError> {
+    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64, token: &str) -> Result<Option<HopNext>, EngineError> {
         let id = run.run_id.as_str();
         let now = self.now_ms();
         let summary = self.sql(st::page_summary(id, now)).await?;
@@ -168,7 +185,7 @@ impl Engine {
             }
             RunState::Running => {
                 self.sql(end).await?;
-                if s.int("leased") == 0 && !self.sql(st::complete_run(id, now)).await?.rows.is_empty() {
+                if s.int("leased") == 0 && !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
                     self.sql(st::end_chains(id)).await?;
                     return Ok(Some(HopNext::Completed));
@@ -178,7 +195,7 @@ impl Engine {
             RunState::Pausing | RunState::Paused => {
                 // Parks only while the run is still pausing: a resume in between wins, and then
                 // this hop goes on claiming.
-                if self.sql(st::park_chain(id, chain, hop)).await?.rows.is_empty() {
+                if self.sql(st::park_chain(id, chain, hop, token)).await?.rows.is_empty() {
                     return Ok(None);
                 }
                 self.sql(st::settle_pause(id, now)).await?;
@@ -279,10 +296,22 @@ impl Engine {
         }
         let keys: Vec<String> =
             items.iter().map(|i| i.key.clone()).chain(results.iter().map(|(k, _, _)| k.clone())).collect();
+        // The page load may have stalled (a resuming database): claim nothing past the lease or
+        // the budget. The check and the claim's own fence use the same clock reading, so a claim
+        // that comes back empty means the items are settled or someone else holds the page,
+        // never that this hop's lease ran out (which would finish the page with nothing sent).
+        let now = self.now_ms();
+        if now >= page.lease_expires_at || Instant::now() >= soft {
+            tracing::warn!(page = page.page_no, "the page took too long to load: released unclaimed");
+            return Ok(PageReport::default());
+        }
         // The claim returns every key this owner holds on the page, including claims it took
         // over from a dead owner and, on a re-run after a lost response, its own.
-        let claimed = self.sql(st::claim_items(id, page.page_no, owner, self.now_ms(), &keys)).await?;
-        let mine: HashSet<String> = claimed.records().filter_map(|r| r.text("item_key")).collect();
+        let mut mine: HashSet<String> = HashSet::with_capacity(keys.len());
+        for chunk in keys.chunks(ITEMS_PER_STATEMENT) {
+            let claimed = self.sql(st::claim_items(id, page.page_no, owner, now, chunk)).await?;
+            mine.extend(claimed.records().filter_map(|r| r.text("item_key")));
+        }
         results.retain(|(k, _, _)| mine.contains(k));
         let work: Vec<Item> = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
         let work_keys: Vec<String> = work.iter().map(|i| i.key.clone()).collect();
@@ -331,7 +360,7 @@ impl Engine {
                 .filter(|k| !finished.contains(k))
                 .map(|k| {
                     let outcome = if started.contains(k) {
-                        ItemOutcome::Unknown("the send was still in flight when the hop had to stop".into())
+                        ItemOutcome::Unknown(CUT_OFF_IN_FLIGHT.into())
                     } else {
                         ItemOutcome::Released
                     };
@@ -349,7 +378,7 @@ impl Engine {
             // At-least-once: an outcome that may not have happened is sent again by a later hop,
             // never parked as `unknown`.
             let outcome = match outcome {
-                ItemOutcome::Unknown(_) if resend => ItemOutcome::Released,
+                ItemOutcome::Unknown(_) if resend && page.attempts < RESEND_CLAIMS => ItemOutcome::Released,
                 other => other,
             };
             match outcome.ledger() {
@@ -366,11 +395,11 @@ impl Engine {
             }
         }
         let now = self.now_ms();
-        if !results.is_empty() {
-            self.sql(st::record_results(id, page.page_no, owner, now, &results)).await?;
+        for chunk in results.chunks(ITEMS_PER_STATEMENT) {
+            self.sql(st::record_results(id, page.page_no, owner, now, chunk)).await?;
         }
-        if !released.is_empty() {
-            self.sql(st::release_claims(id, page.page_no, owner, &released)).await?;
+        for chunk in released.chunks(ITEMS_PER_STATEMENT) {
+            self.sql(st::release_claims(id, page.page_no, owner, chunk)).await?;
             report.finished = false;
         }
         Ok(report)

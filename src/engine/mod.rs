@@ -440,9 +440,10 @@ impl Engine {
             }
             ControlAction::Resume => {
                 self.sql(st::resume_run(run_id, now)).await?;
-                let chains = self.sql(st::unpark_chains(run_id, now)).await?;
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                let chains = self.sql(st::unpark_chains(run_id, now, &format!("{token}.unpark"))).await?;
                 self.invoke_chains(run_id, &chains).await;
-                let revived = self.sql(st::revive_chain(run_id, now)).await?;
+                let revived = self.sql(st::revive_chain(run_id, now, &format!("{token}.revive"))).await?;
                 self.invoke_chains(run_id, &revived).await;
             }
             ControlAction::Cancel => {

@@ -18,6 +18,8 @@ pub struct SweepReport {
     pub revived: usize,
     pub parked: usize,
     pub unparked: usize,
+    /// Claims left by hops that died after their run ended, now `unknown`.
+    pub settled: usize,
     pub completed: usize,
     pub failed: usize,
 }
@@ -25,10 +27,25 @@ pub struct SweepReport {
 impl Engine {
     pub async fn sweep(&self) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
+        report.settled += self.settle_final_runs().await?;
         let open = self.sql(st::open_runs()).await?;
         let stale_ms = self.config.settings.stale_after().as_millis() as i64;
         for record in open.records() {
-            let run = RunRow::from_record(record).map_err(EngineError::State)?;
+            // One call's token: its own re-runs (lost answers) find its own changes again.
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let run = match RunRow::from_record(record) {
+                Ok(run) => run,
+                Err(e) => {
+                    // One unreadable run (e.g. written by a newer baton) must not stop the sweep
+                    // of every other run.
+                    tracing::error!(
+                        run_id = record.text("run_id"),
+                        error = e,
+                        "skipping a run the sweeper cannot read"
+                    );
+                    continue;
+                }
+            };
             let id = run.run_id.as_str();
             let now = self.now_ms();
             report.runs += 1;
@@ -47,7 +64,7 @@ impl Engine {
                 self.sql(st::settle_pause(id, now)).await?;
                 continue;
             }
-            let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now)).await?;
+            let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now, &format!("{token}.restart"))).await?;
             for c in stale.records() {
                 tracing::info!(
                     run_id = id,
@@ -59,15 +76,30 @@ impl Engine {
             report.restarted += self.invoke_chains(id, &stale).await;
             // Chains parked although the run is running (a resume raced their parking): back
             // to work from their checkpoints.
-            let parked = self.sql(st::unpark_chains(id, now)).await?;
+            let parked = self.sql(st::unpark_chains(id, now, &format!("{token}.unpark"))).await?;
             report.unparked += self.invoke_chains(id, &parked).await;
-            let revived = self.sql(st::revive_chain(id, now)).await?;
+            let revived = self.sql(st::revive_chain(id, now, &format!("{token}.revive"))).await?;
             report.revived += self.invoke_chains(id, &revived).await;
-            if !self.sql(st::complete_run(id, now)).await?.rows.is_empty() {
+            if !self.sql(st::complete_run(id, now, &token)).await?.rows.is_empty() {
                 report.completed += 1;
                 self.sql(st::end_chains(id)).await?;
             }
         }
         Ok(report)
+    }
+
+    /// Runs that ended (cancelled, failed) while a hop was mid-page, and that hop then died: its
+    /// claims become `unknown` (they may have been sent) and its pages are let go. Returns how
+    /// many claims were settled.
+    async fn settle_final_runs(&self) -> Result<usize, EngineError> {
+        let now = self.now_ms();
+        let mut settled = 0;
+        for r in self.sql(st::final_runs_with_dead_leases(now)).await?.records() {
+            let id = r.text("run_id").unwrap_or_default();
+            settled += self.sql(st::settle_dead_claims(&id, now)).await?.affected as usize;
+            self.sql(st::release_dead_leases(&id, now)).await?;
+            self.sql(st::end_chains(&id)).await?;
+        }
+        Ok(settled)
     }
 }

@@ -76,6 +76,10 @@ pub const MIGRATIONS: &[&[&str]] = &[
         // The hop numbers at which the sweeper restarted the chain (comma-separated), so `status`
         // can tell a chain whose hops keep being lost at a fixed stride (Lambda's loop detection).
         "ALTER TABLE baton_chains ADD COLUMN restart_hops TEXT",
+        // The sweeper or resume call that last (re)activated the chain, and the hop or sweep that
+        // completed the run: a re-run of their statement (answer lost) finds its own change again.
+        "ALTER TABLE baton_chains ADD COLUMN restart_token TEXT",
+        "ALTER TABLE baton_runs ADD COLUMN completed_by TEXT",
         // Source rows left out of the run because their key is NULL (reported by `status`).
         "ALTER TABLE baton_runs ADD COLUMN null_keys BIGINT NOT NULL DEFAULT 0",
     ],

@@ -169,19 +169,22 @@ pub fn resume_run(run_id: &str, now: i64) -> Stmt {
 }
 
 /// Completion, exactly once: only the statement that moves `running` to `succeeded` while no
-/// page is left undone and no item is left `claimed` returns a row.
-pub fn complete_run(run_id: &str, now: i64) -> Stmt {
+/// page is left undone and no item is left `claimed` returns a row; `token` (the completing hop
+/// or sweep) makes its own re-run after a lost answer return it again, and nobody else's.
+pub fn complete_run(run_id: &str, now: i64, token: &str) -> Stmt {
     Stmt::named(
         "complete_run",
         format!(
-            "UPDATE baton_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
-             WHERE run_id = :run_id AND status IN ({})
-               AND NOT EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id AND status <> 'done')
-               AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND state = 'claimed')
+            "UPDATE baton_runs SET status = 'succeeded', updated_at = :now, finished_at = :now, completed_by = :token
+             WHERE run_id = :run_id AND (
+                 (status = 'succeeded' AND completed_by = :token)
+                 OR (status IN ({})
+                     AND NOT EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id AND status <> 'done')
+                     AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND state = 'claimed')))
              RETURNING run_id",
             from_list(RunState::Succeeded)
         ),
-        Params::new().with("run_id", run_id).with("now", now),
+        Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
 }
 
@@ -220,6 +223,45 @@ pub fn open_runs() -> Stmt {
         "open_runs",
         format!("SELECT {RUN_COLUMNS} FROM baton_runs WHERE status IN ({}) ORDER BY created_at", sql_list(&open)),
         Params::new(),
+    )
+}
+
+/// Final runs (cancelled, failed, succeeded) with pages whose lease expired while still held: a
+/// hop that died after the run ended left claims nobody else will settle.
+pub fn final_runs_with_dead_leases(now: i64) -> Stmt {
+    let finals: Vec<RunState> = RunState::ALL.iter().copied().filter(|s| s.is_final()).collect();
+    Stmt::named(
+        "final_runs_with_dead_leases",
+        format!(
+            "SELECT r.run_id FROM baton_runs r WHERE r.status IN ({})
+               AND EXISTS (SELECT 1 FROM baton_pages p WHERE p.run_id = r.run_id AND p.status = 'leased'
+                           AND p.lease_expires_at < :now)",
+            sql_list(&finals)
+        ),
+        Params::new().with("now", now),
+    )
+}
+
+/// In a final run, a dead hop's claims may or may not have been sent: `unknown`, like any claim
+/// a dead hop leaves (then [`release_dead_leases`] lets the pages go).
+pub fn settle_dead_claims(run_id: &str, now: i64) -> Stmt {
+    Stmt::named(
+        "settle_dead_claims",
+        "UPDATE baton_ledger SET state = 'unknown', updated_at = :now,
+             reason = 'the hop that claimed it stopped before recording a result, after the run ended'
+         WHERE run_id = :run_id AND state = 'claimed'
+           AND page_no IN (SELECT page_no FROM baton_pages WHERE run_id = :run_id AND status = 'leased'
+                           AND lease_expires_at < :now)",
+        Params::new().with("run_id", run_id).with("now", now),
+    )
+}
+
+pub fn release_dead_leases(run_id: &str, now: i64) -> Stmt {
+    Stmt::named(
+        "release_dead_leases",
+        "UPDATE baton_pages SET status = 'pending', lease_expires_at = NULL
+         WHERE run_id = :run_id AND status = 'leased' AND lease_expires_at < :now",
+        Params::new().with("run_id", run_id).with("now", now),
     )
 }
 
@@ -284,60 +326,74 @@ pub fn set_chain_status(run_id: &str, chain: i64, hop: Option<i64>, to: ChainSta
 }
 
 /// A hop that found its run pausing parks its chain, but only while the run is still pausing
-/// (or paused) and the hop is still the chain's current one: a resume that came in between wins.
-pub fn park_chain(run_id: &str, chain: i64, hop: i64) -> Stmt {
+/// (or paused) and the hop is still the chain's current one (its `token`, stored by
+/// [`start_hop`]): a resume that came in between wins. A re-run after a lost answer finds the
+/// chain parked by this hop and returns it again.
+pub fn park_chain(run_id: &str, chain: i64, hop: i64, token: &str) -> Stmt {
     Stmt::named(
         "park_chain",
         format!(
             "UPDATE baton_chains SET status = 'paused'
-             WHERE run_id = :run_id AND chain_no = :chain AND status IN ({}) AND next_hop = :hop + 1
+             WHERE run_id = :run_id AND chain_no = :chain AND status IN ({}, 'paused')
+               AND next_hop = :hop + 1 AND hop_token = :token
                AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('pausing', 'paused'))
              RETURNING chain_no",
             from_list(ChainState::Paused)
         ),
-        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop),
+        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("token", token),
     )
 }
 
-/// Resume: every parked chain becomes active again and is returned with its checkpoint (the
-/// `paused -> active` edge of the transition table).
-pub fn unpark_chains(run_id: &str, now: i64) -> Stmt {
+/// Resume (and the sweeper, for a running run): every parked chain becomes active again and is
+/// returned with its checkpoint (the `paused -> active` edge of the transition table). `token`
+/// makes a re-run after a lost answer return the same chains.
+pub fn unpark_chains(run_id: &str, now: i64, token: &str) -> Stmt {
     Stmt::named(
         "unpark_chains",
-        "UPDATE baton_chains SET status = 'active', heartbeat_at = :now
-         WHERE run_id = :run_id AND status = 'paused'
+        "UPDATE baton_chains SET status = 'active', heartbeat_at = :now, restart_token = :token
+         WHERE run_id = :run_id AND (status = 'paused' OR (status = 'active' AND restart_token = :token))
          RETURNING chain_no, next_hop",
-        Params::new().with("run_id", run_id).with("now", now),
+        Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
 }
 
 /// Sweeper: active chains silent since `stale_before` are claimed for a restart (the heartbeat
-/// moves, so a second sweeper finds nothing) and returned with their checkpoint.
-pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64) -> Stmt {
+/// moves, so a second sweeper finds nothing) and returned with their checkpoint. `token` is
+/// unique to the call: a re-run after a lost answer returns the same chains (and counts the
+/// restart once).
+pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64, token: &str) -> Stmt {
     Stmt::named(
         "claim_stale_chains",
-        "UPDATE baton_chains SET heartbeat_at = :now, restarts = restarts + 1,
-             restart_hops = CASE WHEN restart_hops IS NULL THEN CAST(next_hop AS TEXT)
-                                 ELSE restart_hops || ',' || CAST(next_hop AS TEXT) END
-         WHERE run_id = :run_id AND status = 'active' AND heartbeat_at < :stale_before
+        "UPDATE baton_chains SET heartbeat_at = :now,
+             restarts = CASE WHEN restart_token = :token THEN restarts ELSE restarts + 1 END,
+             restart_hops = CASE WHEN restart_token = :token THEN restart_hops
+                                 WHEN restart_hops IS NULL THEN CAST(next_hop AS TEXT)
+                                 ELSE restart_hops || ',' || CAST(next_hop AS TEXT) END,
+             restart_token = :token
+         WHERE run_id = :run_id AND status = 'active'
+           AND (heartbeat_at < :stale_before OR restart_token = :token)
          RETURNING chain_no, next_hop",
-        Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now),
+        Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now).with("token", token),
     )
 }
 
 /// Sweeper: when pages are claimable but no chain is active, revive one ended chain (the
 /// `ended -> active` edge of the transition table).
-pub fn revive_chain(run_id: &str, now: i64) -> Stmt {
+/// `token` makes a re-run after a lost answer return the chain it revived.
+pub fn revive_chain(run_id: &str, now: i64, token: &str) -> Stmt {
     Stmt::named(
         "revive_chain",
-        "UPDATE baton_chains SET status = 'active', heartbeat_at = :now, restarts = restarts + 1
-         WHERE run_id = :run_id AND chain_no = (
-             SELECT MIN(chain_no) FROM baton_chains WHERE run_id = :run_id AND status = 'ended')
-           AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
-           AND EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id
-                       AND (status = 'pending' OR (status = 'leased' AND lease_expires_at < :now)))
+        "UPDATE baton_chains SET status = 'active', heartbeat_at = :now,
+             restarts = CASE WHEN restart_token = :token THEN restarts ELSE restarts + 1 END,
+             restart_token = :token
+         WHERE run_id = :run_id AND (
+             (status = 'active' AND restart_token = :token)
+             OR (chain_no = (SELECT MIN(chain_no) FROM baton_chains WHERE run_id = :run_id AND status = 'ended')
+                 AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
+                 AND EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id
+                             AND (status = 'pending' OR (status = 'leased' AND lease_expires_at < :now)))))
          RETURNING chain_no, next_hop",
-        Params::new().with("run_id", run_id).with("now", now),
+        Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
 }
 
@@ -398,7 +454,7 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
                AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
                AND EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND chain_no = :chain
                            AND next_hop = :hop + 1 AND status = 'active')
-             RETURNING page_no, lo, hi, items, attempts"
+             RETURNING page_no, lo, hi, items, attempts, lease_expires_at"
         ),
         Params::new()
             .with("run_id", run_id)
@@ -464,7 +520,8 @@ pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
         Stmt::named(
             "source_sample",
             format!(
-                "SELECT COUNT(src.{key}) AS n, COUNT(DISTINCT src.{key}) AS d, COUNT(*) AS total FROM ({source}) AS src"
+                "SELECT COUNT(src.{key}) AS n, COUNT(DISTINCT CAST(src.{key} AS TEXT)) AS d, COUNT(*) AS total
+                 FROM ({source}) AS src"
             ),
             Params::new(),
         ),

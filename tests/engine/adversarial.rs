@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use baton::config::Ambiguity;
 use baton::engine::event::{ControlAction, Event};
+use baton::engine::state::State;
 use baton::engine::{HopNext, Outcome};
 use baton::jobs::KindRegistry;
 use baton::ports::Clock;
@@ -398,4 +399,158 @@ pub async fn a_paused_run_past_its_deadline_fails(b: Backend) {
     let status = m.status(&run).await;
     assert_eq!(status.status, "failed", "{status:?}");
     assert!(status.reason.as_deref().unwrap_or_default().contains("deadline"), "{status:?}");
+}
+
+/// A hop whose page load stalls past its lease (a resuming database) must not claim, and must
+/// not finish the page: before the fix its claim came back empty (fenced) and the page was
+/// marked done with nobody on it mailed or reported.
+pub async fn a_page_load_that_outlasts_the_lease_releases_the_page(b: Backend) {
+    let users = int_users(30);
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let (reached, release) = m.store.hold_before("load_page");
+    let hop1 = m.next_event().unwrap();
+    let (outcome, ()) = tokio::join!(m.deliver(hop1), async {
+        reached.await.unwrap();
+        m.expire_leases(); // the load took longer than the lease
+        release.send(()).unwrap();
+    });
+    outcome.unwrap();
+    assert!(m.sent().is_empty(), "nothing may be sent past the lease");
+    let mid = m.status(&run).await;
+    assert_eq!((mid.pages_done, mid.done, mid.claimed), (0, 0, 0), "{mid:?}");
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!((status.done, status.skipped, status.unknown), (29, 1, 0), "{status:?}");
+    assert_eq!(m.sent().len(), 29);
+}
+
+/// The sweeper's and resume's statements, and a hop's parking, re-run after a lost answer must
+/// still hand their chains on; before the fix the re-run matched nothing and the chain sat idle
+/// until the next stale sweep (about 2 × hop_timeout).
+pub async fn restarts_resumes_and_parking_survive_a_lost_answer(b: Backend) {
+    let users = int_users(30);
+    // A restart whose answer is lost.
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let _lost = m.next_event();
+    m.expire_leases();
+    m.store.strike("claim_stale_chains", Strike::ResponseLost, 1);
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 1, "the restarted chain was invoked");
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, "succeeded");
+    assert_eq!(m.status(&run).await.chains[0].restarts, 1, "the restart counted once");
+
+    // Parking and unparking whose answers are lost.
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    m.engine.control(&run, ControlAction::Pause).await.unwrap();
+    m.store.strike("park_chain", Strike::ResponseLost, 1);
+    let parked = m.deliver_next().await.unwrap().unwrap();
+    assert!(matches!(parked, Outcome::Hopped { next: HopNext::Parked, .. }), "{parked:?}");
+    assert_eq!(m.status(&run).await.status, "paused");
+    m.store.strike("unpark_chains", Strike::ResponseLost, 1);
+    m.engine.control(&run, ControlAction::Resume).await.unwrap();
+    assert_eq!(m.pending_events(), 1, "the resumed chain was invoked");
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, "succeeded");
+
+    // A revival whose answer is lost.
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let _lost = m.next_event();
+    raw(&m, "UPDATE baton_chains SET status = 'ended'").await;
+    m.store.strike("revive_chain", Strike::ResponseLost, 1);
+    assert_eq!(m.engine.sweep().await.unwrap().revived, 1, "the revived chain was invoked");
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, "succeeded");
+    assert_eq!(m.sent().len(), 29);
+}
+
+/// A run cancelled while a hop is mid-page, and that hop then dies: its claims are settled as
+/// `unknown` by the sweeper (they may have gone out), not left `claimed` for ever.
+pub async fn claims_of_a_hop_that_died_after_its_run_ended_become_unknown(b: Backend) {
+    let users = int_users(20);
+    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtMostOnce), KindRegistry::default()).await;
+    let run = m.start().await;
+    m.mailer.limit.store(4, Ordering::SeqCst);
+    let hop1 = m.next_event().unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), m.deliver(hop1)).await.is_err(), "killed mid-page");
+    m.engine.control(&run, ControlAction::Cancel).await.unwrap();
+    assert_eq!(m.status(&run).await.claimed, 10);
+    assert_eq!(m.engine.sweep().await.unwrap().settled, 0, "a lease still running is left alone");
+    m.expire_leases();
+    assert_eq!(m.engine.sweep().await.unwrap().settled, 10);
+    let status = m.status(&run).await;
+    assert_eq!((status.status.as_str(), status.claimed, status.unknown), ("cancelled", 0, 10), "{status:?}");
+    assert!(status.chains.iter().all(|c| c.status != "active"), "{status:?}");
+    assert_eq!(m.engine.sweep().await.unwrap().settled, 0, "settled once");
+}
+
+/// Under at-least-once, a recipient whose every send ends ambiguously is sent again on a few
+/// later claims of its page, then recorded `unknown`; before the bound the run resent it on
+/// every hop until the hop budget failed the whole run.
+pub async fn at_least_once_gives_up_on_a_recipient_that_is_always_ambiguous(b: Backend) {
+    let users = int_users(30);
+    let mut s = Setup::new(newsletter_job(10, 1));
+    s.job.ambiguity = Ambiguity::AtLeastOnce;
+    s.job.newsletter.as_mut().unwrap().max_attempts = 2;
+    s.ambiguous_suffix = Some("user18@example.com".into());
+    let h = Harness::with_users(b, &users, s).await;
+    let run = h.start().await;
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!((status.done, status.skipped, status.unknown), (28, 1, 1), "{status:?}");
+    let to_18 = h.sent().iter().filter(|a| *a == "user18@example.com").count();
+    assert!((2..=8).contains(&to_18), "user 18 was mailed {to_18} times");
+}
+
+/// Keys are unique by their text (the ledger's key): SQLite columns may mix storage classes,
+/// and an integer 5 and a text '5' would share one ledger row, the second never mailed.
+pub async fn keys_equal_as_text_are_not_unique(b: Backend) {
+    if b == Backend::Postgres {
+        return; // a PostgreSQL column has one type: its values cannot mix integer and text
+    }
+    let users = int_users(10);
+    let mut job = newsletter_job(10, 1);
+    job.source = "SELECT id, email, name FROM users UNION ALL SELECT '5', 'twin@example.com', 'Twin'".into();
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let err = m.engine.start(JOB, Some("t")).await.unwrap_err().to_string();
+    assert!(err.contains("not unique"), "{err}");
+}
+
+/// Large pages go through the Data API's 64 KiB limit on SQL text in a few statements each.
+pub async fn large_pages_keep_every_statement_under_64_kib(b: Backend) {
+    let users = int_users(5_000);
+    let mut settings = test_settings();
+    settings.hop_timeout = Duration::from_secs(10);
+    settings.hop_margin = Duration::from_secs(2);
+    let m = Manual::with_settings(b, &users, newsletter_job(5_000, 1), KindRegistry::default(), settings).await;
+    let run = m.start().await;
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!(status.done + status.skipped, 5_000);
+    let longest = m.store.longest_sql.load(Ordering::SeqCst);
+    assert!(longest < 65_536, "a statement of {longest} characters");
+}
+
+/// One run the sweeper cannot read (say, written by a newer baton) must not stop it from
+/// sweeping every other run.
+pub async fn the_sweeper_skips_a_run_it_cannot_read(b: Backend) {
+    let users = int_users(30);
+    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let _lost = m.next_event();
+    raw(
+        &m,
+        "INSERT INTO baton_runs (run_id, job, run_key, status, job_config, key_type, deadline_at, created_at, updated_at)
+         VALUES ('zzz', 'news', 'other', 'running', '{\"from_the_future\": true}', 'int', 0, 0, 0)",
+    )
+    .await;
+    m.expire_leases();
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, "succeeded");
 }

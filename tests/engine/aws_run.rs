@@ -207,7 +207,7 @@ async fn keys_of_every_type_page_through_the_data_api() {
         ("UUID", |i| {
             format!("'{}'", uuid::Uuid::from_u128(0x6f1c_0b9e_0000_4000_8000_0000_0000_0000 + i as u128 * 977))
         }),
-        ("TIMESTAMP", |i| format!("TIMESTAMP '2026-01-01 00:00:00' + INTERVAL '{} milliseconds'", i * 61_250)),
+        ("TIMESTAMP", |i| format!("TIMESTAMP '2026-01-01 00:00:00' + INTERVAL '{} microseconds'", i * 61_250_123)),
     ];
     for (sql_type, key) in kinds {
         let dir = tempfile::tempdir().unwrap();

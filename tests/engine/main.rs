@@ -81,4 +81,11 @@ on_both_backends!(
     adversarial::a_chain_losing_hops_at_a_fixed_stride_is_flagged,
     adversarial::a_late_scheduled_start_opens_no_second_run,
     adversarial::a_paused_run_past_its_deadline_fails,
+    adversarial::a_page_load_that_outlasts_the_lease_releases_the_page,
+    adversarial::restarts_resumes_and_parking_survive_a_lost_answer,
+    adversarial::claims_of_a_hop_that_died_after_its_run_ended_become_unknown,
+    adversarial::at_least_once_gives_up_on_a_recipient_that_is_always_ambiguous,
+    adversarial::keys_equal_as_text_are_not_unique,
+    adversarial::large_pages_keep_every_statement_under_64_kib,
+    adversarial::the_sweeper_skips_a_run_it_cannot_read,
 );

@@ -175,6 +175,8 @@ pub fn test_settings() -> Settings {
 pub struct TestMailer {
     pub outbox: Outbox,
     pub reject_suffix: Option<String>,
+    /// Messages to these addresses are accepted, but the caller is told the outcome is unknown.
+    pub ambiguous_suffix: Option<String>,
     pub stopped: std::sync::atomic::AtomicBool,
     pub accepted: AtomicU64,
 }
@@ -191,6 +193,12 @@ impl Mailer for TestMailer {
             return Err(MailError::Permanent("address rejected by the provider".into()));
         }
         let r = self.outbox.send(mail).await;
+        let r = match (&self.ambiguous_suffix, r) {
+            (Some(s), Ok(())) if mail.to.ends_with(s.as_str()) => {
+                Err(MailError::Ambiguous("the request timed out after the message was accepted".into()))
+            }
+            (_, r) => r,
+        };
         if r.is_ok() || matches!(r, Err(MailError::Ambiguous(_))) {
             self.accepted.fetch_add(1, Ordering::SeqCst);
         }
@@ -205,6 +213,7 @@ pub struct Setup {
     pub seed: u64,
     pub kinds: KindRegistry,
     pub reject_suffix: Option<String>,
+    pub ambiguous_suffix: Option<String>,
 }
 
 impl Setup {
@@ -216,6 +225,7 @@ impl Setup {
             seed: 1,
             kinds: KindRegistry::default(),
             reject_suffix: None,
+            ambiguous_suffix: None,
         }
     }
 }
@@ -250,6 +260,7 @@ impl Harness {
         let mailer = Arc::new(TestMailer {
             outbox: Outbox::new(&outbox_dir, setup.faults.clone(), setup.seed, None).unwrap(),
             reject_suffix: setup.reject_suffix,
+            ambiguous_suffix: setup.ambiguous_suffix,
             stopped: Default::default(),
             accepted: AtomicU64::new(0),
         });
@@ -400,6 +411,8 @@ pub struct StepStore {
     planned: Mutex<Option<Planned>>,
     pub struck: AtomicU64,
     gate: Mutex<Option<Gate>>,
+    /// The longest SQL text seen (the Data API refuses more than 64 KiB).
+    pub longest_sql: AtomicU64,
 }
 
 /// A statement held back: the test hears when it is reached and says when it may run.
@@ -460,6 +473,7 @@ impl StepStore {
 impl SqlStore for StepStore {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
         self.pass_gate(stmt.name).await;
+        self.longest_sql.fetch_max(stmt.sql.len() as u64, Ordering::SeqCst);
         match self.take(stmt.name) {
             None => self.inner.query(stmt).await,
             Some(Strike::BeforeCommit) => Err(SqlError::transient("injected fault: connection lost")),
@@ -532,12 +546,14 @@ impl Manual {
             planned: Mutex::new(None),
             struck: AtomicU64::new(0),
             gate: Mutex::new(None),
+            longest_sql: AtomicU64::new(0),
         });
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(HangingMailer {
             inner: TestMailer {
                 outbox: Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap(),
                 reject_suffix: None,
+                ambiguous_suffix: None,
                 stopped: Default::default(),
                 accepted: AtomicU64::new(0),
             },

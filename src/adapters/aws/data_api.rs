@@ -166,7 +166,12 @@ fn encode(stmt: &Stmt) -> Result<(String, Vec<SqlParameter>), SqlError> {
             Value::Bool(b) => (Field::BooleanValue(*b), None),
             Value::Text(s) => (Field::StringValue(s.clone()), None),
             Value::Uuid(s) => (Field::StringValue(s.clone()), Some(TypeHint::Uuid)),
-            Value::Timestamp(s) => (Field::StringValue(s.clone()), Some(TypeHint::Timestamp)),
+            // The TIMESTAMP hint takes `YYYY-MM-DD HH:MM:SS[.FFF]` (milliseconds); PostgreSQL keys
+            // carry microseconds. A plain string cast in SQL keeps them exact.
+            Value::Timestamp(s) => {
+                casts.push((name.clone(), "TIMESTAMP"));
+                (Field::StringValue(s.clone()), None)
+            }
         };
         parameters.push(SqlParameter::builder().name(&name).value(field).set_type_hint(hint).build());
     }
