@@ -83,9 +83,44 @@ pub struct FaultyStore {
     counts: Mutex<SqlFaultCounts>,
 }
 
-enum SqlFault {
+/// How a SQL statement fails, if it does: it never ran, or it committed and its answer was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlFault {
     BeforeCommit,
     ResponseLost,
+}
+
+impl SqlFault {
+    /// Runs `stmt` on `store` as `fault` says: normally, not at all (an error), or to its commit
+    /// followed by an error (the answer lost).
+    pub async fn query(fault: Option<SqlFault>, store: &dyn SqlStore, stmt: Stmt) -> Result<Rows, SqlError> {
+        let name = stmt.name;
+        match fault {
+            None => store.query(stmt).await,
+            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the statement ran", name)),
+            Some(SqlFault::ResponseLost) => {
+                store.query(stmt).await?;
+                Err(injected("the statement committed, its response was lost", name))
+            }
+        }
+    }
+
+    /// The same for a transaction (named after its first statement).
+    pub async fn transaction(
+        fault: Option<SqlFault>,
+        store: &dyn SqlStore,
+        stmts: Vec<Stmt>,
+    ) -> Result<Vec<Rows>, SqlError> {
+        let name = stmts.first().map(|s| s.name).unwrap_or("transaction");
+        match fault {
+            None => store.transaction(stmts).await,
+            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the transaction ran", name)),
+            Some(SqlFault::ResponseLost) => {
+                store.transaction(stmts).await?;
+                Err(injected("the transaction committed, its response was lost", name))
+            }
+        }
+    }
 }
 
 impl FaultyStore {
@@ -136,27 +171,12 @@ fn injected(what: &str, name: &str) -> SqlError {
 #[async_trait]
 impl SqlStore for FaultyStore {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
-        let name = stmt.name;
-        match self.roll(name) {
-            None => self.inner.query(stmt).await,
-            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the statement ran", name)),
-            Some(SqlFault::ResponseLost) => {
-                self.inner.query(stmt).await?;
-                Err(injected("the statement committed, its response was lost", name))
-            }
-        }
+        SqlFault::query(self.roll(stmt.name), self.inner.as_ref(), stmt).await
     }
 
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
-        let name = stmts.first().map(|s| s.name).unwrap_or("transaction");
-        match self.roll(name) {
-            None => self.inner.transaction(stmts).await,
-            Some(SqlFault::BeforeCommit) => Err(injected("connection lost before the transaction ran", name)),
-            Some(SqlFault::ResponseLost) => {
-                self.inner.transaction(stmts).await?;
-                Err(injected("the transaction committed, its response was lost", name))
-            }
-        }
+        let fault = self.roll(stmts.first().map(|s| s.name).unwrap_or("transaction"));
+        SqlFault::transaction(fault, self.inner.as_ref(), stmts).await
     }
 }
 

@@ -390,12 +390,8 @@ impl Invoker for RecordingInvoker {
 }
 
 /// When a [`StepStore`] fault strikes: before the statement runs, or after it committed (its
-/// response lost).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strike {
-    BeforeCommit,
-    ResponseLost,
-}
+/// response lost). The same faults, with the same meaning, as the chaos store's.
+pub use baton::local::faults::SqlFault as Strike;
 
 struct Planned {
     statement: &'static str,
@@ -474,24 +470,11 @@ impl SqlStore for StepStore {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
         self.pass_gate(stmt.name).await;
         self.longest_sql.fetch_max(stmt.sql.len() as u64, Ordering::SeqCst);
-        match self.take(stmt.name) {
-            None => self.inner.query(stmt).await,
-            Some(Strike::BeforeCommit) => Err(SqlError::transient("injected fault: connection lost")),
-            Some(Strike::ResponseLost) => {
-                self.inner.query(stmt).await?;
-                Err(SqlError::transient("injected fault: committed, response lost"))
-            }
-        }
+        Strike::query(self.take(stmt.name), self.inner.as_ref(), stmt).await
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
-        match self.take(stmts.first().map(|s| s.name).unwrap_or_default()) {
-            None => self.inner.transaction(stmts).await,
-            Some(Strike::BeforeCommit) => Err(SqlError::transient("injected fault: connection lost")),
-            Some(Strike::ResponseLost) => {
-                self.inner.transaction(stmts).await?;
-                Err(SqlError::transient("injected fault: committed, response lost"))
-            }
-        }
+        let strike = self.take(stmts.first().map(|s| s.name).unwrap_or_default());
+        Strike::transaction(strike, self.inner.as_ref(), stmts).await
     }
 }
 
