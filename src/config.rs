@@ -96,8 +96,14 @@ impl Settings {
         if self.max_pages_per_hop == Some(0) {
             return Err(invalid("settings.max_pages_per_hop", "must be at least 1 (or left out for no cap)"));
         }
-        if self.sweep_interval < Duration::from_millis(50) {
-            return Err(invalid("settings.sweep_interval", "must be at least 50ms"));
+        if self.sweep_interval < Duration::from_millis(50) || self.sweep_interval > Duration::from_secs(24 * 3600) {
+            return Err(invalid("settings.sweep_interval", "must be between 50ms and 24h"));
+        }
+        if self.reserved_concurrency > 10_000 {
+            return Err(invalid(
+                "settings.reserved_concurrency",
+                format!("must be at most 10000, got {}", self.reserved_concurrency),
+            ));
         }
         Ok(())
     }
@@ -156,6 +162,12 @@ pub struct JobConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<serde_json::Value>,
 }
+
+/// Bounds that keep every derived figure (deadlines in ms, hop budgets) far from overflow.
+pub const MAX_RUN_DEADLINE: Duration = Duration::from_secs(366 * 24 * 3600);
+pub const MIN_SEND_RATE: f64 = 0.001;
+pub const MAX_SEND_RATE: f64 = 1_000_000.0;
+const MAX_COUNT: u64 = 1_000_000_000_000;
 
 fn default_time_zone() -> String {
     "UTC".into()
@@ -217,6 +229,10 @@ pub struct NewsletterConfig {
     /// Template variables shared by every message.
     #[serde(default)]
     pub vars: BTreeMap<String, toml::Value>,
+    /// Send to addresses whose local part is not ASCII (needs SMTPUTF8 at the provider and the
+    /// receiver; SES does not offer it). Off: such recipients are `skipped` with the reason.
+    #[serde(default)]
+    pub smtputf8: bool,
 }
 
 fn default_email_column() -> String {
@@ -326,8 +342,19 @@ impl JobConfig {
         {
             return Err(invalid(f("max_failure_percent"), format!("must be between 0 and 100, got {p}")));
         }
-        if self.run_deadline < Duration::from_secs(1) {
-            return Err(invalid(f("run_deadline"), "must be at least 1s"));
+        if self.run_deadline < Duration::from_secs(1) || self.run_deadline > MAX_RUN_DEADLINE {
+            return Err(invalid(
+                f("run_deadline"),
+                format!("must be between 1s and 366days, got {}", humantime::format_duration(self.run_deadline)),
+            ));
+        }
+        if let Some(n) = self.max_failures
+            && n > MAX_COUNT
+        {
+            return Err(invalid(f("max_failures"), format!("must be at most {MAX_COUNT}, got {n}")));
+        }
+        if self.hop_slack > 1_000_000 {
+            return Err(invalid(f("hop_slack"), format!("must be at most 1000000, got {}", self.hop_slack)));
         }
         if let Err(e) = jiff::tz::TimeZone::get(&self.time_zone) {
             return Err(invalid(
@@ -377,8 +404,14 @@ impl NewsletterConfig {
         if self.text.is_none() && self.html.is_none() {
             return Err(invalid(f("text"), "give `text` or `html` (or `text_file` / `html_file`)"));
         }
-        if !(self.send_rate >= 0.0 && self.send_rate.is_finite()) {
-            return Err(invalid(f("send_rate"), "must be a number of messages per second, 0 for no limit"));
+        if !(self.send_rate == 0.0 || (MIN_SEND_RATE..=MAX_SEND_RATE).contains(&self.send_rate)) {
+            return Err(invalid(
+                f("send_rate"),
+                format!(
+                    "must be 0 (no limit) or between {MIN_SEND_RATE} and {MAX_SEND_RATE} messages per second, got {}",
+                    self.send_rate
+                ),
+            ));
         }
         if !(1..=512).contains(&self.in_flight) {
             return Err(invalid(f("in_flight"), format!("must be between 1 and 512, got {}", self.in_flight)));
@@ -392,10 +425,28 @@ impl NewsletterConfig {
                 "must be an http(s) URL (RFC 8058 one-click needs https in production)",
             ));
         }
-        if let Some(s) = &self.unsubscribe_secret
-            && s.len() < 16
+        if let Some(c) =
+            self.unsubscribe_url.chars().find(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"'))
         {
-            return Err(invalid(f("unsubscribe_secret"), "must be at least 16 characters"));
+            return Err(invalid(
+                f("unsubscribe_url"),
+                format!("contains {c:?}, which cannot go into the List-Unsubscribe header: percent-encode it"),
+            ));
+        }
+        if self.unsubscribe_url.len() > 500 {
+            return Err(invalid(f("unsubscribe_url"), "must be at most 500 characters (it goes into a header)"));
+        }
+        if let Some(s) = &self.unsubscribe_secret {
+            check_secret(s).map_err(|m| invalid(f("unsubscribe_secret"), m))?;
+        }
+        if !is_env_name(&self.unsubscribe_secret_env) {
+            return Err(invalid(
+                f("unsubscribe_secret_env"),
+                format!(
+                    "must name an environment variable (letters, digits, `_`), got `{}`",
+                    self.unsubscribe_secret_env.escape_debug()
+                ),
+            ));
         }
         for (name, template) in
             [("subject", Some(&self.subject)), ("text", self.text.as_ref()), ("html", self.html.as_ref())]
@@ -412,4 +463,25 @@ impl NewsletterConfig {
     pub fn secret(&self) -> Option<String> {
         self.unsubscribe_secret.clone().or_else(|| std::env::var(&self.unsubscribe_secret_env).ok())
     }
+}
+
+/// Shortest unsubscribe secret accepted, from the file or the environment alike.
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// Why a secret cannot sign unsubscribe links, if it cannot.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.trim().chars().count() < MIN_SECRET_CHARS {
+        return Err(format!(
+            "must be at least {MIN_SECRET_CHARS} characters (got {}): a short key lets anyone forge unsubscribe \
+             links; e.g. `openssl rand -hex 32`",
+            secret.trim().chars().count()
+        ));
+    }
+    Ok(())
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
 }

@@ -111,6 +111,7 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
             vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
+            smtputf8: false,
         }),
         sql: None,
         params: None,
@@ -123,8 +124,28 @@ const LAST: [&str; 8] = ["Müller", "O'Brien", "García", "Kowalski", "田中", 
 const CITIES: [&str; 6] = ["Zürich", "Kraków", "São Paulo", "Tōkyō", "Reykjavík", "Montréal"];
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 
-/// One synthetic user: sparse ids, unicode names, unique addresses but every 997th invalid and
-/// every 1499th empty.
+/// Names a hostile data source might hold: header injection (CR, LF, a blank line that would
+/// end the headers), NUL, terminal escapes, right-to-left overrides, template syntax, text that
+/// looks like an RFC 2047 encoded word, Unicode line separators, and 100 KB of text. Every
+/// 251st demo user has one; none may change a message's headers.
+pub fn hostile_names() -> Vec<String> {
+    vec![
+        "Eve\r\nBcc: bcc@evil.example".into(),
+        "Eve\nReply-To: reply@evil.example".into(),
+        "Eve\rContent-Type: text/html".into(),
+        "Mallory\r\n\r\n<h1>the body is mine</h1>".into(),
+        "Nul\0byte".into(),
+        "\u{202E}lanretxe\u{202C} RTL".into(),
+        "\u{1b}[2J\u{1b}[31mred".into(),
+        "{{ recipient.email }} {% if true %}x{% endif %}".into(),
+        "=?utf-8?B?QmNjOiBldmlsQGV2aWwuZXhhbXBsZQ==?=".into(),
+        "Line\u{2028}separator\u{85}next".into(),
+        "Big ".to_owned() + &"ß".repeat(50_000),
+    ]
+}
+
+/// One synthetic user: sparse ids, unicode names (every 251st hostile, see [`hostile_names`]),
+/// unique addresses but every 997th invalid and every 1499th empty.
 pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'static str, &'static str) {
     let r = crate::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
     let id = i as i64 * 7 + (r * 7.0) as i64 + 1;
@@ -138,13 +159,18 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
     } else {
         Some(format!("user{id}@example.com"))
     };
-    let name = format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)]);
+    let name = if i % 251 == 250 {
+        let hostile = hostile_names();
+        hostile[(i as usize / 251) % hostile.len()].clone()
+    } else {
+        format!("{} {}", FIRST[pick(FIRST.len(), 1)], LAST[pick(LAST.len(), 2)])
+    };
     (id, email, name, CITIES[pick(CITIES.len(), 3)], PLANS[pick(PLANS.len(), 4)])
 }
 
 /// Creates `table` with `n` synthetic users through the SQL port, so the demo works on any
 /// store. Inserts go in transactions of 8,000 users, so memory stays flat however many users.
-async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> Result<()> {
+async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64, nul_ok: bool) -> Result<()> {
     const ROWS: u32 = 400;
     const PER_TRANSACTION: u32 = 20;
     let mut batch = vec![
@@ -169,6 +195,8 @@ async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64) -> R
             .enumerate()
             .map(|(j, i)| {
                 let (id, email, name, city, plan) = synthetic_user(i, seed);
+                // PostgreSQL text cannot hold NUL: there, such data cannot reach baton at all.
+                let name = if nul_ok { name } else { name.replace('\0', "") };
                 params.push(format!("i{j}"), id);
                 params.push(format!("e{j}"), email);
                 params.push(format!("n{j}"), name);
@@ -275,7 +303,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         let place = if embedded { dir.join("baton.db").display().to_string() } else { format!("table {table}") };
         eprintln!("Creating {} synthetic users in {place} ...", args.users);
     }
-    create_users(store.as_ref(), table, args.users, args.seed).await?;
+    create_users(store.as_ref(), table, args.users, args.seed, embedded).await?;
     let mut outbox_ambiguous = None;
     let mailer: Arc<dyn Mailer> = match common.mailer {
         MailerKind::Outbox => {
@@ -442,7 +470,7 @@ fn check(
     let (mut valid, mut missed) = (0, 0);
     for i in 0..users {
         let (id, email, ..) = synthetic_user(i, seed);
-        let Some(email) = email.filter(|e| crate::mail::check_address(e).is_ok()) else {
+        let Some(email) = email.filter(|e| crate::mail::deliverable(e, false).is_ok()) else {
             continue;
         };
         valid += 1;

@@ -422,7 +422,8 @@ impl Engine {
         match per_item {
             Some(s) => {
                 let page_secs = s * config.chains as f64 * config.page_size as f64;
-                (page_secs / usable.as_secs_f64().max(0.001)).ceil().max(1.0) as i64 + 1
+                // Bounded: validated rates keep this far below the cap, which guards the arithmetic.
+                (page_secs / usable.as_secs_f64().max(0.001)).ceil().clamp(1.0, 1e9) as i64 + 1
             }
             None => 1,
         }

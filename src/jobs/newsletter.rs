@@ -39,6 +39,12 @@ pub struct Newsletter {
     mailer: Arc<dyn Mailer>,
     clock: Arc<dyn Clock>,
     limiter: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
+    /// `recipient.COLUMN` names each template uses, checked against the source's columns.
+    recipient_columns: Vec<(&'static str, String)>,
+}
+
+fn name_of_job(prefix: &str) -> &str {
+    prefix.strip_prefix("jobs.").and_then(|p| p.strip_suffix(".newsletter")).unwrap_or(prefix)
 }
 
 fn invalid(field: String, message: impl Into<String>) -> JobError {
@@ -55,12 +61,24 @@ impl Newsletter {
         let secret = deps.secret.clone().ok_or_else(|| {
             invalid(
                 format!("{prefix}.unsubscribe_secret"),
-                format!("not set: set it in the config or in the environment variable {}", n.unsubscribe_secret_env),
+                format!(
+                    "not set: export {}=\"$(openssl rand -hex 32)\" (or set `unsubscribe_secret_env` to the variable \
+                     that holds it); it signs the one-click unsubscribe links",
+                    n.unsubscribe_secret_env
+                ),
             )
         })?;
+        if let Err(message) = crate::config::check_secret(&secret) {
+            let field = match n.unsubscribe_secret {
+                Some(_) => format!("{prefix}.unsubscribe_secret"),
+                None => format!("{prefix}.unsubscribe_secret_env ({})", n.unsubscribe_secret_env),
+            };
+            return Err(invalid(field, message));
+        }
         let from = mail::parse_mailbox(&n.from).map_err(|e| invalid(format!("{prefix}.from"), e))?;
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut recipient_columns = Vec::new();
         for (field, file) in TEMPLATES {
             let source = match field {
                 "subject" => Some(n.subject.clone()),
@@ -71,10 +89,11 @@ impl Newsletter {
                 env.add_template_owned(file, source)
                     .map_err(|e| invalid(format!("{prefix}.{field}"), format!("template does not parse: {e}")))?;
                 let tmpl = env.get_template(file).expect("just added");
+                let builtins: Vec<&str> = env.globals().map(|(name, _)| name).collect();
                 let unknown: Vec<String> = tmpl
                     .undeclared_variables(false)
                     .into_iter()
-                    .filter(|v| !CONTEXT_NAMES.contains(&v.as_str()))
+                    .filter(|v| !CONTEXT_NAMES.contains(&v.as_str()) && !builtins.contains(&v.as_str()))
                     .collect();
                 if !unknown.is_empty() {
                     return Err(invalid(
@@ -85,6 +104,27 @@ impl Newsletter {
                             CONTEXT_NAMES.join(", ")
                         ),
                     ));
+                }
+                for name in tmpl.undeclared_variables(true) {
+                    match name.split_once('.') {
+                        Some(("vars", var)) if !n.vars.contains_key(var) => {
+                            return Err(invalid(
+                                format!("{prefix}.{field}"),
+                                format!(
+                                    "template uses `vars.{var}`, which [jobs.{name_}.newsletter.vars] does not define; \
+                                     defined: {}",
+                                    if n.vars.is_empty() {
+                                        "(none)".to_owned()
+                                    } else {
+                                        n.vars.keys().cloned().collect::<Vec<_>>().join(", ")
+                                    },
+                                    name_ = name_of_job(&prefix)
+                                ),
+                            ));
+                        }
+                        Some(("recipient", column)) => recipient_columns.push((field, column.to_owned())),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -99,6 +139,7 @@ impl Newsletter {
             mailer: deps.mailer.clone(),
             clock: deps.clock.clone(),
             limiter: Mutex::new(None),
+            recipient_columns,
             config: n,
         })
     }
@@ -126,7 +167,8 @@ impl Newsletter {
             }
         }
         let [subject, text, html] = out;
-        Ok(Rendered { subject: subject.unwrap_or_default().trim().to_owned(), text, html, unsubscribe_url })
+        // The subject is a header: data in it cannot start headers of its own.
+        Ok(Rendered { subject: mail::header_text(&subject.unwrap_or_default()), text, html, unsubscribe_url })
     }
 
     fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
@@ -141,7 +183,6 @@ impl Newsletter {
         let raw = mail::build(&mail::Message {
             from: (self.from.0.as_deref(), &self.from.1),
             to: address,
-            to_name: None,
             subject: &r.subject,
             text: r.text.as_deref(),
             html: r.html.as_deref(),
@@ -196,6 +237,15 @@ impl ItemJob for Newsletter {
                 format!("the source query has no column `{email}`; its columns are: {}", columns.join(", ")),
             ));
         }
+        if let Some((field, column)) = self.recipient_columns.iter().find(|(_, c)| !columns.contains(c)) {
+            return Err(invalid(
+                self.field(field),
+                format!(
+                    "template uses `recipient.{column}`, but the source query has no column `{column}`; its columns are: {}",
+                    columns.join(", ")
+                ),
+            ));
+        }
         if let Some(item) = sample {
             let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
             self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
@@ -227,9 +277,10 @@ impl ItemJob for Newsletter {
             v if v.is_null() => return ItemOutcome::Skipped("no address".into()),
             v => v.to_string().trim().to_owned(),
         };
-        if let Err(reason) = mail::check_address(&address) {
-            return ItemOutcome::Skipped(format!("invalid address: {reason}"));
-        }
+        let address = match mail::deliverable(&address, self.config.smtputf8) {
+            Ok(a) => a,
+            Err(reason) => return ItemOutcome::Skipped(format!("invalid address: {reason}")),
+        };
         let rendered = match self.render(item, &cx.run_key, &address) {
             Ok(r) => r,
             Err((field, message)) => return ItemOutcome::Failed(format!("{field}: {message}")),

@@ -1,5 +1,11 @@
 //! Building newsletter messages: addresses, RFC 5322 bytes (`mail-builder`), and the signed
 //! one-click unsubscribe link (RFC 8058: `List-Unsubscribe` + `List-Unsubscribe-Post`).
+//!
+//! Nothing from data reaches a header raw: header text ([`header_text`]) has its control
+//! characters (CR, LF, NUL, ESC, ...) folded into spaces and is RFC 2047-encoded by
+//! `mail-builder`; addresses are checked and their domains IDNA-encoded ([`deliverable`]);
+//! display names and the unsubscribe base come from the validated config, which refuses control
+//! characters. `tests/engine/mime.rs` parses hostile messages with an independent parser.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,6 +17,9 @@ use sha2::Sha256;
 /// Splits `Name <address>` or `address` and checks the address.
 pub fn parse_mailbox(s: &str) -> Result<(Option<String>, String), String> {
     let s = s.trim();
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!("contains the control character {:?}; a header cannot carry it", c));
+    }
     let (name, addr) = match (s.rfind('<'), s.ends_with('>')) {
         (Some(open), true) => {
             let name = s[..open].trim().trim_matches('"').trim();
@@ -35,6 +44,52 @@ pub fn check_address(addr: &str) -> Result<(), String> {
         Ok(_) => Err(format!("`{addr}` has no dot in its domain")),
         Err(e) => Err(format!("`{addr}` is not a valid address: {e}")),
     }
+}
+
+/// Longest subject kept (RFC 5322's line limit; `mail-builder` folds and encodes within it).
+pub const MAX_SUBJECT_CHARS: usize = 998;
+
+/// Text fit for an unstructured header: every run of control characters (CR, LF, TAB, NUL, ESC,
+/// NEL, ...) and Unicode line or paragraph separators becomes one space, so data can neither
+/// start a header of its own nor end the header block; trimmed and cut to
+/// [`MAX_SUBJECT_CHARS`].
+pub fn header_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_SUBJECT_CHARS));
+    let mut gap = false;
+    for c in s.chars() {
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            gap = true;
+            continue;
+        }
+        if gap && !out.is_empty() {
+            out.push(' ');
+        }
+        gap = false;
+        out.push(c);
+    }
+    let out = out.trim();
+    match out.char_indices().nth(MAX_SUBJECT_CHARS) {
+        Some((cut, _)) => out[..cut].trim_end().to_owned(),
+        None => out.to_owned(),
+    }
+}
+
+/// The address as it goes on the wire, or why it cannot be mailed: checked by
+/// [`check_address`], its domain IDNA-encoded (`zoë@bücher.de` goes out as
+/// `zoë@xn--bcher-kva.de`), and a local part that is not ASCII refused unless `smtputf8` (it
+/// needs the SMTPUTF8 extension, which SES and many receivers do not offer).
+pub fn deliverable(addr: &str, smtputf8: bool) -> Result<String, String> {
+    let addr = addr.trim();
+    check_address(addr)?;
+    let (local, domain) = addr.rsplit_once('@').ok_or_else(|| format!("`{addr}` has no @"))?;
+    if !local.is_ascii() && !smtputf8 {
+        return Err(format!(
+            "the local part `{local}` is not ASCII and needs SMTPUTF8 (set `smtputf8 = true` if your provider \
+             and your recipients' servers accept it)"
+        ));
+    }
+    let domain = idna::domain_to_ascii(domain).map_err(|e| format!("the domain of `{addr}` is not valid IDNA: {e}"))?;
+    Ok(format!("{local}@{domain}"))
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -75,7 +130,6 @@ pub fn verify_unsubscribe(secret: &str, job: &str, r: &str, sig: &str) -> Option
 pub struct Message<'a> {
     pub from: (Option<&'a str>, &'a str),
     pub to: &'a str,
-    pub to_name: Option<&'a str>,
     pub subject: &'a str,
     pub text: Option<&'a str>,
     pub html: Option<&'a str>,
@@ -86,19 +140,17 @@ pub struct Message<'a> {
 
 /// The complete RFC 5322 message.
 pub fn build(m: &Message<'_>) -> std::io::Result<Vec<u8>> {
+    let from_name = m.from.0.map(header_text).filter(|n| !n.is_empty());
     let mut b = MessageBuilder::new()
-        .from(match m.from.0 {
-            Some(name) => (name, m.from.1).into(),
+        .from(match &from_name {
+            Some(name) => (name.as_str(), m.from.1).into(),
             None => mail_builder::headers::address::Address::from(m.from.1),
         })
-        .to(match m.to_name {
-            Some(name) if !name.is_empty() => (name, m.to).into(),
-            _ => mail_builder::headers::address::Address::from(m.to),
-        })
-        .subject(m.subject)
+        .to(mail_builder::headers::address::Address::from(m.to))
+        .header("Subject", subject_header(m.subject))
         .message_id(m.message_id)
         .date(m.date)
-        .header("List-Unsubscribe", Raw::new(format!("<{}>", m.unsubscribe_url)))
+        .header("List-Unsubscribe", Raw::new(format!("<{}>", url_for_header(m.unsubscribe_url)?)))
         .header("List-Unsubscribe-Post", Raw::new("List-Unsubscribe=One-Click"));
     if let Some(t) = m.text {
         b = b.text_body(t);
@@ -107,6 +159,37 @@ pub fn build(m: &Message<'_>) -> std::io::Result<Vec<u8>> {
         b = b.html_body(h);
     }
     b.write_to_vec()
+}
+
+/// The subject header: [`header_text`], RFC 2047-encoded by `mail-builder`, except that text
+/// which itself looks like an encoded word (`=?utf-8?B?...?=`) is always encoded, so a reader
+/// shows it as typed instead of decoding it into something else.
+fn subject_header(subject: &str) -> mail_builder::headers::HeaderType<'static> {
+    let text = header_text(subject);
+    if !text.contains("=?") {
+        return mail_builder::headers::text::Text::new(text).into();
+    }
+    // Encoded words of at most 45 bytes (60 encoded), split on character boundaries, folded.
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in text.chars() {
+        if chunk.len() + c.len_utf8() > 45 {
+            words.push(format!("=?utf-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(&chunk)));
+            chunk.clear();
+        }
+        chunk.push(c);
+    }
+    words.push(format!("=?utf-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(&chunk)));
+    Raw::new(words.join("\r\n ")).into()
+}
+
+/// A URL bound for a header inside `<...>`: refused if it holds anything that could end the
+/// header or the bracket (the config check refuses such a base already; this is the backstop).
+fn url_for_header(url: &str) -> std::io::Result<&str> {
+    match url.chars().find(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"')) {
+        Some(c) => Err(std::io::Error::other(format!("the unsubscribe URL contains {c:?}"))),
+        None => Ok(url),
+    }
 }
 
 #[cfg(test)]
@@ -142,7 +225,6 @@ mod tests {
         let raw = build(&Message {
             from: (Some("News"), "news@example.com"),
             to: "a@example.com",
-            to_name: Some("Zoë"),
             subject: "Hello Zoë",
             text: Some("hi"),
             html: Some("<p>hi</p>"),
@@ -155,5 +237,39 @@ mod tests {
         assert!(s.contains("List-Unsubscribe: <https://x.test/u?r=1>\r\n"), "{s}");
         assert!(s.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"));
         assert!(s.contains("Message-ID: <m1@baton>"));
+    }
+
+    #[test]
+    fn a_subject_that_looks_encoded_is_encoded() {
+        let raw = build(&Message {
+            from: (None, "news@example.com"),
+            to: "a@example.com",
+            subject: "=?utf-8?B?QmNj?=",
+            text: Some("hi"),
+            html: None,
+            unsubscribe_url: "https://x.test/u",
+            message_id: "m1@baton",
+            date: 0,
+        })
+        .unwrap();
+        let s = String::from_utf8(raw).unwrap();
+        assert!(s.contains("Subject: =?utf-8?B?PT91dGYtOD9CP1FtTmo/PQ==?=\r\n"), "{s}");
+    }
+
+    #[test]
+    fn header_text_folds_control_characters() {
+        assert_eq!(header_text("Eve\r\nBcc: x@evil.com"), "Eve Bcc: x@evil.com");
+        assert_eq!(header_text("a\r\n\r\nbody\0\u{1b}[2J"), "a body [2J");
+        assert_eq!(header_text("  \tZoë\u{2028}ü  "), "Zoë ü");
+        assert_eq!(header_text(&"x".repeat(5000)).len(), MAX_SUBJECT_CHARS);
+    }
+
+    #[test]
+    fn deliverable_addresses_are_ascii_on_the_wire() {
+        assert_eq!(deliverable("zoe@bücher.de", false).unwrap(), "zoe@xn--bcher-kva.de");
+        assert!(deliverable("zoë@example.com", false).unwrap_err().contains("SMTPUTF8"));
+        assert_eq!(deliverable("zoë@example.com", true).unwrap(), "zoë@example.com");
+        assert!(deliverable("a\r\nBcc: x@y.com", false).is_err());
+        assert!(parse_mailbox("News\r\nBcc: x@y.com <n@example.com>").unwrap_err().contains("control"));
     }
 }

@@ -24,7 +24,6 @@ fn mail() -> OutgoingMail {
     let raw = baton::mail::build(&baton::mail::Message {
         from: (Some("News"), "news@example.com"),
         to: "zoë@example.com",
-        to_name: None,
         subject: "Hi",
         text: Some("hello"),
         html: None,

@@ -8,6 +8,7 @@ mod cases;
 mod cli;
 mod fakes;
 mod lambda_mode;
+mod mime;
 mod moto;
 mod support;
 

@@ -154,6 +154,7 @@ pub fn newsletter_job(page_size: u32, chains: u32) -> JobConfig {
             unsubscribe_secret_env: "BATON_TEST_NO_SUCH_VAR".into(),
             configuration_set: None,
             vars: Default::default(),
+            smtputf8: false,
         }),
         sql: None,
         params: None,
