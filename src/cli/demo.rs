@@ -18,6 +18,7 @@ use crate::adapters::aws::ses::SesMailer;
 use crate::config::{Config, JobConfig, NewsletterConfig, Settings};
 use crate::engine::Outcome;
 use crate::engine::run::RunStatus;
+use crate::engine::state::RunState;
 use crate::jobs::KindRegistry;
 use crate::local::driver::{LocalParts, LocalRuntime};
 use crate::local::faults::{Faults, FaultyStore, SqlFaultCounts};
@@ -28,10 +29,15 @@ use crate::sql::{Params, SqlStore, Stmt};
 
 pub const JOB: &str = "monthly-newsletter";
 
+/// The config the demo ran with, written into its data dir (with the demo's own unsubscribe
+/// secret): `baton resume` finds it there, and it is a starting point for a job of your own.
+pub const CONFIG_FILE: &str = "demo.toml";
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Synthetic users to create (a few have deliberately invalid or empty addresses).
-    #[arg(long, default_value_t = 10_000)]
+    /// Synthetic users to create (a few have deliberately invalid or empty addresses, and a few
+    /// hostile names).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub users: u32,
     /// Worker chains (the run's concurrency).
     #[arg(long, default_value_t = 4)]
@@ -61,8 +67,66 @@ pub struct DemoArgs {
     /// Seed for the synthetic users and the fault schedule: the same seed, the same run.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Replace a --data-dir that holds files the demo did not create (the demo starts from an
+    /// empty `baton.db` and `outbox/` every time; without this it refuses to delete anything
+    /// else).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// What a demo leaves in its data dir, and may therefore replace.
+const DEMO_FILES: [&str; 7] =
+    ["baton.db", "baton.db-wal", "baton.db-shm", "baton.db-journal", "outbox", CONFIG_FILE, MARKER];
+/// Marks a data dir the demo created.
+const MARKER: &str = ".baton-demo";
+
+/// Refuses (unless `force`) to clear a data dir holding anything a demo did not create: another
+/// run's `baton.db`, or files of the user's.
+fn check_data_dir_is_the_demos(dir: &std::path::Path, force: bool) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.with_context(|| format!("cannot read --data-dir {}", dir.display()))?,
+    };
+    let names: Vec<String> =
+        entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() || force {
+        return Ok(());
+    }
+    let foreign: Vec<&String> = names.iter().filter(|n| !DEMO_FILES.contains(&n.as_str())).collect();
+    let why = if !foreign.is_empty() {
+        format!(
+            "holds files the demo did not create ({})",
+            foreign.iter().take(5).map(|n| super::printable(n)).collect::<Vec<_>>().join(", ")
+        )
+    } else if !names.iter().any(|n| n == MARKER) {
+        "holds a baton.db that a demo did not create (runs of your own jobs?)".to_owned()
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "--data-dir {} {why}; the demo replaces its data dir. Choose another --data-dir (or BATON_DATA_DIR), or pass \
+         --force to replace it anyway",
+        dir.display()
+    )
+}
+
+/// Writes the demo's config (with its secret, which guards nothing real) to `DATA_DIR/demo.toml`.
+fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &str) -> Result<()> {
+    let mut value = toml::Value::try_from(config).context("the demo config serialises")?;
+    if let Some(n) = value.get_mut("jobs").and_then(|j| j.get_mut(JOB)).and_then(|j| j.get_mut("newsletter"))
+        && let Some(table) = n.as_table_mut()
+    {
+        table.insert("unsubscribe_secret".into(), toml::Value::String(secret.to_owned()));
+    }
+    let text = format!(
+        "# Written by `baton demo`: the job it ran. `baton resume` reads it from here; copy it as a\n\
+         # start for a job of your own (README.md, \"Your own job\").\n{}",
+        toml::to_string_pretty(&value).context("the demo config serialises")?
+    );
+    std::fs::write(dir.join(CONFIG_FILE), text)
+        .with_context(|| format!("cannot write {}", dir.join(CONFIG_FILE).display()))
 }
 
 /// The demo's job: what a user's `baton.toml` would hold.
@@ -107,7 +171,7 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
             in_flight: 32,
             max_attempts: 8,
             unsubscribe_url: "https://baton.example/unsubscribe".into(),
-            unsubscribe_secret: Some(format!("demo-secret-{:016x}", args.seed)),
+            unsubscribe_secret: Some(demo_secret(args.seed)),
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
             vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
@@ -115,6 +179,31 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
         }),
         sql: None,
         params: None,
+    }
+}
+
+/// The demo's unsubscribe key: it signs links to `baton.example`, so it guards nothing.
+fn demo_secret(seed: u64) -> String {
+    format!("demo-secret-{seed:016x}")
+}
+
+/// A config error in the demo's own job, told in terms of the demo's flags.
+fn demo_flag_error(e: crate::config::ConfigError) -> String {
+    let text = e.to_string();
+    let flag = [
+        ("page_size", "--page-size"),
+        ("chains", "--chains"),
+        ("send_rate", "--send-rate"),
+        ("hop_timeout", "--hop-timeout"),
+        ("hop_margin", "--hop-timeout"),
+        ("sweep_interval", "--hop-timeout"),
+        ("reserved_concurrency", "--chains"),
+    ]
+    .into_iter()
+    .find(|(field, _)| text.contains(&format!(".{field}:")));
+    match flag {
+        Some((_, flag)) => format!("{flag}: {}", text.split_once(": ").map(|(_, m)| m).unwrap_or(&text)),
+        None => text,
     }
 }
 
@@ -262,15 +351,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     if common.invoker != InvokerKind::Local {
         bail!("the demo runs its chains in this process: use `--invoker local` (the default)");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
     let embedded = common.store_kind() == StoreKind::Sqlite;
-    if embedded {
-        for stale in ["baton.db", "baton.db-wal", "baton.db-shm"] {
-            let _ = std::fs::remove_file(dir.join(stale));
-        }
-    }
-    let outbox_dir = dir.join("outbox");
-    let _ = std::fs::remove_dir_all(&outbox_dir);
     // On a shared database the demo never touches a `users` table of yours, and each demo is a
     // run of its own.
     let (table, run_key) = if embedded {
@@ -278,23 +359,37 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     } else {
         ("baton_demo_users", format!("demo-{}", SystemClock.now_ms()))
     };
-
+    // Everything is checked before anything is deleted or created.
     let job = demo_job(&args, table);
     let settings = Settings {
         hop_timeout: args.hop_timeout,
         hop_margin: args.hop_timeout * 2 / 5,
         sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
-        reserved_concurrency: args.chains * 2 + 2,
+        reserved_concurrency: args.chains.saturating_mul(2).saturating_add(2).min(10_000),
         max_pages_per_hop: Some(args.pages_per_hop),
     };
     let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
-    config.validate()?;
+    config.validate().map_err(|e| anyhow::anyhow!("{}", demo_flag_error(e)))?;
+    check_data_dir_is_the_demos(dir, args.force)?;
+
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "created by `baton demo`; it may replace this folder\n")
+        .with_context(|| format!("cannot write to --data-dir {}", dir.display()))?;
+    if embedded {
+        for stale in ["baton.db", "baton.db-wal", "baton.db-shm", "baton.db-journal"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+    }
+    let outbox_dir = dir.join("outbox");
+    let _ = std::fs::remove_dir_all(&outbox_dir);
+    let secret = demo_secret(args.seed);
+    write_demo_config(dir, &config, &secret)?;
     let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
-    let store = open_store(common).await?;
+    let store = open_store(common, true).await?;
     let concurrent_migrations = if args.chaos {
         // Cold starts of a fan-out migrate at once: eight more stores, each migrating.
-        let others = futures::future::join_all((0..8).map(|_| open_store(common))).await;
+        let others = futures::future::join_all((0..8).map(|_| open_store(common, true))).await;
         others.into_iter().collect::<Result<Vec<_>>>()?.len()
     } else {
         0
@@ -351,6 +446,18 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         ))
     });
     let status = local.drive(&run_id, show).await?;
+    if status.status == RunState::Paused {
+        // Not a failed check: the run stopped where asked, and continues from there.
+        print_status(&status, common.json);
+        eprintln!(
+            "Paused with {} of {} items settled. `baton resume --data-dir {}` continues it (the demo's config is in {}).",
+            status.done + status.failed + status.skipped + status.unknown,
+            status.total,
+            dir.display(),
+            dir.join(CONFIG_FILE).display()
+        );
+        return Ok(ExitCode::from(3));
+    }
     let duplicate_keys = match twin {
         Some(task) => task.await.unwrap_or(Ok(None))?.into_iter().collect(),
         None => Vec::new(),

@@ -5,7 +5,7 @@
 pub mod demo;
 pub mod wiring;
 
-use wiring::{InvokerKind, Runtime};
+use wiring::{InvokerKind, Runtime, Use};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,9 @@ use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
 use crate::engine::state::RunState;
 use crate::engine::{Engine, Outcome};
+
+/// `--config` when not given.
+pub const DEFAULT_CONFIG: &str = "baton.toml";
 
 const ABOUT: &str = "Large batch jobs as self-invoking worker chains: on AWS Lambda, or on one machine.";
 
@@ -53,7 +56,7 @@ pub struct Common {
     #[arg(long, env = "BATON_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// The configuration file.
-    #[arg(long, env = "BATON_CONFIG", default_value = "baton.toml", global = true)]
+    #[arg(long, env = "BATON_CONFIG", default_value = DEFAULT_CONFIG, global = true)]
     pub config: PathBuf,
     /// Where state and job sources live (default: sqlite, or postgres when --database-url is given).
     #[arg(long, env = "BATON_STORE", value_enum, global = true)]
@@ -172,6 +175,13 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    // Output piped into `head` and the like ends quietly when the reader goes, as with other
+    // command-line tools, instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let verbose = match &cli.command {
         Command::Demo(a) => a.common.verbose,
@@ -218,14 +228,18 @@ fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
         Command::Run { job, run_key, common } => {
-            let local = Runtime::open(&common, true).await?;
+            let local = Runtime::open(&common, Use::Create).await?;
             let started = local.engine().start(&job, run_key.as_deref()).await?;
             let Outcome::Started { run_id, existing, .. } = &started else { unreachable!() };
             if *existing {
@@ -241,7 +255,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             finish(&local, run_id, &common).await
         }
         Command::Status { run_id, list, common } => {
-            let rt = Runtime::open(&common, false).await?;
+            let rt = Runtime::open(&common, Use::Inspect).await?;
             let engine = rt.engine();
             let Some(status) = engine.status(run_id.as_deref()).await? else {
                 bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
@@ -266,13 +280,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Pause { run_id, common } => control(&common, run_id, ControlAction::Pause).await,
         Command::Cancel { run_id, common } => control(&common, run_id, ControlAction::Cancel).await,
         Command::Resume { run_id, common } => {
-            let local = Runtime::open(&common, true).await?;
+            let local = Runtime::open(&common, Use::Operate).await?;
             let id = latest_or(local.engine(), run_id, &common).await?;
             local.engine().control(&id, ControlAction::Resume).await?;
             finish(&local, &id, &common).await
         }
         Command::Sweep { common } => {
-            let local = Runtime::open(&common, true).await?;
+            let local = Runtime::open(&common, Use::Operate).await?;
             let report = local.engine().sweep().await?;
             if common.json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -299,7 +313,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                      --function NAME` to run the chains in Lambda"
                 );
             }
-            let rt = Runtime::open(&common, true).await?;
+            let rt = Runtime::open(&common, Use::Create).await?;
             let outcome = rt.engine().start(&job, run_key.as_deref()).await?;
             if common.json {
                 println!("{}", serde_json::to_string(&outcome)?);
@@ -327,16 +341,21 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Preview { job, key, common } => {
-            let rt = Runtime::open(&common, true).await?;
+            let rt = Runtime::open(&common, Use::Preview).await?;
             let engine = rt.engine();
             match engine.preview(&job, key.as_deref()).await? {
                 None => bail!("no recipient found{}", key.map(|k| format!(" with key {k}")).unwrap_or_default()),
                 Some(r) if common.json => println!(
                     "{}",
-                    serde_json::json!({"subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
+                    serde_json::json!({"to": r.to, "subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
                 ),
                 Some(r) => {
-                    println!("Subject: {}\nList-Unsubscribe: <{}>\n", r.subject, r.unsubscribe_url);
+                    println!(
+                        "To: {}\nSubject: {}\nList-Unsubscribe: <{}>\n",
+                        printable(&r.to),
+                        printable(&r.subject),
+                        r.unsubscribe_url
+                    );
                     if let Some(t) = r.text {
                         println!("--- text ---\n{t}");
                     }
@@ -351,7 +370,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 async fn control(common: &Common, run_id: Option<String>, action: ControlAction) -> Result<ExitCode> {
-    let rt = Runtime::open(common, false).await?;
+    let rt = Runtime::open(common, Use::Inspect).await?;
     let engine = rt.engine();
     let id = latest_or(engine, run_id, common).await?;
     let outcome = engine.control(&id, action).await?;
@@ -376,13 +395,28 @@ async fn latest_or(engine: &Engine, run_id: Option<String>, common: &Common) -> 
 async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCode> {
     let status = local.drive(run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
     print_status(&status, common.json);
+    if !common.json {
+        eprintln!("{}", wiring::where_mail_goes(common));
+    }
     Ok(exit_for(&status))
 }
 
 /// Data shown on a terminal with its control characters (ESC, CR, LF, ...) escaped, so a
 /// hostile value cannot move the cursor or fake lines.
-fn printable(s: &str) -> String {
-    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+/// Bidirectional overrides and line separators count too: they reorder or break what the
+/// terminal shows (CVE-2021-42574, "Trojan Source").
+pub fn printable(s: &str) -> String {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    };
+    s.chars()
+        .flat_map(|c| match c {
+            c if c.is_control() => c.escape_default().collect::<Vec<_>>(),
+            c if hostile(c) => c.escape_unicode().collect(),
+            c => vec![c],
+        })
+        .collect()
 }
 
 fn exit_for(status: &RunStatus) -> ExitCode {
@@ -405,9 +439,9 @@ pub fn print_status(s: &RunStatus, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
     }
-    println!("run {} of `{}` ({}): {}", s.run_id, s.job, s.run_key, s.status);
+    println!("run {} of `{}` ({}): {}", printable(&s.run_id), printable(&s.job), printable(&s.run_key), s.status);
     if let Some(r) = &s.reason {
-        println!("  reason:  {r}");
+        println!("  reason:  {}", printable(r));
     }
     println!(
         "  items:   {} total | {} done | {} failed | {} skipped | {} unknown | {} pending",
@@ -430,10 +464,10 @@ pub fn print_status(s: &RunStatus, json: bool) {
             c.hops,
             c.hop_budget,
             c.restarts,
-            c.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            c.reason.as_deref().map(|r| format!(" ({})", printable(r))).unwrap_or_default()
         );
         if let Some(w) = &c.warning {
-            println!("      warning: {w}");
+            println!("      warning: {}", printable(w));
         }
     }
 }
@@ -443,6 +477,7 @@ mod tests {
     #[test]
     fn control_characters_from_data_are_escaped_on_the_terminal() {
         assert_eq!(super::printable("Eve\u{1b}[2J\r\nBcc: x"), "Eve\\u{1b}[2J\\r\\nBcc: x");
+        assert_eq!(super::printable("a\u{202E}b"), "a\\u{202e}b");
         assert_eq!(super::printable("Zoë 田中"), "Zoë 田中");
     }
 }

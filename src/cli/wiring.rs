@@ -64,14 +64,48 @@ async fn shared_aws() -> aws_config::SdkConfig {
     aws_config::load_from_env().await
 }
 
-/// The state store chosen by the flags, migrated.
-pub async fn open_store(common: &Common) -> Result<Arc<dyn SqlStore>> {
+/// What a command may do to the embedded state: commands that only look at or steer existing
+/// runs never create a data dir or a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// `status`, `pause`, `cancel`: existing state; a config file if there is one.
+    Inspect,
+    /// `resume`, `sweep`: existing state, and the config (or the run's snapshot) to send with.
+    Operate,
+    /// `preview`: existing state and sources, and the job's config.
+    Preview,
+    /// `run`, `start`: may create the state; the job's config is required.
+    Create,
+}
+
+impl Use {
+    fn creates(self) -> bool {
+        self == Use::Create
+    }
+
+    fn needs_config(self) -> bool {
+        matches!(self, Use::Create | Use::Preview)
+    }
+}
+
+/// The state store chosen by the flags, migrated. With `create` false, a missing SQLite
+/// database is an error and nothing is created.
+pub async fn open_store(common: &Common, create: bool) -> Result<Arc<dyn SqlStore>> {
     let kind = common.store_kind();
     let store: Arc<dyn SqlStore> = match kind {
         StoreKind::Sqlite => {
+            let db = common.data_dir.join("baton.db");
+            if !create && !db.exists() {
+                bail!(
+                    "no baton state in {}: {} does not exist. Start with `baton demo` or `baton run JOB` \
+                     (or pass the --data-dir / BATON_DATA_DIR of an earlier run)",
+                    common.data_dir.display(),
+                    db.display()
+                );
+            }
             std::fs::create_dir_all(&common.data_dir)
                 .with_context(|| format!("cannot create --data-dir {}", common.data_dir.display()))?;
-            Arc::new(SqliteStore::open(&common.data_dir.join("baton.db"))?)
+            Arc::new(SqliteStore::open(&db)?)
         }
         StoreKind::Postgres => {
             let Some(url) = &common.database_url else {
@@ -110,8 +144,26 @@ async fn open_mailer(common: &Common) -> Result<Arc<dyn Mailer>> {
     })
 }
 
+/// The config file; when `--config` is left at its default and `baton.toml` is missing, the
+/// config a demo wrote into the data dir (`DATA_DIR/demo.toml`), so a paused demo resumes.
+/// One line saying where this command's mail went.
+pub fn where_mail_goes(common: &Common) -> String {
+    match common.mailer {
+        MailerKind::Outbox => format!(
+            "  mail:    one .eml file per message in {} (the embedded outbox; `--mailer ses` sends through SES)",
+            common.data_dir.join("outbox").display()
+        ),
+        MailerKind::Ses => format!(
+            "  mail:    sent through SES v2{}",
+            common.ses_configuration_set.as_deref().map(|c| format!(", configuration set {c}")).unwrap_or_default()
+        ),
+    }
+}
+
 pub fn load_config(common: &Common, required: bool) -> Result<Config> {
-    let path = &common.config;
+    let demo = common.data_dir.join(super::demo::CONFIG_FILE);
+    let defaulted = common.config == std::path::Path::new(super::DEFAULT_CONFIG);
+    let path = if defaulted && !common.config.exists() && demo.exists() { &demo } else { &common.config };
     if !path.exists() {
         if !required {
             return Ok(Config::default());
@@ -131,9 +183,9 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    pub async fn open(common: &Common, config_required: bool) -> Result<Runtime> {
-        let config = load_config(common, config_required)?;
-        let store = open_store(common).await?;
+    pub async fn open(common: &Common, use_: Use) -> Result<Runtime> {
+        let config = load_config(common, use_.needs_config())?;
+        let store = open_store(common, use_.creates()).await?;
         let mailer = open_mailer(common).await?;
         Ok(match common.invoker {
             InvokerKind::Local => Runtime::Local(LocalRuntime::start(LocalParts {

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::state::{ChainState, ItemState, RunState, State};
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
-use crate::sql::{Record, statements as st};
+use crate::sql::{KeyType, Record, statements as st};
 
 /// A leased page.
 struct Page {
@@ -92,14 +92,29 @@ impl Engine {
         // The fork guard: only one delivery of hop `hop` gets past this. The token tells this
         // invocation's own re-run of the statement apart from another delivery.
         let token = uuid::Uuid::new_v4().simple().to_string();
-        if self.sql(st::start_hop(run_id, chain, hop, &token, now)).await?.rows.is_empty() {
+        let started = self.sql(st::start_hop(run_id, chain, hop, &token, now)).await?;
+        let Some(send_after) = started.first().map(|r| r.get("send_after").as_i64()) else {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
-        }
+        };
         tracing::debug!("hop started");
-        let job = self.build_job(&run.job, &run.job_config)?;
+        let job = match self.build_job(&run.job, &run.job_config) {
+            Ok(job) => job,
+            Err(e) => {
+                // This environment cannot run the job (a secret missing or too short, a kind not
+                // registered): every hop and restart would fail the same way, so the run pauses
+                // with the reason instead of looping, and resumes once the environment is fixed.
+                let reason = format!("this environment cannot run the job: {e}; fix it, then `baton resume`");
+                tracing::error!(%reason, "pausing the run");
+                self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
+                if !self.sql(st::park_chain(run_id, chain, hop, &token)).await?.rows.is_empty() {
+                    self.sql(st::settle_pause(run_id, now)).await?;
+                }
+                return Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked });
+            }
+        };
         if let Job::Items(j) = &job {
-            j.begin_hop(run.chains as u32);
+            j.begin_hop(run.chains as u32, send_after);
         }
         let soft = soft_deadline(deadline, self.config.settings.hop_margin);
         // Unique per invocation: a duplicate delivery that somehow got this far could not pass
@@ -135,7 +150,11 @@ impl Engine {
             );
             let now = self.now_ms();
             self.finish_page(run_id, page.page_no, &owner, report.finished).await?;
-            self.sql(st::heartbeat(run_id, chain, hop, now)).await?;
+            let send_after = match &job {
+                Job::Items(j) => j.send_after_ms(),
+                Job::Ranges(_) => None,
+            };
+            self.sql(st::heartbeat(run_id, chain, hop, now, send_after)).await?;
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
             if let Some(reason) = report.fail_reason {
@@ -153,6 +172,15 @@ impl Engine {
                 // so): hand over to the next hop rather than spin on it here.
                 break;
             }
+        }
+        if let Job::Items(j) = &job
+            && let Some(at) = j.send_after_ms()
+        {
+            // Rate-limited and the chain's next send is later than this hop's budget allows:
+            // spend the budget waiting rather than hand over at once (a hop that sends nothing
+            // and invokes the next costs an invocation and a page's statements).
+            let wait = std::time::Duration::from_millis((at - self.now_ms()).max(0) as u64);
+            tokio::time::sleep_until((Instant::now() + wait).min(soft)).await;
         }
         match self.invoke_hop(run_id, chain, hop + 1).await {
             Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
@@ -281,7 +309,9 @@ impl Engine {
         let rows = self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
+        let (loaded, mistyped) = refuse_mistyped_keys(loaded, &cfg.key_column, run.key_type);
         let (items, mut results) = dedupe_by_key(loaded, &cfg.key_column);
+        results.extend(mistyped);
         // Claims taken over from a dead owner whose row has left the source since: nothing to
         // send, and the page cannot be done while they stay `claimed`.
         let present: HashSet<&str> =
@@ -428,6 +458,26 @@ impl Engine {
 
 /// A ledger result: key, state, reason.
 type LedgerResult = (String, ItemState, Option<String>);
+
+/// Rows whose key is not of the run's key type (a row added mid-run to a SQLite column of
+/// mixed types; start refuses such a source) are `failed` with the reason, never sent: their
+/// key may collide with another row's in the ledger (integer 2, text '2').
+fn refuse_mistyped_keys(items: Vec<Item>, key_column: &str, key_type: KeyType) -> (Vec<Item>, Vec<LedgerResult>) {
+    let (good, bad): (Vec<Item>, Vec<Item>) =
+        items.into_iter().partition(|item| item.get(key_column).key_type() == Some(key_type));
+    let failed = bad
+        .into_iter()
+        .map(|item| {
+            let reason = format!(
+                "{key_column} = {} is not of this run's key type ({}); not sent (make every key the same type)",
+                item.key,
+                key_type.as_str()
+            );
+            (item.key, ItemState::Failed, Some(reason))
+        })
+        .collect();
+    (good, failed)
+}
 
 /// A page's rows with each key once. A key that appears on more than one row (a source built on
 /// a join, a row inserted mid-run: key uniqueness is only checked at start) cannot be told

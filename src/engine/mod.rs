@@ -58,6 +58,11 @@ pub enum EngineError {
     RunKey(String),
     #[error("cannot continue the chain: {0}")]
     Invoke(#[from] InvokeError),
+    #[error(
+        "run {run_id} is {status}: it cannot {action} (a run that ended stays ended; start a new one with \
+         `baton run JOB --run-key KEY`)"
+    )]
+    NotAllowed { run_id: String, action: String, status: RunState },
     #[error("corrupt state: {0}")]
     State(String),
     #[error("the mail provider cannot send: {0}")]
@@ -371,7 +376,6 @@ impl Engine {
     /// how many rows have a NULL key (they are left out of the run and reported).
     async fn check_source(&self, name: &str, config: &JobConfig, job: &Job) -> Result<SourceCheck, EngineError> {
         let key = &config.key_column;
-        let field = format!("jobs.{name}.source");
         let mut stmts = st::source_sample(&config.source, key);
         let counts = stmts.pop().expect("two statements");
         let sample = self.sql(stmts.pop().expect("two statements")).await.map_err(|e| source_error(name, e))?;
@@ -401,15 +405,52 @@ impl Engine {
             // The sample row has a NULL key: any other row tells the type (planning skips NULLs).
             Some(v) if v.is_null() => KeyType::Text,
             Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
-                field,
-                message: format!("key `{key}` must be an integer, text or uuid column, found {v:?}"),
+                field: format!("jobs.{name}.key_column"),
+                message: format!(
+                    "`{key}` holds {} values (e.g. {v}); a key must be an integer, text, uuid or timestamp: cast it \
+                     in the source, e.g. `SELECT CAST({key} AS TEXT) AS {key}, ...`",
+                    value_kind(v)
+                ),
             })?,
         };
+        if self.store.dynamic_types() {
+            self.check_key_types(name, config, key_type).await?;
+        }
         match job {
             Job::Items(j) => j.check(&sample.columns, item.as_ref())?,
             Job::Ranges(j) => j.check(&sample.columns)?,
         }
         Ok(SourceCheck { key_type, null_keys: rows - n })
+    }
+
+    /// Where a column's values may differ in type row by row (SQLite), every key must have the
+    /// run's key type: a real-valued key has no ledger key, and integer 2 and text '2' would be
+    /// one recipient to the ledger and two to the pages.
+    async fn check_key_types(&self, name: &str, config: &JobConfig, expected: KeyType) -> Result<(), EngineError> {
+        let key = &config.key_column;
+        let census = self.sql(st::key_type_census(&config.source, key)).await.map_err(|e| source_error(name, e))?;
+        let found: Vec<(String, i64, String)> = census
+            .records()
+            .map(|r| (r.text("t").unwrap_or_default(), r.int("n"), r.text("example").unwrap_or_default()))
+            .collect();
+        let fits = |t: &str| match expected {
+            KeyType::Int => t == "integer",
+            KeyType::Text | KeyType::Uuid | KeyType::Timestamp => t == "text",
+        };
+        if found.iter().all(|(t, ..)| fits(t)) {
+            return Ok(());
+        }
+        let listed: Vec<String> =
+            found.iter().map(|(t, n, e)| format!("{n} {t} (e.g. {})", crate::sql::printable_short(e))).collect();
+        Err(JobError::Invalid {
+            field: format!("jobs.{name}.key_column"),
+            message: format!(
+                "`{key}` holds keys of more than one type, or of a type a key cannot have: {}. Every key must be an \
+                 integer, or every key text: cast it in the source, e.g. `SELECT CAST({key} AS TEXT) AS {key}, ...`",
+                listed.join(", ")
+            ),
+        }
+        .into())
     }
 
     /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
@@ -431,9 +472,28 @@ impl Engine {
 
     // ---- control ----------------------------------------------------------------------------
 
+    /// Pause, resume or cancel. An action the run's state does not allow (resuming a cancelled
+    /// run, pausing a finished one) is an error that changes nothing; a resume first checks
+    /// that this environment can run the job (its secret, its kind), so it cannot leave a run
+    /// `running` with chains that fail at once.
     pub async fn control(&self, run_id: &str, action: ControlAction) -> Result<Outcome, EngineError> {
         let run = self.load_run(run_id).await?;
         let now = self.now_ms();
+        let allowed = match action {
+            ControlAction::Pause => matches!(run.status, RunState::Running | RunState::Pausing | RunState::Paused),
+            ControlAction::Resume => matches!(run.status, RunState::Running | RunState::Pausing | RunState::Paused),
+            ControlAction::Cancel => !run.status.is_final(),
+        };
+        if !allowed {
+            return Err(EngineError::NotAllowed {
+                run_id: run_id.to_owned(),
+                action: format!("{action:?}").to_lowercase(),
+                status: run.status,
+            });
+        }
+        if action == ControlAction::Resume {
+            self.build_job(&run.job, &run.job_config)?;
+        }
         match action {
             ControlAction::Pause => {
                 self.sql(st::set_run_status(run_id, RunState::Pausing, Some("paused by operator"), now)).await?;
@@ -472,7 +532,7 @@ impl Engine {
         let page_rows = self.sql(st::page_progress(id)).await?;
         let pages = count_by(&page_rows, "status");
         let mut counts = counts;
-        if counts.is_empty() {
+        if counts.is_empty() && self.is_range_kind(&run) {
             // Range kinds (`sql`) claim pages, not items: their items are those of done pages.
             let done_items = page_rows
                 .records()
@@ -524,8 +584,24 @@ impl Engine {
                 .collect(),
             created_at_ms: run.created_at,
             finished_at_ms: run.finished_at,
-            elapsed_ms: run.finished_at.unwrap_or_else(|| self.now_ms()) - run.created_at,
+            // A paused run's clock stops when it paused.
+            elapsed_ms: match (run.finished_at, run.status) {
+                (Some(at), _) => at,
+                (None, RunState::Paused) => run.updated_at,
+                (None, _) => self.now_ms(),
+            } - run.created_at,
         }))
+    }
+
+    /// Whether the run's kind works on whole ranges (no ledger: its items are those of done
+    /// pages). Item kinds are counted from the ledger only, so a page done with nothing recorded
+    /// never counts as mail sent.
+    fn is_range_kind(&self, run: &RunRow) -> bool {
+        match run.job_config.kind.as_str() {
+            "sql" => true,
+            "newsletter" => false,
+            _ => matches!(self.build_job(&run.job, &run.job_config), Ok(Job::Ranges(_))),
+        }
     }
 
     /// Progress without scanning the ledger: cheap enough to poll while the run goes.
@@ -598,8 +674,15 @@ impl Engine {
             return Ok(None);
         };
         let item = item_of(&columns, &config.key_column, values);
-        let email_col = config.newsletter.as_ref().map(|n| n.email_column.clone()).unwrap_or_default();
-        let address = item.get(&email_col).to_string();
+        let newsletter = config.newsletter.as_ref();
+        let email_col = newsletter.map(|n| n.email_column.clone()).unwrap_or_default();
+        let raw = item.get(&email_col).to_string();
+        let address = crate::mail::deliverable(&raw, newsletter.is_some_and(|n| n.smtputf8)).map_err(|why| {
+            JobError::Invalid {
+                field: format!("jobs.{job_name}.newsletter.{email_col}"),
+                message: format!("this recipient is skipped: {why}"),
+            }
+        })?;
         job.render(&item, "preview", &address)
             .map(Some)
             .map_err(|(field, message)| JobError::Invalid { field, message }.into())
@@ -614,8 +697,20 @@ struct SourceCheck {
 
 pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>) -> Item {
     let idx = columns.iter().position(|c| c.eq_ignore_ascii_case(key));
-    let key = idx.and_then(|i| values[i].key_text()).unwrap_or_default();
+    // A key of a type a key cannot have still gets a distinct ledger key, so it can be failed.
+    let key = idx.map(|i| values[i].key_text().unwrap_or_else(|| values[i].to_string())).unwrap_or_default();
     Item { key, columns: columns.clone(), values }
+}
+
+/// What kind of value a rejected key is, in words.
+fn value_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Real(_) => "real-number",
+        Value::Bool(_) => "boolean",
+        Value::Int(_) => "integer",
+        Value::Null | Value::NullOf(_) => "NULL",
+        Value::Text(_) | Value::Uuid(_) | Value::Timestamp(_) => "text",
+    }
 }
 
 fn source_error(job: &str, e: SqlError) -> EngineError {

@@ -23,6 +23,7 @@ pub struct RunRow {
     pub null_keys: i64,
     pub deadline_at: i64,
     pub created_at: i64,
+    pub updated_at: i64,
     pub finished_at: Option<i64>,
 }
 
@@ -46,6 +47,7 @@ impl RunRow {
             null_keys: r.int("null_keys"),
             deadline_at: r.int("deadline_at"),
             created_at: r.int("created_at"),
+            updated_at: r.int("updated_at"),
             finished_at: r.get("finished_at").as_i64(),
         })
     }

@@ -103,8 +103,13 @@ pub trait ItemJob: Send + Sync {
     fn seconds_per_item(&self) -> Option<f64> {
         None
     }
-    /// Called once per hop before any item, with the run's chain count (to split the rate).
-    fn begin_hop(&self, _chains: u32) {}
+    /// Called once per hop before any item, with the run's chain count (to split the rate) and
+    /// when the chain may send next (epoch ms, from the previous hop's [`Self::send_after_ms`]).
+    fn begin_hop(&self, _chains: u32, _send_after_ms: Option<i64>) {}
+    /// When the chain may send next under the rate (epoch ms), kept for the next hop.
+    fn send_after_ms(&self) -> Option<i64> {
+        None
+    }
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome;
 }
 

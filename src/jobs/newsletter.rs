@@ -8,12 +8,10 @@
 //! pauses the run.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use minijinja::{Environment, UndefinedBehavior};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -38,7 +36,7 @@ pub struct Newsletter {
     secret: String,
     mailer: Arc<dyn Mailer>,
     clock: Arc<dyn Clock>,
-    limiter: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
+    pacer: Mutex<Option<Arc<Pacer>>>,
     /// `recipient.COLUMN` names each template uses, checked against the source's columns.
     recipient_columns: Vec<(&'static str, String)>,
 }
@@ -138,7 +136,7 @@ impl Newsletter {
             secret,
             mailer: deps.mailer.clone(),
             clock: deps.clock.clone(),
-            limiter: Mutex::new(None),
+            pacer: Mutex::new(None),
             recipient_columns,
             config: n,
         })
@@ -168,11 +166,17 @@ impl Newsletter {
         }
         let [subject, text, html] = out;
         // The subject is a header: data in it cannot start headers of its own.
-        Ok(Rendered { subject: mail::header_text(&subject.unwrap_or_default()), text, html, unsubscribe_url })
+        Ok(Rendered {
+            to: address.to_owned(),
+            subject: mail::header_text(&subject.unwrap_or_default()),
+            text,
+            html,
+            unsubscribe_url,
+        })
     }
 
-    fn limiter(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
-        self.limiter.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn pacer(&self) -> Option<Arc<Pacer>> {
+        self.pacer.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn message(&self, item: &Item, cx: &ItemContext, address: &str, r: &Rendered) -> std::io::Result<OutgoingMail> {
@@ -200,7 +204,42 @@ impl Newsletter {
     }
 }
 
+/// One chain's pacing at its share of the run's send rate: each send takes the next slot, one
+/// period after the last (a GCRA with a burst of one). Unlike a token bucket rebuilt per hop,
+/// it starts where the chain's previous hop left it ([`ItemJob::send_after_ms`], kept in the
+/// chain's row), so hops of a few seconds cannot each spend a fresh burst and the rate holds
+/// over any window. (`governor` cannot be started from a stored state, hence these few lines.)
+pub struct Pacer {
+    period: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    pub fn new(per_second: f64, first: Instant) -> Pacer {
+        Pacer { period: Duration::from_secs_f64(1.0 / per_second), next: Mutex::new(first) }
+    }
+
+    /// Takes the next send slot if it comes no later than `by`; the caller waits until it.
+    pub fn reserve(&self, by: Instant) -> Option<Instant> {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (*next).max(Instant::now());
+        if slot > by {
+            return None;
+        }
+        *next = slot + self.period;
+        Some(slot)
+    }
+
+    /// The next free slot as epoch milliseconds, given the clock's `now_ms`.
+    pub fn next_ms(&self, now_ms: i64) -> i64 {
+        let next = *self.next.lock().unwrap_or_else(|e| e.into_inner());
+        now_ms + next.saturating_duration_since(Instant::now()).as_millis() as i64
+    }
+}
+
 pub struct Rendered {
+    /// The address it goes to, as on the wire.
+    pub to: String,
     pub subject: String,
     pub text: Option<String>,
     pub html: Option<String>,
@@ -261,15 +300,17 @@ impl ItemJob for Newsletter {
         (self.config.send_rate > 0.0).then(|| 1.0 / self.config.send_rate)
     }
 
-    fn begin_hop(&self, chains: u32) {
+    fn begin_hop(&self, chains: u32, send_after_ms: Option<i64>) {
         let per_chain = self.config.send_rate / chains.max(1) as f64;
-        let limiter = (per_chain > 0.0).then(|| {
-            let period = Duration::from_secs_f64(1.0 / per_chain);
-            // A burst of at most 50 ms worth of sends: the rate holds over any window.
-            let burst = NonZeroU32::new((per_chain / 20.0).floor().clamp(1.0, 1000.0) as u32).expect("at least 1");
-            Arc::new(RateLimiter::direct(Quota::with_period(period).expect("non-zero period").allow_burst(burst)))
+        let pacer = (per_chain > 0.0).then(|| {
+            let wait = send_after_ms.map_or(0, |at| (at - self.clock.now_ms()).max(0)) as u64;
+            Arc::new(Pacer::new(per_chain, Instant::now() + Duration::from_millis(wait)))
         });
-        *self.limiter.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
+        *self.pacer.lock().unwrap_or_else(|e| e.into_inner()) = pacer;
+    }
+
+    fn send_after_ms(&self) -> Option<i64> {
+        self.pacer().map(|p| p.next_ms(self.clock.now_ms()))
     }
 
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome {
@@ -289,17 +330,18 @@ impl ItemJob for Newsletter {
             Ok(m) => m,
             Err(e) => return ItemOutcome::Failed(format!("cannot build the message: {e}")),
         };
-        let limiter = self.limiter();
+        let pacer = self.pacer();
         let mut last_error = String::new();
         let mut maybe_sent = false;
         for attempt in 1..=self.config.max_attempts {
             if Instant::now() >= cx.soft_deadline {
                 return ItemOutcome::Released;
             }
-            if let Some(l) = &limiter
-                && tokio::time::timeout_at(cx.soft_deadline, l.until_ready()).await.is_err()
-            {
-                return ItemOutcome::Released;
+            if let Some(p) = &pacer {
+                match p.reserve(cx.soft_deadline) {
+                    Some(slot) => tokio::time::sleep_until(slot).await,
+                    None => return ItemOutcome::Released,
+                }
             }
             let sent_at = Instant::now();
             let result = self.mailer.send(&mail).await;

@@ -76,9 +76,19 @@ impl LocalRuntime {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = &mut ctrl_c, if interrupts == 0 => {
                     interrupts += 1;
-                    bar.println("Pausing: chains stop after their current page. `baton resume` continues. Ctrl-C again quits now.");
+                    say(&bar, "Pausing: chains stop after their current page. `baton resume` continues. Ctrl-C again quits now.");
                     self.engine.control(run_id, ControlAction::Pause).await?;
-                    tokio::spawn(async { if tokio::signal::ctrl_c().await.is_ok() { std::process::exit(130) } });
+                    let (bar, active) = (bar.clone(), self.outstanding());
+                    tokio::spawn(async move {
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            say(&bar, &format!(
+                                "Quit with the run still pausing and {active} hop(s) mid-page: what they had claimed \
+                                 becomes `unknown` (never sent twice) once their leases end. `baton resume` continues \
+                                 the rest; `baton status --list unknown` shows what to check by hand."
+                            ));
+                            std::process::exit(130)
+                        }
+                    });
                 }
             }
             if Instant::now() >= next_sweep {
@@ -113,14 +123,27 @@ impl Drop for LocalRuntime {
     }
 }
 
+/// A line for the user on stderr: above the progress bar when there is one, plain otherwise
+/// (a hidden bar would swallow it).
+fn say(bar: &ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 fn progress_bar(show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len} items {per_sec} eta {eta} {msg}")
+        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len} items {rate} eta {eta} {msg}")
             .expect("valid template")
+            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            })
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
@@ -128,7 +151,8 @@ fn progress_bar(show: bool) -> ProgressBar {
 }
 
 fn update_bar(bar: &ProgressBar, p: &RunProgress) {
-    bar.set_length(p.total as u64);
+    // An empty run shows an empty bar, not a full one.
+    bar.set_length((p.total as u64).max(1));
     bar.set_position(p.items_done as u64);
     bar.set_message(format!(
         "| pages {}/{} | {} chains active, {} hops | {}",

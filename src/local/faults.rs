@@ -178,6 +178,10 @@ impl SqlStore for FaultyStore {
         let fault = self.roll(stmts.first().map(|s| s.name).unwrap_or("transaction"));
         SqlFault::transaction(fault, self.inner.as_ref(), stmts).await
     }
+
+    fn dynamic_types(&self) -> bool {
+        self.inner.dynamic_types()
+    }
 }
 
 /// A uniform number in `[0, 1)` fixed by the seed and the parts (FNV-1a, then SplitMix64).

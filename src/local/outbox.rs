@@ -29,8 +29,9 @@ pub struct Outbox {
 
 impl Outbox {
     /// `max_rate`: messages per second the "provider" accepts, if capped.
+    /// The folder is created with the first message, so commands that send nothing leave no
+    /// trace.
     pub fn new(dir: &Path, faults: Faults, seed: u64, max_rate: Option<f64>) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
         let cap = max_rate.filter(|r| *r > 0.0).map(|r| {
             let burst = std::num::NonZeroU32::new(r.ceil().max(1.0) as u32).expect("at least 1");
             RateLimiter::direct(
@@ -65,6 +66,10 @@ fn write_unique(dir: &Path, name: &str, raw: &[u8]) -> std::io::Result<PathBuf> 
                 return Ok(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && n == 1 && !dir.exists() => {
+                std::fs::create_dir_all(dir)?;
+                return write_unique(dir, name, raw);
+            }
             Err(e) => return Err(e),
         }
     }
@@ -113,7 +118,11 @@ impl Mailer for Outbox {
 /// to check that nobody got a message twice).
 pub fn recipients(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        other => other?,
+    };
+    for entry in entries {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "eml") {
             let text = std::fs::read_to_string(&path)?;

@@ -130,6 +130,10 @@ impl SqlStore for SqliteStore {
         self.with_conn(move |conn| run_one(conn, &stmt)).await
     }
 
+    fn dynamic_types(&self) -> bool {
+        true
+    }
+
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[&[&str]] = &[
         // Source rows left out of the run because their key is NULL (reported by `status`).
         "ALTER TABLE baton_runs ADD COLUMN null_keys BIGINT NOT NULL DEFAULT 0",
     ],
+    &[
+        // When the chain may send next (epoch ms) under the run's send rate: the pacing carries
+        // over from hop to hop, so a rate holds over any window, not per invocation.
+        "ALTER TABLE baton_chains ADD COLUMN send_after BIGINT",
+    ],
 ];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (

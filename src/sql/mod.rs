@@ -131,6 +131,13 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
+/// At most 40 characters of `s`, control characters escaped: a value quoted in a message.
+pub fn printable_short(s: &str) -> String {
+    let cut: String = s.chars().take(40).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{}{more}", cut.escape_debug())
+}
+
 /// The sortable key types pages can range over. (A `timestamp` key is a PostgreSQL or Aurora
 /// `timestamp without time zone` column; SQLite keeps times as text, which pages as `text`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +316,12 @@ impl SqlError {
 pub trait SqlStore: Send + Sync {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError>;
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError>;
+    /// Whether one column's values may differ in type from row to row (SQLite's dynamic
+    /// typing). Where they may, a run's start checks the type of every key
+    /// ([`statements::key_type_census`]); elsewhere a column has one declared type.
+    fn dynamic_types(&self) -> bool {
+        false
+    }
 }
 
 /// Counts statements, so tests and benchmarks can check the O(1)-statements-per-page rule.
@@ -335,6 +348,9 @@ impl<S: SqlStore> SqlStore for CountingStore<S> {
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         self.statements.fetch_add(stmts.len() as u64, Ordering::Relaxed);
         self.inner.transaction(stmts).await
+    }
+    fn dynamic_types(&self) -> bool {
+        self.inner.dynamic_types()
     }
 }
 

@@ -279,7 +279,7 @@ pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64) -> S
         "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now, hop_token = :token
          WHERE run_id = :run_id AND chain_no = :chain AND status = 'active'
            AND (next_hop = :hop OR (next_hop = :hop + 1 AND hop_token = :token))
-         RETURNING chain_no",
+         RETURNING chain_no, send_after",
         Params::new()
             .with("run_id", run_id)
             .with("chain", chain)
@@ -289,12 +289,19 @@ pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64) -> S
     )
 }
 
-pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64) -> Stmt {
+/// The chain is alive at `hop`; `send_after` is when it may send next under the run's rate
+/// (kept when `None`).
+pub fn heartbeat(run_id: &str, chain: i64, hop: i64, now: i64, send_after: Option<i64>) -> Stmt {
     Stmt::named(
         "heartbeat",
-        "UPDATE baton_chains SET heartbeat_at = :now
+        "UPDATE baton_chains SET heartbeat_at = :now, send_after = COALESCE(:send_after, send_after)
          WHERE run_id = :run_id AND chain_no = :chain AND next_hop = :hop + 1",
-        Params::new().with("run_id", run_id).with("chain", chain).with("hop", hop).with("now", now),
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("now", now)
+            .with("send_after", send_after),
     )
 }
 
@@ -352,6 +359,7 @@ pub fn unpark_chains(run_id: &str, now: i64, token: &str) -> Stmt {
         "unpark_chains",
         "UPDATE baton_chains SET status = 'active', heartbeat_at = :now, restart_token = :token
          WHERE run_id = :run_id AND (status = 'paused' OR (status = 'active' AND restart_token = :token))
+           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
          RETURNING chain_no, next_hop",
         Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
@@ -389,6 +397,7 @@ pub fn revive_chain(run_id: &str, now: i64, token: &str) -> Stmt {
          WHERE run_id = :run_id AND (
              (status = 'active' AND restart_token = :token)
              OR (chain_no = (SELECT MIN(chain_no) FROM baton_chains WHERE run_id = :run_id AND status = 'ended')
+                 AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
                  AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
                  AND EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id
                              AND (status = 'pending' OR (status = 'leased' AND lease_expires_at < :now)))))
@@ -526,6 +535,21 @@ pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
             Params::new(),
         ),
     ]
+}
+
+/// SQLite only ([`crate::sql::SqlStore::dynamic_types`]): how many keys of each storage class
+/// (`integer`, `real`, `text`, `blob`) the source holds, with an example of each. A column
+/// declared NUMERIC holds 1 as an integer and 1.5 as a real; integer 2 and text '2' are one key
+/// to the ledger. One scan, at start.
+pub fn key_type_census(source: &str, key: &str) -> Stmt {
+    Stmt::named(
+        "key_type_census",
+        format!(
+            "SELECT typeof(src.{key}) AS t, COUNT(*) AS n, MIN(CAST(src.{key} AS TEXT)) AS example
+             FROM ({source}) AS src WHERE src.{key} IS NOT NULL GROUP BY typeof(src.{key}) ORDER BY 2 DESC"
+        ),
+        Params::new(),
+    )
 }
 
 /// Rows of the source whose key is NULL: left out of every run, listed by `status`.

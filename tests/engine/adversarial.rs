@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use baton::config::Ambiguity;
 use baton::engine::event::{ControlAction, Event};
-use baton::engine::state::State;
+use baton::engine::state::{RunState, State};
 use baton::engine::{HopNext, Outcome};
 use baton::jobs::KindRegistry;
 use baton::ports::Clock;
@@ -553,4 +553,34 @@ pub async fn the_sweeper_skips_a_run_it_cannot_read(b: Backend) {
     assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
     m.pump().await;
     assert_eq!(m.status(&run).await.status, "succeeded");
+}
+
+/// The send rate holds over any window, across hops and chains: hops far shorter than a send's
+/// period each start where their chain's last hop left its pacing. Failed before the fix (a
+/// token bucket built afresh every hop): every 300 ms hop of every chain sent at once, about
+/// 3× the rate.
+pub async fn the_send_rate_holds_across_short_hops_and_chains(b: Backend) {
+    let users = int_users(14);
+    let mut job = newsletter_job(2, 2);
+    job.newsletter.as_mut().unwrap().send_rate = 4.0;
+    job.hop_slack = 200;
+    let h = Harness::with_users(b, &users, Setup::new(job)).await;
+    let run = h.start().await;
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    let mut at = h.mailer.sent_at.lock().unwrap().clone();
+    at.sort();
+    assert_eq!(at.len(), 14, "every user once");
+    let window = Duration::from_millis(1500);
+    // 4/s over 1.5 s is 6, plus one send per chain that may fall on the window's edge.
+    for (i, start) in at.iter().enumerate() {
+        let inside = at[i..].iter().take_while(|t| **t < *start + window).count();
+        assert!(
+            inside <= 6 + 2,
+            "{inside} sends within 1.5 s at 4/s: {:?}",
+            at.iter().map(|t| t.duration_since(at[0]).as_millis()).collect::<Vec<_>>()
+        );
+    }
+    let hops: i64 = status.chains.iter().map(|c| c.hops).sum();
+    assert!(hops > 8, "the run spanned many short hops: {status:?}");
 }

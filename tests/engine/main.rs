@@ -89,4 +89,5 @@ on_both_backends!(
     adversarial::keys_equal_as_text_are_not_unique,
     adversarial::large_pages_keep_every_statement_under_64_kib,
     adversarial::the_sweeper_skips_a_run_it_cannot_read,
+    adversarial::the_send_rate_holds_across_short_hops_and_chains,
 );

@@ -180,6 +180,8 @@ pub struct TestMailer {
     pub ambiguous_suffix: Option<String>,
     pub stopped: std::sync::atomic::AtomicBool,
     pub accepted: AtomicU64,
+    /// When each accepted message went out.
+    pub sent_at: std::sync::Mutex<Vec<std::time::Instant>>,
 }
 
 #[async_trait]
@@ -202,6 +204,7 @@ impl Mailer for TestMailer {
         };
         if r.is_ok() || matches!(r, Err(MailError::Ambiguous(_))) {
             self.accepted.fetch_add(1, Ordering::SeqCst);
+            self.sent_at.lock().unwrap().push(std::time::Instant::now());
         }
         r
     }
@@ -264,6 +267,7 @@ impl Harness {
             ambiguous_suffix: setup.ambiguous_suffix,
             stopped: Default::default(),
             accepted: AtomicU64::new(0),
+            sent_at: Default::default(),
         });
         let clock = ManualClock::default();
         let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
@@ -477,6 +481,9 @@ impl SqlStore for StepStore {
         let strike = self.take(stmts.first().map(|s| s.name).unwrap_or_default());
         Strike::transaction(strike, self.inner.as_ref(), stmts).await
     }
+    fn dynamic_types(&self) -> bool {
+        self.inner.dynamic_types()
+    }
 }
 
 /// A mailer that hangs forever once `limit` messages went out, so a hop can be killed mid-page
@@ -540,6 +547,7 @@ impl Manual {
                 ambiguous_suffix: None,
                 stopped: Default::default(),
                 accepted: AtomicU64::new(0),
+                sent_at: Default::default(),
             },
             limit: AtomicU64::new(u64::MAX),
         });
