@@ -13,7 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use lambda_runtime::{LambdaEvent, service_fn};
+use lambda_runtime::tower::{Layer, Service};
+use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation, service_fn};
 use tokio::time::Instant;
 
 use crate::adapters::aws::data_api::{DataApiStore, DataApiTarget};
@@ -86,15 +87,67 @@ fn check_function_timeout(lambda_deadline: Option<SystemTime>, hop_timeout: Dura
     })
 }
 
+/// The key under which [`RawPayload`] hands over a payload that is not JSON at all.
+const UNPARSABLE: &str = "__baton_unparsable_payload";
+
 /// Handles one invocation's payload.
 pub async fn handle(
     engine: &Engine,
     payload: serde_json::Value,
     deadline: Instant,
 ) -> Result<serde_json::Value, EngineError> {
+    if let Some(why) = payload.get(UNPARSABLE).and_then(|v| v.as_str()) {
+        return Err(crate::engine::event::EventError::Malformed(why.to_owned()).into());
+    }
     let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
     let outcome = engine.handle_payload(&bytes, deadline).await?;
     Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
+}
+
+/// The error Lambda reports: a stable `errorType` (`baton.BadEvent`, `baton.RunNotFound`, ...)
+/// and the message, instead of a Rust type name.
+pub fn diagnostic(e: &EngineError) -> Diagnostic {
+    Diagnostic { error_type: e.error_type().to_owned(), error_message: e.to_string() }
+}
+
+/// Sits before the runtime's own JSON decoding: a payload that is not JSON (or is empty) is
+/// handed on as a JSON object saying why, so baton rejects it with its own error and the
+/// expected shape, not the runtime's "failed to deserialize".
+#[derive(Clone)]
+struct RawPayload<S>(S);
+
+impl<S> Service<LambdaInvocation> for RawPayload<S>
+where
+    S: Service<LambdaInvocation>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: LambdaInvocation) -> Self::Future {
+        let why = if req.body.iter().all(u8::is_ascii_whitespace) {
+            Some("the payload is empty".to_owned())
+        } else {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&req.body).err().map(|e| format!("not JSON: {e}"))
+        };
+        if let Some(why) = why {
+            req.body = serde_json::to_vec(&serde_json::json!({ UNPARSABLE: why })).expect("serialises").into();
+        }
+        self.0.call(req)
+    }
+}
+
+struct RawPayloadLayer;
+
+impl<S> Layer<S> for RawPayloadLayer {
+    type Service = RawPayload<S>;
+    fn layer(&self, inner: S) -> RawPayload<S> {
+        RawPayload(inner)
+    }
 }
 
 /// Runs the Lambda runtime loop until the sandbox ends.
@@ -102,7 +155,7 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
     let engine = Arc::new(engine_from_env().await?);
     let budget = engine.config().settings.hop_timeout;
     let checked = Arc::new(std::sync::Once::new());
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+    let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let (engine, checked) = (engine.clone(), checked.clone());
         async move {
             let context_deadline = (event.context.deadline > 0).then(|| event.context.deadline());
@@ -113,12 +166,16 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
             });
             let deadline = deadline_from(context_deadline, budget);
             handle(&engine, event.payload, deadline).await.map_err(|e| {
-                tracing::error!(error = %e, "invocation rejected");
-                lambda_runtime::Error::from(e.to_string())
+                tracing::error!(error = %e, error_type = e.error_type(), "invocation rejected");
+                diagnostic(&e)
             })
         }
-    }))
-    .await
+    });
+    lambda_runtime::Runtime::new(handler)
+        .layer(RawPayloadLayer)
+        .layer(lambda_runtime::layers::TracingLayer::new())
+        .run()
+        .await
 }
 
 #[cfg(test)]

@@ -285,6 +285,11 @@ async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -
 
 #[async_trait]
 impl SqlStore for PostgresStore {
+    /// A column has one declared type.
+    fn dynamic_types(&self) -> bool {
+        false
+    }
+
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
         let client = self.client().await?;
         run_one(&client, &stmt).await

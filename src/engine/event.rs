@@ -55,12 +55,36 @@ pub enum EventError {
     TooLarge { size: usize },
 }
 
+/// Longest run key accepted (a `YYYY-MM` month, a date, a short label).
+pub const MAX_RUN_KEY: usize = 64;
+
+/// Why a run key is refused, if it is: letters, digits, `-`, `_`, `.`, at most [`MAX_RUN_KEY`].
+pub fn check_run_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("a run key cannot be empty".into());
+    }
+    if key.len() > MAX_RUN_KEY {
+        return Err(format!("a run key has at most {MAX_RUN_KEY} characters, this one {}", key.len()));
+    }
+    if let Some(c) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c))) {
+        return Err(format!("{c:?} is not allowed: use letters, digits, `-`, `_` and `.` (e.g. 2026-12)"));
+    }
+    Ok(())
+}
+
 impl Event {
     pub fn parse(bytes: &[u8]) -> Result<Event, EventError> {
         if bytes.len() > MAX_ASYNC_PAYLOAD {
             return Err(EventError::TooLarge { size: bytes.len() });
         }
-        serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(EventError::Malformed("the payload is empty".into()));
+        }
+        let event: Event = serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))?;
+        if let Event::Start { run_key: Some(key), .. } = &event {
+            check_run_key(key).map_err(|why| EventError::Malformed(format!("`run_key`: {why}")))?;
+        }
+        Ok(event)
     }
 
     /// The payload for an asynchronous invocation: the JSON, refused if over Lambda's limit.
@@ -102,6 +126,8 @@ mod tests {
             r#"{"type":"start","job":"j","surprise":1}"#,
             r#"{"job":"j"}"#,
             "not json",
+            "",
+            r#"{"type":"start","job":"j","run_key":"a b"}"#,
         ] {
             let err = Event::parse(bad.as_bytes()).unwrap_err();
             assert!(err.to_string().starts_with("malformed event"), "{bad}: {err}");

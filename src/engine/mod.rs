@@ -54,8 +54,8 @@ pub enum EngineError {
     Sql(#[from] SqlError),
     #[error("no run with id `{0}`; `baton status` lists the latest run")]
     RunNotFound(String),
-    #[error("invalid run key `{0}`: use letters, digits, `-`, `_` and `.` (e.g. 2026-12)")]
-    RunKey(String),
+    #[error("invalid run key `{shown}`: {why}", shown = crate::sql::printable_short(.0), why = .1)]
+    RunKey(String, String),
     #[error("cannot continue the chain: {0}")]
     Invoke(#[from] InvokeError),
     #[error(
@@ -67,6 +67,25 @@ pub enum EngineError {
     State(String),
     #[error("the mail provider cannot send: {0}")]
     MailerUnavailable(String),
+}
+
+impl EngineError {
+    /// A stable name for the kind of error, for Lambda's `errorType` (alarms and log queries
+    /// match on it) and scripts.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EngineError::Event(_) | EngineError::RunKey(..) => "baton.BadEvent",
+            EngineError::Config(_) => "baton.BadConfig",
+            EngineError::Job(_) => "baton.InvalidJob",
+            EngineError::Sql(e) if e.is_transient() => "baton.DatabaseUnavailable",
+            EngineError::Sql(_) => "baton.DatabaseError",
+            EngineError::RunNotFound(_) => "baton.RunNotFound",
+            EngineError::NotAllowed { .. } => "baton.NotAllowed",
+            EngineError::Invoke(_) => "baton.InvokeFailed",
+            EngineError::State(_) => "baton.CorruptState",
+            EngineError::MailerUnavailable(_) => "baton.MailerUnavailable",
+        }
+    }
 }
 
 /// Tries per statement when the SQL port reports a transient error.
@@ -252,8 +271,8 @@ impl Engine {
             Some(k) => k.to_owned(),
             None => period_key(self.now_ms(), &config.time_zone)?,
         };
-        if run_key.is_empty() || !run_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(EngineError::RunKey(run_key));
+        if let Err(why) = event::check_run_key(&run_key) {
+            return Err(EngineError::RunKey(run_key, why));
         }
         if let Some(existing) = self.existing_run(job_name, &run_key).await? {
             return Ok(existing);
@@ -389,15 +408,6 @@ impl Engine {
             }
             .into());
         }
-        let counts = self.sql(counts).await.map_err(|e| source_error(name, e))?;
-        let (n, distinct, rows) = counts.first().map(|r| (r.int("n"), r.int("d"), r.int("total"))).unwrap_or((0, 0, 0));
-        if n != distinct {
-            return Err(JobError::Invalid {
-                field: format!("jobs.{name}.key_column"),
-                message: format!("`{key}` is not unique in the source ({n} rows with a key, {distinct} distinct keys)"),
-            }
-            .into());
-        }
         let columns = Arc::new(sample.columns.clone());
         let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
         let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
@@ -415,6 +425,15 @@ impl Engine {
         };
         if self.store.dynamic_types() {
             self.check_key_types(name, config, key_type).await?;
+        }
+        let counts = self.sql(counts).await.map_err(|e| source_error(name, e))?;
+        let (n, distinct, rows) = counts.first().map(|r| (r.int("n"), r.int("d"), r.int("total"))).unwrap_or((0, 0, 0));
+        if n != distinct {
+            return Err(JobError::Invalid {
+                field: format!("jobs.{name}.key_column"),
+                message: format!("`{key}` is not unique in the source ({n} rows with a key, {distinct} distinct keys)"),
+            }
+            .into());
         }
         match job {
             Job::Items(j) => j.check(&sample.columns, item.as_ref())?,

@@ -318,10 +318,9 @@ pub trait SqlStore: Send + Sync {
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError>;
     /// Whether one column's values may differ in type from row to row (SQLite's dynamic
     /// typing). Where they may, a run's start checks the type of every key
-    /// ([`statements::key_type_census`]); elsewhere a column has one declared type.
-    fn dynamic_types(&self) -> bool {
-        false
-    }
+    /// ([`statements::key_type_census`]); elsewhere a column has one declared type. No default:
+    /// a wrapper that forgot to forward it would silently turn the check off.
+    fn dynamic_types(&self) -> bool;
 }
 
 /// Counts statements, so tests and benchmarks can check the O(1)-statements-per-page rule.
@@ -361,5 +360,8 @@ impl<S: SqlStore + ?Sized> SqlStore for Arc<S> {
     }
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         (**self).transaction(stmts).await
+    }
+    fn dynamic_types(&self) -> bool {
+        (**self).dynamic_types()
     }
 }

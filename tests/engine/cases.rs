@@ -489,7 +489,7 @@ pub async fn bad_input_changes_nothing(b: Backend) {
     let users = int_users(20);
     type Change = Box<dyn Fn(&mut baton::config::JobConfig)>;
     let variants: Vec<(&str, Change)> = vec![
-        ("undefined", Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into())),
+        ("`recipient.nmae`", Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ recipient.nmae }}".into())),
         (
             "undefined variable(s) user",
             Box::new(|j| j.newsletter.as_mut().unwrap().subject = "Hi {{ user.name }}".into()),

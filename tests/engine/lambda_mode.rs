@@ -174,15 +174,98 @@ unsubscribe_url = "https://example.com/u"
             .expect("the binary starts"),
     );
 
-    // Malformed and unknown events are answered with an error and change nothing.
-    let bad = em.enqueue(br#"{"type":"explode"}"#);
-    let (ok, body) = em.result(&bad).await;
-    assert!(!ok && body.contains("malformed event"), "{body}");
-    let unknown_run = em.enqueue(br#"{"type":"hop","run_id":"nope","chain":0,"hop":1}"#);
-    let (ok, body) = em.result(&unknown_run).await;
-    assert!(!ok && body.contains("no run with id"), "{body}");
-    let runs = store.query(Stmt::new("SELECT COUNT(*) AS n FROM baton_runs", Params::new())).await.unwrap();
-    assert_eq!(runs.first().unwrap().int("n"), 0);
+    // Malformed and unknown events are answered with baton's own error (a stable errorType and
+    // a message naming the problem) and change nothing. Failed before the fix: `not json` and
+    // an empty payload got the runtime's own deserialisation error, errorType a Rust type name,
+    // and a 100 KB run key was blamed on the job's source.
+    let long_key = format!(r#"{{"type":"start","job":"news","run_key":"{}"}}"#, "k".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("not JSON", b"not json".to_vec(), "baton.BadEvent", "not JSON"),
+        ("empty payload", Vec::new(), "baton.BadEvent", "the payload is empty"),
+        ("JSON array", b"[]".to_vec(), "baton.BadEvent", "malformed event"),
+        ("unknown type", br#"{"type":"explode"}"#.to_vec(), "baton.BadEvent", "malformed event"),
+        (
+            "start without a time or key",
+            br#"{"type":"start","job":"news"}"#.to_vec(),
+            "baton.BadEvent",
+            "scheduled_time",
+        ),
+        (
+            "start with a bad scheduled_time",
+            br#"{"type":"start","job":"news","scheduled_time":"yesterday"}"#.to_vec(),
+            "baton.BadEvent",
+            "RFC 3339",
+        ),
+        ("run key of 100 KB", long_key.into_bytes(), "baton.BadEvent", "at most 64"),
+        (
+            "run key with CRLF",
+            br#"{"type":"start","job":"news","run_key":"a\r\nb"}"#.to_vec(),
+            "baton.BadEvent",
+            "run_key",
+        ),
+        (
+            "start of an unknown job",
+            br#"{"type":"start","job":"nope","run_key":"x"}"#.to_vec(),
+            "baton.BadConfig",
+            "no job named `nope`",
+        ),
+        (
+            "hop of an unknown run",
+            br#"{"type":"hop","run_id":"nope","chain":0,"hop":1}"#.to_vec(),
+            "baton.RunNotFound",
+            "no run with id",
+        ),
+        (
+            "hop with a negative chain",
+            br#"{"type":"hop","run_id":"x","chain":-1,"hop":1}"#.to_vec(),
+            "baton.BadEvent",
+            "integer `-1`, expected u32",
+        ),
+        (
+            "hop with an extra field",
+            br#"{"type":"hop","run_id":"x","chain":0,"hop":1,"x":1}"#.to_vec(),
+            "baton.BadEvent",
+            "unknown field",
+        ),
+        (
+            "control with an unknown action",
+            br#"{"type":"control","run_id":"x","action":"explode"}"#.to_vec(),
+            "baton.BadEvent",
+            "explode",
+        ),
+        (
+            "control of an unknown run",
+            br#"{"type":"control","run_id":"nope","action":"pause"}"#.to_vec(),
+            "baton.RunNotFound",
+            "no run with id",
+        ),
+    ];
+    let mut table =
+        vec!["| class | input | exit | message | state changed |".to_owned(), "|---|---|---|---|---|".to_owned()];
+    for (what, payload, error_type, says) in &cases {
+        let id = em.enqueue(payload);
+        let (ok, body) = em.result(&id).await;
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+        let mut changed = false;
+        for table in ["baton_runs", "baton_pages", "baton_chains", "baton_ledger"] {
+            let rows =
+                store.query(Stmt::new(format!("SELECT COUNT(*) AS n FROM {table}"), Params::new())).await.unwrap();
+            changed |= rows.first().unwrap().int("n") != 0;
+        }
+        let message = error["errorMessage"].as_str().unwrap_or_default();
+        table.push(format!(
+            "| lambda | {what} | {} | {} | {} |",
+            error["errorType"].as_str().unwrap_or_default(),
+            message.chars().take(150).collect::<String>().replace('|', "\\|"),
+            if changed { "YES" } else { "no" }
+        ));
+        assert!(!ok, "{what}: accepted");
+        assert_eq!(error["errorType"], *error_type, "{what}: {body}");
+        assert!(message.contains(says), "{what}: `{says}` not in {message}");
+        assert!(!changed, "{what} changed state");
+    }
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad-input-lambda.md");
+    std::fs::write(path, table.join("\n") + "\n").unwrap();
 
     // A start plans the run and invokes hop 1 of each chain through Invoke; the hops run in the
     // binary through the runtime API until the run is done.

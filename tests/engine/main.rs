@@ -4,6 +4,7 @@
 mod adversarial;
 mod aws;
 mod aws_run;
+mod bad_input;
 mod cases;
 mod cli;
 mod fakes;

@@ -223,6 +223,11 @@ fn decode(out: aws_sdk_rdsdata::operation::execute_statement::ExecuteStatementOu
 
 #[async_trait]
 impl SqlStore for DataApiStore {
+    /// A column has one declared type.
+    fn dynamic_types(&self) -> bool {
+        false
+    }
+
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
         self.execute(&stmt, None).await
     }
