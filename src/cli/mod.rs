@@ -135,6 +135,23 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Change a live run's send rate or chain count (the rest of its config is fixed when it
+    /// starts; a changed config file applies to the next run). The rate applies from each
+    /// chain's next hop; with fewer chains, the others end after their current page. New chains
+    /// start at once in Lambda (`--invoker lambda`), or with the next sweep of the `baton run`
+    /// driving the run locally.
+    Tune {
+        /// A run id; defaults to the latest run.
+        run_id: Option<String>,
+        /// Messages per second for the whole run (0 for no limit).
+        #[arg(long)]
+        send_rate: Option<f64>,
+        /// Worker chains (1-1000).
+        #[arg(long)]
+        chains: Option<u32>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Restart stuck chains and re-offer expired pages, then drive restarted runs to their end.
     Sweep {
         #[command(flatten)]
@@ -191,6 +208,7 @@ pub fn main() -> ExitCode {
         | Command::Resume { common, .. }
         | Command::Cancel { common, .. }
         | Command::Sweep { common }
+        | Command::Tune { common, .. }
         | Command::Start { common, .. }
         | Command::Brake { common }
         | Command::Release { common, .. }
@@ -250,6 +268,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(exit_for(&status));
                 }
                 eprintln!("continuing run {run_id} (already {}); the sweeper restarts its chains", status.status);
+                let drift = local.engine().config_drift(run_id).await?;
+                if !drift.is_empty() {
+                    eprintln!(
+                        "note: the run keeps the config it started with; {} now differs:\n  {}\n`baton tune {run_id} \
+                         --send-rate R --chains K` changes a live run; anything else applies to the next run (--run-key)",
+                        common.config.display(),
+                        drift.join("\n  ")
+                    );
+                }
                 local.engine().sweep().await?;
             }
             finish(&local, run_id, &common).await
@@ -284,6 +311,36 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             let id = latest_or(local.engine(), run_id, &common).await?;
             local.engine().control(&id, ControlAction::Resume).await?;
             finish(&local, &id, &common).await
+        }
+        Command::Tune { run_id, send_rate, chains, common } => {
+            if send_rate.is_none() && chains.is_none() {
+                bail!("say what to change: --send-rate R and/or --chains K");
+            }
+            let rt = Runtime::open(&common, Use::Inspect).await?;
+            let id = latest_or(rt.engine(), run_id, &common).await?;
+            let invoke_new = common.invoker == InvokerKind::Lambda;
+            let tuned = rt.engine().tune(&id, send_rate, chains, invoke_new).await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&tuned)?);
+            } else {
+                let rate = |r: Option<f64>| r.map(|r| format!("{r}/s")).unwrap_or_else(|| "-".into());
+                println!(
+                    "run {id}: send_rate {} -> {}, chains {} -> {}, hop budget {} -> {}{}",
+                    rate(tuned.send_rate.0),
+                    rate(tuned.send_rate.1),
+                    tuned.chains.0,
+                    tuned.chains.1,
+                    tuned.max_hops.0,
+                    tuned.max_hops.1,
+                    match (tuned.chains_added, invoke_new) {
+                        (0, _) => String::new(),
+                        (n, true) => format!("; {n} new chain(s) invoked"),
+                        (n, false) =>
+                            format!("; {n} new chain(s) start with the next sweep of the process driving the run"),
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Sweep { common } => {
             let local = Runtime::open(&common, Use::Operate).await?;

@@ -205,7 +205,9 @@ impl Engine {
         let status = RunState::parse(&text).ok_or_else(|| EngineError::State(format!("run status `{text}`")))?;
         let end = st::set_chain_status(id, chain, Some(hop), ChainState::Ended, None);
         match status {
-            RunState::Running if s.int("claimable") > 0 => {
+            // A chain beyond the run's chain count (`tune` lowered it) claims nothing more: it
+            // ends below, completing the run if its page was the last.
+            RunState::Running if s.int("claimable") > 0 && chain < s.int("chains") => {
                 // Pages are claimable but this claim got none: a concurrent claim took the page
                 // it aimed at, or a restart overtook this hop (the claim's guard refuses it).
                 // The caller retries a few times, then hands over; the CAS settles any overlap.

@@ -474,21 +474,117 @@ impl Engine {
 
     /// Hops one page may need: more than one when a rate-limited page outlasts a hop.
     fn hops_per_page(&self, config: &JobConfig, job: &Job) -> i64 {
-        let usable = self.config.settings.hop_timeout.saturating_sub(self.config.settings.hop_margin);
         let per_item = match job {
             Job::Items(j) => j.seconds_per_item(),
             Job::Ranges(_) => None,
         };
-        match per_item {
-            Some(s) => {
-                let page_secs = s * config.chains as f64 * config.page_size as f64;
-                // Bounded: validated rates keep this far below the cap, which guards the arithmetic.
-                (page_secs / usable.as_secs_f64().max(0.001)).ceil().clamp(1.0, 1e9) as i64 + 1
-            }
-            None => 1,
-        }
+        hops_per_page(&self.config.settings, config, per_item)
     }
 
+    /// Settings in which the config file's job now differs from what `run_id` started with, as
+    /// `field: run -> file` (a run keeps its snapshot; only `tune` changes a live run).
+    pub async fn config_drift(&self, run_id: &str) -> Result<Vec<String>, EngineError> {
+        let run = self.load_run(run_id).await?;
+        let Ok(file) = self.config.job(&run.job) else { return Ok(Vec::new()) };
+        let (mut ran, mut now) = (Vec::new(), Vec::new());
+        flatten("", &serde_json::to_value(&run.job_config).expect("serialises"), &mut ran);
+        flatten("", &serde_json::to_value(file).expect("serialises"), &mut now);
+        let ran: std::collections::BTreeMap<_, _> = ran.into_iter().collect();
+        let now: std::collections::BTreeMap<_, _> = now.into_iter().collect();
+        let mut keys: Vec<&String> = ran.keys().chain(now.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys
+            .into_iter()
+            .filter(|k| ran.get(*k) != now.get(*k))
+            .map(|k| {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+                format!(
+                    "{k}: {} -> {}",
+                    crate::sql::printable_short(&show(ran.get(k))),
+                    crate::sql::printable_short(&show(now.get(k)))
+                )
+            })
+            .collect())
+    }
+
+    // ---- tune -------------------------------------------------------------------------------
+
+    /// Changes a live run's send rate and chain count (the rest of its config is fixed when it
+    /// starts). The rate applies from each chain's next hop; the hop budget grows to fit a lower
+    /// rate. New chains are invoked now when `invoke_new` (chains run elsewhere, in Lambda), or
+    /// left for the next sweep to start (the local driver of the run, in another process). With
+    /// fewer chains, those beyond the count end after their current page.
+    pub async fn tune(
+        &self,
+        run_id: &str,
+        send_rate: Option<f64>,
+        chains: Option<u32>,
+        invoke_new: bool,
+    ) -> Result<Tuned, EngineError> {
+        let run = self.load_run(run_id).await?;
+        if !matches!(run.status, RunState::Running | RunState::Pausing | RunState::Paused) {
+            return Err(EngineError::NotAllowed {
+                run_id: run_id.into(),
+                action: "be tuned".into(),
+                status: run.status,
+            });
+        }
+        let mut config = run.job_config.clone();
+        let before = (config.newsletter.as_ref().map(|n| n.send_rate), run.chains);
+        if let Some(rate) = send_rate {
+            let n = config.newsletter.as_mut().ok_or_else(|| JobError::Invalid {
+                field: "--send-rate".into(),
+                message: format!("run {run_id} is a `{}` job, which has no send rate", config.kind),
+            })?;
+            n.send_rate = rate;
+        }
+        if let Some(k) = chains {
+            config.chains = k;
+        }
+        config.validate(&run.job).map_err(|e| match e {
+            ConfigError::Invalid { field, message } => JobError::Invalid {
+                field: if field.ends_with("send_rate") {
+                    "--send-rate".into()
+                } else if field.ends_with("chains") {
+                    "--chains".into()
+                } else {
+                    field
+                },
+                message,
+            }
+            .into(),
+            other => EngineError::Config(other),
+        })?;
+        let per_item = config.newsletter.as_ref().filter(|n| n.send_rate > 0.0).map(|n| 1.0 / n.send_rate);
+        let chain_rows = self.sql(st::chains_of(run_id)).await?;
+        let furthest = chain_rows.records().map(|c| c.int("next_hop")).max().unwrap_or(1);
+        // Room for every page at the new pace beyond the furthest chain's hop, never less than
+        // the budget the run already had.
+        let hpp = hops_per_page(&self.config.settings, &config, per_item);
+        let max_hops = run
+            .max_hops
+            .max(furthest.saturating_add(run.total_pages.saturating_mul(hpp)).saturating_add(config.hop_slack as i64));
+        let k = config.chains as i64;
+        let now = self.now_ms();
+        let snapshot = serde_json::to_string(&config).expect("config serialises");
+        if self.sql(st::retune_run(run_id, &snapshot, k, max_hops, now)).await?.rows.is_empty() {
+            return Err(EngineError::RunNotFound(run_id.into()));
+        }
+        let heartbeat = if invoke_new { now } else { 0 };
+        let added = self.sql(st::add_chains(run_id, run.chains, k, heartbeat)).await?;
+        if invoke_new && run.status == RunState::Running {
+            self.invoke_chains(run_id, &added).await;
+        }
+        tracing::info!(run_id, ?send_rate, ?chains, max_hops, "run tuned");
+        Ok(Tuned {
+            run_id: run_id.to_owned(),
+            send_rate: (before.0, config.newsletter.as_ref().map(|n| n.send_rate)),
+            chains: (before.1, k),
+            chains_added: added.rows.len(),
+            max_hops: (run.max_hops, max_hops),
+        })
+    }
     // ---- control ----------------------------------------------------------------------------
 
     /// Pause, resume or cancel. An action the run's state does not allow (resuming a cancelled
@@ -705,6 +801,43 @@ impl Engine {
         job.render(&item, "preview", &address)
             .map(Some)
             .map_err(|(field, message)| JobError::Invalid { field, message }.into())
+    }
+}
+
+/// `a.b.c = value` pairs of a JSON value's leaves.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// What `tune` changed: each pair is (before, after).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tuned {
+    pub run_id: String,
+    pub send_rate: (Option<f64>, Option<f64>),
+    pub chains: (i64, i64),
+    pub chains_added: usize,
+    pub max_hops: (i64, i64),
+}
+
+/// Hops one page may need at `seconds_per_item` for the whole run: more than one when a
+/// rate-limited page outlasts a hop.
+fn hops_per_page(settings: &crate::config::Settings, config: &JobConfig, seconds_per_item: Option<f64>) -> i64 {
+    let usable = settings.hop_timeout.saturating_sub(settings.hop_margin);
+    match seconds_per_item {
+        Some(s) => {
+            let page_secs = s * config.chains as f64 * config.page_size as f64;
+            // Bounded: validated rates keep this far below the cap, which guards the arithmetic.
+            (page_secs / usable.as_secs_f64().max(0.001)).ceil().clamp(1.0, 1e9) as i64 + 1
+        }
+        None => 1,
     }
 }
 

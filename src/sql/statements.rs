@@ -463,6 +463,7 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
                AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
                AND EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND chain_no = :chain
                            AND next_hop = :hop + 1 AND status = 'active')
+               AND :chain < (SELECT chains FROM baton_runs WHERE run_id = :run_id)
              RETURNING page_no, lo, hi, items, attempts, lease_expires_at"
         ),
         Params::new()
@@ -476,12 +477,46 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
     )
 }
 
+/// `tune`: a live run's new config snapshot, chain count and hop budget.
+pub fn retune_run(run_id: &str, job_config: &str, chains: i64, max_hops: i64, now: i64) -> Stmt {
+    Stmt::named(
+        "retune_run",
+        "UPDATE baton_runs SET job_config = :job_config, chains = :chains, max_hops = :max_hops, updated_at = :now
+         WHERE run_id = :run_id AND status IN ('running', 'pausing', 'paused')
+         RETURNING run_id",
+        Params::new()
+            .with("run_id", run_id)
+            .with("job_config", job_config)
+            .with("chains", chains)
+            .with("max_hops", max_hops)
+            .with("now", now),
+    )
+}
+
+/// `tune`: chains `from..to` that do not exist yet, at hop 1 (safe to re-run: existing chains
+/// are left alone). Active in a running run, parked in a pausing or paused one (resume starts
+/// them). `heartbeat_at = 0` leaves them for the next sweep to start.
+pub fn add_chains(run_id: &str, from: i64, to: i64, heartbeat_at: i64) -> Stmt {
+    Stmt::named(
+        "add_chains",
+        "WITH RECURSIVE seq(n) AS (SELECT CAST(:from AS BIGINT) UNION ALL SELECT n + 1 FROM seq WHERE n + 1 < :to)
+         INSERT INTO baton_chains (run_id, chain_no, next_hop, status, heartbeat_at, restarts)
+         SELECT :run_id, n, 1,
+                CASE WHEN (SELECT status FROM baton_runs WHERE run_id = :run_id) = 'running' THEN 'active' ELSE 'paused' END,
+                :heartbeat_at, 0
+         FROM seq WHERE n < :to
+           AND NOT EXISTS (SELECT 1 FROM baton_chains c WHERE c.run_id = :run_id AND c.chain_no = seq.n)
+         RETURNING chain_no, next_hop",
+        Params::new().with("run_id", run_id).with("from", from).with("to", to).with("heartbeat_at", heartbeat_at),
+    )
+}
+
 /// Why a claim found nothing: the run's status and the pages still open.
 pub fn page_summary(run_id: &str, now: i64) -> Stmt {
     Stmt::named(
         "page_summary",
         format!(
-            "SELECT r.status AS run_status,
+            "SELECT r.status AS run_status, r.chains AS chains,
                     (SELECT COUNT(*) FROM baton_pages WHERE run_id = :run_id AND {CLAIMABLE}) AS claimable,
                     (SELECT COUNT(*) FROM baton_pages WHERE run_id = :run_id AND status = 'leased'
                         AND lease_expires_at >= :now) AS leased,

@@ -584,3 +584,56 @@ pub async fn the_send_rate_holds_across_short_hops_and_chains(b: Backend) {
     let hops: i64 = status.chains.iter().map(|c| c.hops).sum();
     assert!(hops > 8, "the run spanned many short hops: {status:?}");
 }
+
+/// `tune` changes a live run: more chains and a higher rate mid-run, then fewer chains; the
+/// new chains take pages, the extra ones end after their page, and everyone gets exactly one
+/// message. A finished run cannot be tuned.
+pub async fn tune_changes_a_live_runs_rate_and_chains(b: Backend) {
+    let users = int_users(60);
+    let mut job = newsletter_job(5, 2);
+    job.newsletter.as_mut().unwrap().send_rate = 20.0;
+    let h = Harness::with_users(b, &users, Setup::new(job)).await;
+    let run = h.start().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = h.engine().tune(&run, Some(400.0), Some(4), true).await.unwrap();
+    assert_eq!((t.chains, t.chains_added, t.send_rate.1), ((2, 4), 2, Some(400.0)), "{t:?}");
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert_eq!(status.chains.len(), 4);
+    assert!(status.chains[2].hops + status.chains[3].hops > 0, "the new chains ran: {status:?}");
+    h.assert_exactly_once(&run, &users).await;
+    let refused = h.engine().tune(&run, Some(1.0), None, true).await.unwrap_err().to_string();
+    assert!(refused.contains("is succeeded"), "{refused}");
+
+    let mut job = newsletter_job(5, 4);
+    job.newsletter.as_mut().unwrap().send_rate = 40.0;
+    let h = Harness::with_users(b, &users, Setup::new(job)).await;
+    let run = h.start().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.engine().tune(&run, Some(400.0), Some(1), true).await.unwrap();
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    h.assert_exactly_once(&run, &users).await;
+    let bad = h.engine().tune(&run, Some(-1.0), None, true).await.unwrap_err().to_string();
+    assert!(bad.contains("is succeeded"), "{bad}");
+}
+
+/// Bad tune values are refused by name and change nothing.
+pub async fn tune_refuses_bad_values(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(5, 2);
+    job.newsletter.as_mut().unwrap().send_rate = 2.0;
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    for (rate, chains, says) in [
+        (Some(-1.0), None, "--send-rate"),
+        (Some(1e-9), None, "--send-rate"),
+        (None, Some(0), "--chains"),
+        (None, Some(5000), "--chains"),
+    ] {
+        let err = m.engine.tune(&run, rate, chains, false).await.unwrap_err().to_string();
+        assert!(err.starts_with(says), "{err}");
+    }
+    let status = m.status(&run).await;
+    assert_eq!(status.chains.len(), 2);
+}

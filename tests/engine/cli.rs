@@ -55,7 +55,7 @@ fn bad_config_is_rejected_with_the_field_and_exit_code_2() {
 
     let out = baton(&["pause", "--data-dir", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no runs yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no baton state"));
 }
 
 #[test]
@@ -111,4 +111,118 @@ fn start_with_the_local_invoker_is_refused_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("baton run a") && err.contains("--invoker lambda"), "{err}");
     assert!(!data.exists(), "a refused start created {}", data.display());
+}
+
+/// README.md's "Your own job" block, run line by line as written (with `baton` on PATH), from a
+/// folder holding the repository's `examples/`: the path from the demo to a job of one's own.
+/// Failed before the fix: the first `baton run` stopped at the missing unsubscribe secret.
+#[test]
+fn the_readme_path_from_demo_to_your_own_job_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("## Your own job").nth(1).expect("README has a 'Your own job' section");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_baton"), bin.join("baton")).unwrap();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let status = Command::new("cp").args(["-r", examples, dir.path().to_str().unwrap()]).status().unwrap();
+    assert!(status.success());
+    let script = format!("set -eu\n{block}");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the README's commands failed:\n{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(stdout.contains("To: "), "preview shows the To address: {stdout}");
+    assert!(
+        stderr.contains("one .eml file per message in baton-data/outbox"),
+        "run says where the mail went: {stderr}"
+    );
+    assert!(stderr.contains("already succeeded"), "the second run is the same run: {stderr}");
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_baton")).args(["status", "--json"]).current_dir(dir.path()).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["job"], "monthly-newsletter");
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(status["total"], 2000);
+}
+
+/// A demo paused from a second terminal exits 3 and says how to go on; `baton resume` with no
+/// config file continues it (the demo left its config in the data dir) and nobody is mailed
+/// twice. Failed before the fix: the demo printed "FAIL ... missed" and exited 1, and resume
+/// wanted a config file it could not have.
+#[test]
+fn a_paused_demo_exits_3_and_resumes_from_its_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_owned();
+    let demo = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["demo", "--users", "600", "--send-rate", "100", "--data-dir", &data_s])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = baton(&["status", "--json", "--data-dir", &data_s]);
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if s["done"].as_i64().unwrap_or(0) > 20 {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < until, "the demo did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let paused = baton(&["pause", "--data-dir", &data_s]);
+    assert!(paused.status.success(), "{paused:?}");
+    let out = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "a paused demo exits 3: {stderr}");
+    assert!(stderr.contains("baton resume --data-dir"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("FAIL"), "a pause is not a failed check");
+
+    let resumed = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["resume", "--data-dir", &data_s])
+        .current_dir(dir.path())
+        .env_remove("BATON_CONFIG")
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let sent = baton::local::outbox::recipients(&data.join("outbox")).unwrap();
+    let unique: std::collections::HashSet<_> = sent.iter().collect();
+    assert_eq!(unique.len(), sent.len(), "nobody twice");
+    let status: serde_json::Value =
+        serde_json::from_slice(&baton(&["status", "--json", "--data-dir", &data_s]).stdout).unwrap();
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(status["done"].as_i64().unwrap() as usize, sent.len());
+}
+
+/// `baton status | head -1` ends quietly when the reader goes. Failed before the fix: a
+/// broken-pipe panic, exit 101.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    assert!(baton(&["demo", "--users", "200", "--json", "--data-dir", data]).status.success());
+    let script = format!(
+        "'{}' status --list skipped --data-dir '{data}' 2>err | head -c 1 >/dev/null; cat err",
+        env!("CARGO_BIN_EXE_baton")
+    );
+    for _ in 0..5 {
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stdout);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    }
 }

@@ -91,4 +91,6 @@ on_both_backends!(
     adversarial::large_pages_keep_every_statement_under_64_kib,
     adversarial::the_sweeper_skips_a_run_it_cannot_read,
     adversarial::the_send_rate_holds_across_short_hops_and_chains,
+    adversarial::tune_changes_a_live_runs_rate_and_chains,
+    adversarial::tune_refuses_bad_values,
 );
