@@ -87,7 +87,7 @@ pub struct RunStatus {
     pub elapsed_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChainStatus {
     pub chain: i64,
     pub status: ChainState,

@@ -84,6 +84,22 @@ fn classify(e: rusqlite::Error) -> SqlError {
         {
             SqlError::transient(e)
         }
+        // The file or its folder, not the statement: a read-only data dir, a full disk. Told
+        // apart so that no one blames the job's source query for it.
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::PermissionDenied
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            SqlError::Config(format!(
+                "the SQLite database cannot be written ({e}): check that --data-dir is writable and its disk has room"
+            ))
+        }
         _ => SqlError::statement(e),
     }
 }
@@ -145,5 +161,29 @@ impl SqlStore for SqliteStore {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::Params;
+
+    #[test]
+    fn a_read_only_database_is_a_storage_error_not_a_statement_error() {
+        let dir = tempfile_dir();
+        let path = dir.join("baton.db");
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (id INTEGER)").unwrap();
+        let ro = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let err = run_one(&ro, &Stmt::new("INSERT INTO t VALUES (1)", Params::new())).map_err(classify).unwrap_err();
+        assert!(matches!(err, SqlError::Config(_)), "{err}");
+        assert!(err.to_string().contains("--data-dir is writable"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("baton-sqlite-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

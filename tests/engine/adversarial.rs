@@ -5,6 +5,7 @@
 //! in flight at the cut-off under at-least-once, and chains that never ran. Each case failed
 //! before the change that closed it.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -517,7 +518,8 @@ pub async fn keys_equal_as_text_are_not_unique(b: Backend) {
     job.source = "SELECT id, email, name FROM users UNION ALL SELECT '5', 'twin@example.com', 'Twin'".into();
     let m = Manual::new(b, &users, job, KindRegistry::default()).await;
     let err = m.engine.start(JOB, Some("t")).await.unwrap_err().to_string();
-    assert!(err.contains("not unique"), "{err}");
+    // The key-type census finds it first, and names both types.
+    assert!(err.contains("more than one type") && err.contains("integer") && err.contains("text"), "{err}");
 }
 
 /// Large pages go through the Data API's 64 KiB limit on SQL text in a few statements each.
@@ -636,4 +638,91 @@ pub async fn tune_refuses_bad_values(b: Backend) {
     }
     let status = m.status(&run).await;
     assert_eq!(status.chains.len(), 2);
+}
+
+/// A row whose key is not of the run's key type appears mid-run (SQLite: a column of mixed
+/// types): it is `failed` with the reason, never sent, and the rest of its page goes out.
+/// Before the fix a real-valued key had the ledger key "" and was silently lost.
+pub async fn a_mistyped_key_that_appears_mid_run_is_failed_and_never_sent(b: Backend) {
+    if b == Backend::Postgres {
+        return; // a PostgreSQL column has one type
+    }
+    let users = int_users(20);
+    let mut job = newsletter_job(50, 1);
+    job.source = "SELECT id, email, name FROM users UNION ALL SELECT id, email, name FROM late".into();
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    m.counting.query(Stmt::new("CREATE TABLE late (id, email TEXT, name TEXT)", Params::new())).await.unwrap();
+    let run = m.start().await;
+    m.counting
+        .query(Stmt::new("INSERT INTO late VALUES (7.5, 'real@example.com', 'Real')", Params::new()))
+        .await
+        .unwrap();
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    let failed = m.engine.items_in_state(&run, "failed", 10).await.unwrap();
+    assert!(
+        failed
+            .iter()
+            .any(|(k, r)| k == "7.5" && r.as_deref().unwrap_or_default().contains("not of this run's key type")),
+        "{failed:?}"
+    );
+    assert!(!m.sent().contains(&"real@example.com".to_owned()));
+    assert_eq!(m.sent().len(), 20, "everyone else once");
+}
+
+/// An item kind is counted from its ledger only: a page marked done with nothing recorded is
+/// not mail sent. Failed before the fix: `status` fell back to the pages' item counts.
+pub async fn status_counts_item_kinds_from_the_ledger_only(b: Backend) {
+    let users = int_users(10);
+    let m = Manual::new(b, &users, newsletter_job(5, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let done = Stmt::new("UPDATE baton_pages SET status = 'done'", Params::new());
+    m.counting.query(done).await.unwrap();
+    let status = m.status(&run).await;
+    assert_eq!((status.done, status.pending, status.pages_done), (0, 10, 2), "{status:?}");
+}
+
+/// A hop whose environment cannot build the job (its unsubscribe secret missing) pauses the run
+/// with the reason instead of failing every hop and every restart without end.
+pub async fn a_hop_that_cannot_build_its_job_pauses_the_run(b: Backend) {
+    let users = int_users(10);
+    let m = Manual::new(b, &users, newsletter_job(5, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    let mut no_secret = newsletter_job(5, 1);
+    no_secret.newsletter.as_mut().unwrap().unsubscribe_secret = None;
+    let other = baton::engine::Engine::new(baton::engine::EngineParts {
+        store: m.store.clone(),
+        invoker: m.invoker.clone(),
+        mailer: m.mailer.clone(),
+        clock: Arc::new(m.clock.clone()),
+        config: baton::config::Config { settings: m.settings.clone(), jobs: [(JOB.to_owned(), no_secret)].into() },
+        kinds: KindRegistry::default(),
+    });
+    let hop = m.next_event().expect("hop 1 was invoked");
+    let outcome = other.handle(hop, Instant::now() + Duration::from_secs(5)).await.unwrap();
+    assert_eq!(outcome, Outcome::Hopped { pages: 0, next: HopNext::Parked });
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Paused, "{status:?}");
+    assert!(status.reason.as_deref().unwrap_or_default().contains("unsubscribe_secret"), "{status:?}");
+    assert_eq!(m.pending_events(), 0, "no next hop");
+    assert!(m.sent().is_empty());
+    // With the secret back, resume finishes the run.
+    m.engine.control(&run, ControlAction::Resume).await.unwrap();
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, RunState::Succeeded);
+}
+
+/// Template builtins (`range`, `loop`, filters) are accepted; only names that are really
+/// undefined are refused. Failed before the fix: `range` and `loop` were "undefined".
+pub async fn template_builtins_are_not_undefined(b: Backend) {
+    let users = int_users(3);
+    let mut job = newsletter_job(5, 1);
+    job.newsletter.as_mut().unwrap().text = Some(
+        "{% for i in range(2) %}{{ loop.index }}{% endfor %} {{ recipient.name|upper }} {{ unsubscribe_url }}".into(),
+    );
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    m.pump().await;
+    assert_eq!(m.status(&run).await.status, RunState::Succeeded);
 }

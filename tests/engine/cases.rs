@@ -216,9 +216,14 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     assert!(after <= 3 * 10, "{after} sends after cancel; at most one page per chain allowed");
     assert!(duplicates(&h.sent()).is_empty());
     assert!(status.pending > 0, "cancel left the rest unsent");
-    // A cancelled run stays cancelled: resume does not revive it.
-    h.engine().control(&run, ControlAction::Resume).await.unwrap();
-    assert_eq!(h.status(&run).await.status, "cancelled");
+    // A cancelled run stays cancelled: resume is refused and revives nothing (failed before
+    // the fix: chain 0 was revived, left `active` with a restart counted).
+    let chains_before = h.status(&run).await.chains;
+    let err = h.engine().control(&run, ControlAction::Resume).await.unwrap_err().to_string();
+    assert!(err.contains("is cancelled") && err.contains("cannot resume"), "{err}");
+    let after = h.status(&run).await;
+    assert_eq!(after.status, "cancelled");
+    assert_eq!(after.chains, chains_before, "resume of a cancelled run changed its chains");
 }
 
 pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {

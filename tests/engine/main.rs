@@ -93,4 +93,8 @@ on_both_backends!(
     adversarial::the_send_rate_holds_across_short_hops_and_chains,
     adversarial::tune_changes_a_live_runs_rate_and_chains,
     adversarial::tune_refuses_bad_values,
+    adversarial::a_mistyped_key_that_appears_mid_run_is_failed_and_never_sent,
+    adversarial::status_counts_item_kinds_from_the_ledger_only,
+    adversarial::a_hop_that_cannot_build_its_job_pauses_the_run,
+    adversarial::template_builtins_are_not_undefined,
 );
