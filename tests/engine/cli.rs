@@ -226,3 +226,40 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     }
 }
+
+/// Ctrl-C without a terminal (a CI job, `nohup`): the first pauses the run and says so; a second
+/// quits at once with exit 130 and says what that leaves behind. Failed before the fix: both
+/// were silent (the message went to a hidden progress bar).
+#[test]
+fn ctrl_c_without_a_terminal_says_what_it_does() {
+    for presses in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["demo", "--users", "2000", "--send-rate", "200", "--data-dir", data.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !data.join("outbox").exists() {
+            assert!(std::time::Instant::now() < until, "the demo did not start sending");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        for _ in 0..presses {
+            let pid = child.id().to_string();
+            assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("Pausing: chains stop after their current page"), "{stderr}");
+        match (presses, out.status.code()) {
+            (1, Some(3)) => assert!(stderr.contains("baton resume"), "{stderr}"),
+            (2, Some(130)) => assert!(stderr.contains("Quit with the run still pausing"), "{stderr}"),
+            // The pause may settle before the second press lands: then it is an ordinary pause.
+            (2, Some(3)) => {}
+            (_, code) => panic!("{presses} Ctrl-C: exit {code:?}\n{stderr}"),
+        }
+    }
+}
