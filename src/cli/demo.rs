@@ -102,6 +102,10 @@ fn check_data_dir_is_the_demos(dir: &std::path::Path, force: bool) -> Result<()>
         )
     } else if !names.iter().any(|n| n == MARKER) {
         "holds a baton.db that a demo did not create (runs of your own jobs?)".to_owned()
+    } else if let Some(foreign) = foreign_contents(&dir.join("baton.db"))? {
+        // The demo made the folder, but it has been used since (the README's next step runs a
+        // job of your own against the demo's users): its ledger must not be wiped.
+        format!("holds {foreign}, not only the demo's")
     } else {
         return Ok(());
     };
@@ -110,6 +114,38 @@ fn check_data_dir_is_the_demos(dir: &std::path::Path, force: bool) -> Result<()>
          --force to replace it anyway",
         dir.display()
     )
+}
+
+/// What in a demo's `baton.db` is not the demo's: a table besides its users and baton's own,
+/// or a run other than the demo's (deleting its ledger would let it mail everyone again).
+fn foreign_contents(db: &std::path::Path) -> Result<Option<String>> {
+    if !db.exists() {
+        return Ok(None);
+    }
+    let conn = rusqlite::Connection::open(db).with_context(|| format!("cannot read {}", db.display()))?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .with_context(|| format!("cannot read {}", db.display()))?;
+    let mine = |t: &String| {
+        ["users", "users_late"].contains(&t.as_str()) || t.starts_with("baton_") || t.starts_with("sqlite_")
+    };
+    if let Some(t) = tables.iter().find(|t| !mine(t)) {
+        return Ok(Some(format!("a table `{}`", super::printable(t))));
+    }
+    if tables.iter().any(|t| t == "baton_runs") {
+        let other: Option<(String, String)> = conn
+            .query_row("SELECT job, run_key FROM baton_runs WHERE job <> ?1 OR run_key <> 'demo' LIMIT 1", [JOB], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+            .with_context(|| format!("cannot read {}", db.display()))?;
+        if let Some((job, key)) = other {
+            return Ok(Some(format!("a run of `{}` ({})", super::printable(&job), super::printable(&key))));
+        }
+    }
+    Ok(None)
 }
 
 /// Writes the demo's config (with its secret, which guards nothing real) to `DATA_DIR/demo.toml`.
@@ -121,8 +157,9 @@ fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &str) -> Re
         table.insert("unsubscribe_secret".into(), toml::Value::String(secret.to_owned()));
     }
     let text = format!(
-        "# Written by `baton demo`: the job it ran. `baton resume` reads it from here; copy it as a\n\
-         # start for a job of your own (README.md, \"Your own job\").\n{}",
+        "# Written by `baton demo`: the job it ran, with a throwaway unsubscribe secret. `baton resume`,\n\
+         # `status` and `sweep` read it from here. For a job of your own start from examples/baton.toml\n\
+         # and keep your secret in BATON_UNSUBSCRIBE_SECRET (README.md, \"Your own job\").\n{}",
         toml::to_string_pretty(&value).context("the demo config serialises")?
     );
     std::fs::write(dir.join(CONFIG_FILE), text)
@@ -130,7 +167,7 @@ fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &str) -> Re
 }
 
 /// The demo's job: what a user's `baton.toml` would hold.
-pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
+pub fn demo_job(args: &DemoArgs, table: &str, secret: &str) -> JobConfig {
     JobConfig {
         kind: "newsletter".into(),
         // Under --chaos a second table can add rows mid-run, like a source built on a join.
@@ -171,7 +208,7 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
             in_flight: 32,
             max_attempts: 8,
             unsubscribe_url: "https://baton.example/unsubscribe".into(),
-            unsubscribe_secret: Some(demo_secret(args.seed)),
+            unsubscribe_secret: Some(secret.to_owned()),
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
             vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
@@ -182,9 +219,10 @@ pub fn demo_job(args: &DemoArgs, table: &str) -> JobConfig {
     }
 }
 
-/// The demo's unsubscribe key: it signs links to `baton.example`, so it guards nothing.
-fn demo_secret(seed: u64) -> String {
-    format!("demo-secret-{seed:016x}")
+/// The demo's unsubscribe key, new for every demo: it signs links to `baton.example` only, and
+/// no fixed value may end up in a config someone copies.
+fn demo_secret() -> String {
+    format!("demo-{:032x}", rand::random::<u128>())
 }
 
 /// A config error in the demo's own job, told in terms of the demo's flags.
@@ -360,7 +398,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         ("baton_demo_users", format!("demo-{}", SystemClock.now_ms()))
     };
     // Everything is checked before anything is deleted or created.
-    let job = demo_job(&args, table);
+    let secret = demo_secret();
+    let job = demo_job(&args, table, &secret);
     let settings = Settings {
         hop_timeout: args.hop_timeout,
         hop_margin: args.hop_timeout * 2 / 5,
@@ -382,7 +421,6 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     let outbox_dir = dir.join("outbox");
     let _ = std::fs::remove_dir_all(&outbox_dir);
-    let secret = demo_secret(args.seed);
     write_demo_config(dir, &config, &secret)?;
     let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 

@@ -219,7 +219,9 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote data (addresses, keys, SQL text): lines stay lines, other control
+            // characters are escaped.
+            eprintln!("error: {}", printable_text(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
@@ -414,10 +416,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                         r.unsubscribe_url
                     );
                     if let Some(t) = r.text {
-                        println!("--- text ---\n{t}");
+                        println!("--- text ---\n{}", printable_text(&t));
                     }
                     if let Some(h) = r.html {
-                        println!("--- html ---\n{h}");
+                        println!("--- html ---\n{}", printable_text(&h));
                     }
                 }
             }
@@ -474,6 +476,15 @@ pub fn printable(s: &str) -> String {
             c => vec![c],
         })
         .collect()
+}
+
+/// [`printable`] for multi-line text: line breaks and tabs kept, every other control character
+/// and bidirectional override escaped.
+pub fn printable_text(s: &str) -> String {
+    s.split('\n')
+        .map(|line| line.split('\t').map(|part| printable(part.trim_end_matches('\r'))).collect::<Vec<_>>().join("\t"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn exit_for(status: &RunStatus) -> ExitCode {
@@ -536,5 +547,6 @@ mod tests {
         assert_eq!(super::printable("Eve\u{1b}[2J\r\nBcc: x"), "Eve\\u{1b}[2J\\r\\nBcc: x");
         assert_eq!(super::printable("a\u{202E}b"), "a\\u{202e}b");
         assert_eq!(super::printable("Zoë 田中"), "Zoë 田中");
+        assert_eq!(super::printable_text("a\r\n\tb\u{1b}[2J"), "a\n\tb\\u{1b}[2J");
     }
 }

@@ -144,8 +144,9 @@ async fn open_mailer(common: &Common) -> Result<Arc<dyn Mailer>> {
     })
 }
 
-/// The config file; when `--config` is left at its default and `baton.toml` is missing, the
-/// config a demo wrote into the data dir (`DATA_DIR/demo.toml`), so a paused demo resumes.
+/// The config file; with `demo_fallback`, when `--config` is left at its default and
+/// `baton.toml` is missing, the config a demo wrote into the data dir (`DATA_DIR/demo.toml`), so
+/// a paused demo resumes.
 /// One line saying where this command's mail went.
 pub fn where_mail_goes(common: &Common) -> String {
     match common.mailer {
@@ -160,10 +161,11 @@ pub fn where_mail_goes(common: &Common) -> String {
     }
 }
 
-pub fn load_config(common: &Common, required: bool) -> Result<Config> {
+pub fn load_config(common: &Common, required: bool, demo_fallback: bool) -> Result<Config> {
     let demo = common.data_dir.join(super::demo::CONFIG_FILE);
     let defaulted = common.config == std::path::Path::new(super::DEFAULT_CONFIG);
-    let path = if defaulted && !common.config.exists() && demo.exists() { &demo } else { &common.config };
+    let fallback = demo_fallback && defaulted && !common.config.exists() && demo.exists();
+    let path = if fallback { &demo } else { &common.config };
     if !path.exists() {
         if !required {
             return Ok(Config::default());
@@ -184,7 +186,9 @@ pub enum Runtime {
 
 impl Runtime {
     pub async fn open(common: &Common, use_: Use) -> Result<Runtime> {
-        let config = load_config(common, use_.needs_config())?;
+        // Commands that only continue or look at runs may use the demo's config; `run`,
+        // `start` and `preview` of a job of your own never pick up its throwaway secret.
+        let config = load_config(common, use_.needs_config(), matches!(use_, Use::Inspect | Use::Operate))?;
         let store = open_store(common, use_.creates()).await?;
         let mailer = open_mailer(common).await?;
         Ok(match common.invoker {

@@ -410,9 +410,15 @@ impl Engine {
         }
         let columns = Arc::new(sample.columns.clone());
         let item = sample.rows.first().map(|values| item_of(&columns, key, values.clone()));
-        let key_type = match sample.rows.first().map(|v| &v[sample.column(key).expect("checked")]) {
+        let key_idx = sample.column(key).expect("checked");
+        let mut sample = sample;
+        if sample.rows.first().is_some_and(|row| row[key_idx].is_null()) {
+            // The first row has a NULL key (left out of the run): the type comes from a row
+            // with a key, or every item of a typed key would look mistyped.
+            sample = self.sql(st::keyed_sample(&config.source, key)).await.map_err(|e| source_error(name, e))?;
+        }
+        let key_type = match sample.rows.first().map(|v| &v[key_idx]) {
             None => KeyType::Text,
-            // The sample row has a NULL key: any other row tells the type (planning skips NULLs).
             Some(v) if v.is_null() => KeyType::Text,
             Some(v) => v.key_type().ok_or_else(|| JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
@@ -556,32 +562,64 @@ impl Engine {
             .into(),
             other => EngineError::Config(other),
         })?;
-        let per_item = config.newsletter.as_ref().filter(|n| n.send_rate > 0.0).map(|n| 1.0 / n.send_rate);
+        let per_item = |c: &JobConfig| c.newsletter.as_ref().filter(|n| n.send_rate > 0.0).map(|n| 1.0 / n.send_rate);
         let chain_rows = self.sql(st::chains_of(run_id)).await?;
         let furthest = chain_rows.records().map(|c| c.int("next_hop")).max().unwrap_or(1);
-        // Room for every page at the new pace beyond the furthest chain's hop, never less than
-        // the budget the run already had.
-        let hpp = hops_per_page(&self.config.settings, &config, per_item);
-        let max_hops = run
-            .max_hops
-            .max(furthest.saturating_add(run.total_pages.saturating_mul(hpp)).saturating_add(config.hop_slack as i64));
+        // The budget the run was given for its pages, scaled by how much longer a page takes now,
+        // beyond the furthest chain's hop; never less than before. A ratio, so this process's
+        // own hop settings (not the deployed function's) cancel out.
+        let settings = &self.config.settings;
+        let (hpp_old, hpp_new) = (
+            hops_per_page(settings, &run.job_config, per_item(&run.job_config)),
+            hops_per_page(settings, &config, per_item(&config)),
+        );
+        let paged = (run.max_hops - run.job_config.hop_slack as i64).max(run.total_pages);
+        let scaled = (paged as f64 * hpp_new as f64 / hpp_old.max(1) as f64).ceil().min(1e15) as i64;
+        let max_hops = run.max_hops.max(furthest.saturating_add(scaled).saturating_add(config.hop_slack as i64));
         let k = config.chains as i64;
         let now = self.now_ms();
         let snapshot = serde_json::to_string(&config).expect("config serialises");
-        if self.sql(st::retune_run(run_id, &snapshot, k, max_hops, now)).await?.rows.is_empty() {
-            return Err(EngineError::RunNotFound(run_id.into()));
-        }
+        // New chains start one period of the new per-chain rate from now, so the run's rate is
+        // not exceeded while the running chains still pace at the old share (until their next
+        // hop reads the new config).
+        let period_ms = per_item(&config).map_or(0, |s| (s * k as f64 * 1000.0).min(1e12) as i64);
         let heartbeat = if invoke_new { now } else { 0 };
-        let added = self.sql(st::add_chains(run_id, run.chains, k, heartbeat)).await?;
+        let plan = vec![
+            st::retune_run(run_id, &snapshot, k, max_hops, now),
+            st::add_chains(run_id, k, heartbeat, now + period_ms),
+            st::reactivate_chains(run_id, k, heartbeat),
+        ];
+        // Every statement is safe to re-run; a re-run after a lost answer finds the chains already
+        // added (the sweeper then starts any that were not invoked).
+        let mut attempt = 0;
+        let results = loop {
+            attempt += 1;
+            match self.store.transaction(plan.clone()).await {
+                Err(e) if e.is_transient() && attempt < SQL_ATTEMPTS => {
+                    tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
+                }
+                other => break other?,
+            }
+        };
+        if results[0].rows.is_empty() {
+            let now_status = self.load_run(run_id).await?.status;
+            return Err(EngineError::NotAllowed {
+                run_id: run_id.into(),
+                action: "be tuned".into(),
+                status: now_status,
+            });
+        }
+        let added = results[1].rows.len() + results[2].rows.len();
         if invoke_new && run.status == RunState::Running {
-            self.invoke_chains(run_id, &added).await;
+            self.invoke_chains(run_id, &results[1]).await;
+            self.invoke_chains(run_id, &results[2]).await;
         }
         tracing::info!(run_id, ?send_rate, ?chains, max_hops, "run tuned");
         Ok(Tuned {
             run_id: run_id.to_owned(),
             send_rate: (before.0, config.newsletter.as_ref().map(|n| n.send_rate)),
             chains: (before.1, k),
-            chains_added: added.rows.len(),
+            chains_added: added,
             max_hops: (run.max_hops, max_hops),
         })
     }

@@ -303,8 +303,11 @@ impl ItemJob for Newsletter {
     fn begin_hop(&self, chains: u32, send_after_ms: Option<i64>) {
         let per_chain = self.config.send_rate / chains.max(1) as f64;
         let pacer = (per_chain > 0.0).then(|| {
+            // Never more than one period: a later slot can only be stale (the rate was raised
+            // since) or another sandbox's clock running ahead.
+            let period = Duration::from_secs_f64(1.0 / per_chain);
             let wait = send_after_ms.map_or(0, |at| (at - self.clock.now_ms()).max(0)) as u64;
-            Arc::new(Pacer::new(per_chain, Instant::now() + Duration::from_millis(wait)))
+            Arc::new(Pacer::new(per_chain, Instant::now() + Duration::from_millis(wait).min(period)))
         });
         *self.pacer.lock().unwrap_or_else(|e| e.into_inner()) = pacer;
     }

@@ -36,13 +36,19 @@ pub fn check_address(addr: &str) -> Result<(), String> {
     if addr.trim().is_empty() {
         return Err("the address is empty".into());
     }
+    let shown = crate::sql::printable_short(addr);
     if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{addr}` contains white space"));
+        return Err(format!("`{shown}` contains white space or control characters"));
+    }
+    // Quoted local parts, comments and domain literals are legal but carry header syntax; SES
+    // and most receivers refuse them anyway.
+    if let Some(c) = addr.chars().find(|c| "\"<>,;:()\\[]".contains(*c)) {
+        return Err(format!("`{shown}` contains {c:?}, which baton does not send to (quoted or commented addresses)"));
     }
     match addr.parse::<email_address::EmailAddress>() {
         Ok(parsed) if parsed.domain().contains('.') => Ok(()),
-        Ok(_) => Err(format!("`{addr}` has no dot in its domain")),
-        Err(e) => Err(format!("`{addr}` is not a valid address: {e}")),
+        Ok(_) => Err(format!("`{shown}` has no dot in its domain")),
+        Err(e) => Err(format!("`{shown}` is not a valid address: {e}")),
     }
 }
 
@@ -200,7 +206,7 @@ mod tests {
     fn mailboxes_and_addresses() {
         assert_eq!(parse_mailbox("News <news@example.com>").unwrap(), (Some("News".into()), "news@example.com".into()));
         assert_eq!(parse_mailbox("a@b.co").unwrap(), (None, "a@b.co".into()));
-        for bad in ["", "  ", "nobody", "a@b", "a b@c.com", "@example.com", "x@"] {
+        for bad in ["", "  ", "nobody", "a@b", "a b@c.com", "@example.com", "x@", "\"a>,b\"@x.com", "a(c)@x.com"] {
             assert!(check_address(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -496,18 +496,37 @@ pub fn retune_run(run_id: &str, job_config: &str, chains: i64, max_hops: i64, no
 /// `tune`: chains `from..to` that do not exist yet, at hop 1 (safe to re-run: existing chains
 /// are left alone). Active in a running run, parked in a pausing or paused one (resume starts
 /// them). `heartbeat_at = 0` leaves them for the next sweep to start.
-pub fn add_chains(run_id: &str, from: i64, to: i64, heartbeat_at: i64) -> Stmt {
+pub fn add_chains(run_id: &str, to: i64, heartbeat_at: i64, send_after: i64) -> Stmt {
     Stmt::named(
         "add_chains",
-        "WITH RECURSIVE seq(n) AS (SELECT CAST(:from AS BIGINT) UNION ALL SELECT n + 1 FROM seq WHERE n + 1 < :to)
-         INSERT INTO baton_chains (run_id, chain_no, next_hop, status, heartbeat_at, restarts)
+        "WITH RECURSIVE seq(n) AS (SELECT CAST(0 AS BIGINT) UNION ALL SELECT n + 1 FROM seq WHERE n + 1 < :to)
+         INSERT INTO baton_chains (run_id, chain_no, next_hop, status, heartbeat_at, restarts, send_after)
          SELECT :run_id, n, 1,
                 CASE WHEN (SELECT status FROM baton_runs WHERE run_id = :run_id) = 'running' THEN 'active' ELSE 'paused' END,
-                :heartbeat_at, 0
+                :heartbeat_at, 0, :send_after
          FROM seq WHERE n < :to
-           AND NOT EXISTS (SELECT 1 FROM baton_chains c WHERE c.run_id = :run_id AND c.chain_no = seq.n)
+           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('running', 'pausing', 'paused'))
+         ON CONFLICT (run_id, chain_no) DO NOTHING
          RETURNING chain_no, next_hop",
-        Params::new().with("run_id", run_id).with("from", from).with("to", to).with("heartbeat_at", heartbeat_at),
+        Params::new()
+            .with("run_id", run_id)
+            .with("to", to)
+            .with("heartbeat_at", heartbeat_at)
+            .with("send_after", send_after),
+    )
+}
+
+/// `tune`: chains below the new count that had ended (an earlier `tune` lowered the count, or
+/// they found no page) take part again from their checkpoint; returned to be invoked. Safe to
+/// re-run.
+pub fn reactivate_chains(run_id: &str, to: i64, heartbeat_at: i64) -> Stmt {
+    Stmt::named(
+        "reactivate_chains",
+        "UPDATE baton_chains SET status = 'active', heartbeat_at = :heartbeat_at
+         WHERE run_id = :run_id AND chain_no < :to AND status = 'ended'
+           AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
+         RETURNING chain_no, next_hop",
+        Params::new().with("run_id", run_id).with("to", to).with("heartbeat_at", heartbeat_at),
     )
 }
 
@@ -558,6 +577,15 @@ pub fn page_progress(run_id: &str) -> Stmt {
 /// One row of the source, to validate columns and templates before a run starts (it names no
 /// column, so a missing key column is reported by name, not as an SQL error). Then counts rows
 /// and distinct keys, since a key that is not unique cannot page.
+/// One row of the source whose key is not NULL (the sample's type when its first row has none).
+pub fn keyed_sample(source: &str, key: &str) -> Stmt {
+    Stmt::named(
+        "source_sample",
+        format!("SELECT * FROM ({source}) AS src WHERE src.{key} IS NOT NULL LIMIT 1"),
+        Params::new(),
+    )
+}
+
 pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     vec![
         Stmt::named("source_sample", format!("SELECT * FROM ({source}) AS src LIMIT 1"), Params::new()),

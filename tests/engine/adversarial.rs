@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use baton::config::Ambiguity;
 use baton::engine::event::{ControlAction, Event};
-use baton::engine::state::{RunState, State};
+use baton::engine::state::{ChainState, RunState, State};
 use baton::engine::{HopNext, Outcome};
 use baton::jobs::KindRegistry;
 use baton::ports::Clock;
@@ -268,12 +268,23 @@ pub async fn concurrent_cold_start_migrations_on_a_fresh_database(b: Backend) {
 /// Rows whose key is NULL are left out of the run, as README says, and counted, not refused as
 /// "not unique" (as before the fix).
 pub async fn null_keys_are_left_out_and_counted(b: Backend) {
+    // NULL keys last, then first: the run's key type comes from a row that has a key (failed
+    // before the fix with the NULLs first: the type was taken from a NULL, every integer key
+    // looked mistyped and nobody was mailed).
+    let nulls = "SELECT CAST(NULL AS BIGINT) AS id, 'nokey1@example.com' AS email, 'No key' AS name \
+                 UNION ALL SELECT NULL, 'nokey2@example.com', 'No key'";
+    for source in [
+        format!("SELECT id, email, name FROM users UNION ALL {nulls}"),
+        format!("{nulls} UNION ALL SELECT id, email, name FROM users"),
+    ] {
+        null_keys_case(b, &source).await;
+    }
+}
+
+async fn null_keys_case(b: Backend, source: &str) {
     let users = int_users(30);
     let mut job = newsletter_job(10, 2);
-    job.source = "SELECT id, email, name FROM users \
-                  UNION ALL SELECT NULL, 'nokey1@example.com', 'No key' \
-                  UNION ALL SELECT NULL, 'nokey2@example.com', 'No key'"
-        .into();
+    job.source = source.into();
     let m = Manual::new(b, &users, job, KindRegistry::default()).await;
     let run = m.start().await;
     m.pump().await;
@@ -664,7 +675,7 @@ pub async fn a_mistyped_key_that_appears_mid_run_is_failed_and_never_sent(b: Bac
     assert!(
         failed
             .iter()
-            .any(|(k, r)| k == "7.5" && r.as_deref().unwrap_or_default().contains("not of this run's key type")),
+            .any(|(k, r)| k == "7.5 (real)" && r.as_deref().unwrap_or_default().contains("not this run's key type")),
         "{failed:?}"
     );
     assert!(!m.sent().contains(&"real@example.com".to_owned()));
@@ -725,4 +736,54 @@ pub async fn template_builtins_are_not_undefined(b: Backend) {
     let run = m.start().await;
     m.pump().await;
     assert_eq!(m.status(&run).await.status, RunState::Succeeded);
+}
+
+/// Lowering the chain count and raising it again brings the ended chains back (failed before
+/// the fix: only numbers above the old count were added, so the run kept 2 chains each pacing
+/// at a quarter of the rate); the same tune twice changes nothing more.
+pub async fn tune_down_then_up_brings_ended_chains_back(b: Backend) {
+    let users = int_users(60);
+    let settings = baton::config::Settings { max_pages_per_hop: Some(1), ..test_settings() };
+    let m = Manual::with_settings(b, &users, newsletter_job(5, 4), KindRegistry::default(), settings).await;
+    let run = m.start().await;
+    m.engine.tune(&run, None, Some(2), false).await.unwrap();
+    for _ in 0..4 {
+        m.deliver_next().await.unwrap().unwrap();
+    }
+    let ended: Vec<_> = m.status(&run).await.chains.iter().map(|c| c.status).collect();
+    assert_eq!(&ended[2..], &[ChainState::Ended, ChainState::Ended], "{ended:?}");
+    let t = m.engine.tune(&run, None, Some(4), true).await.unwrap();
+    assert_eq!((t.chains, t.chains_added), ((2, 4), 2), "{t:?}");
+    let again = m.engine.tune(&run, None, Some(4), true).await.unwrap();
+    assert_eq!(again.chains_added, 0, "{again:?}");
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert!(status.chains[2].hops > 1 && status.chains[3].hops > 1, "{status:?}");
+    let sent = m.sent();
+    assert_eq!(duplicates(&sent), Vec::<String>::new());
+    assert_eq!(sent.len(), 58, "every valid user (every 25th address is invalid)");
+}
+
+/// A chain's stored pacing is bounded by its current period: after `tune` raises a very low
+/// rate, the chains go at the new pace at once instead of waiting out the old slot (100 s
+/// here; failed before the fix, the run sat idle past the harness's minute).
+pub async fn a_raised_rate_takes_effect_without_waiting_out_the_old_pace(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(5, 2);
+    job.newsletter.as_mut().unwrap().send_rate = 0.02;
+    job.hop_slack = 1000;
+    let h = Harness::with_users(b, &users, Setup::new(job)).await;
+    let run = h.start().await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while h.mailer.accepted.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < until, "the first sends did not go out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    h.engine().tune(&run, Some(500.0), None, true).await.unwrap();
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    h.assert_exactly_once(&run, &users).await;
 }

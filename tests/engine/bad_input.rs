@@ -468,6 +468,20 @@ fn cli_cases() -> Vec<Case> {
             &["a demo did not create", "--force"],
         ),
         cli(
+            "demo over a data dir where a job of yours ran",
+            Start::DemoWith("UPDATE baton_runs SET job = 'mine', run_key = '2026-11'"),
+            &["demo", "--data-dir", "{data}"],
+            2,
+            &["a run of `mine` (2026-11)", "--force"],
+        ),
+        cli(
+            "demo over a data dir holding a table of yours",
+            Start::DemoWith("CREATE TABLE customers (id INTEGER)"),
+            &["demo", "--data-dir", "{data}"],
+            2,
+            &["a table `customers`", "--force"],
+        ),
+        cli(
             "demo with --invoker lambda",
             Start::Demo,
             &["demo", "--invoker", "lambda", "--data-dir", "{data}"],
@@ -604,16 +618,14 @@ fn dump(db: &Path) -> String {
         .collect();
     let mut out = String::new();
     for t in tables {
-        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\" ORDER BY 1, 2")).unwrap();
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
         let n = stmt.column_count();
         let rows = stmt
             .query_map([], |r| Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|")))
             .unwrap();
-        out.push_str(&format!("## {t}\n"));
-        for row in rows {
-            out.push_str(&row.unwrap());
-            out.push('\n');
-        }
+        let mut rows: Vec<String> = rows.map(Result::unwrap).collect();
+        rows.sort();
+        out.push_str(&format!("## {t}\n{}\n", rows.join("\n")));
     }
     out
 }

@@ -97,4 +97,6 @@ on_both_backends!(
     adversarial::status_counts_item_kinds_from_the_ledger_only,
     adversarial::a_hop_that_cannot_build_its_job_pauses_the_run,
     adversarial::template_builtins_are_not_undefined,
+    adversarial::tune_down_then_up_brings_ended_chains_back,
+    adversarial::a_raised_rate_takes_effect_without_waiting_out_the_old_pace,
 );
