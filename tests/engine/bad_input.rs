@@ -546,14 +546,27 @@ fn cli_cases() -> Vec<Case> {
     ]
 }
 
+/// The binary, killed after [`CASE_LIMIT`]: bad input must be refused at once, and a case that
+/// hangs (as `resume` without a secret, or a run at 1e-17 messages per second, once did) is a
+/// failure of its own, not a suite that never ends. Its exit code is then `None` (-1 in the table).
 fn baton(args: &[String], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
     cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("NO_COLOR", "1").args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("baton runs")
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("baton runs");
+    let until = std::time::Instant::now() + CASE_LIMIT;
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
 }
+
+/// How long one case may take (the demo that seeds the suite's data dir is the longest).
+const CASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A demo's data dir, made once and copied for each case.
 fn demo_template() -> &'static Path {
