@@ -439,7 +439,7 @@ impl NewsletterConfig {
         if let Some(s) = &self.unsubscribe_secret {
             check_secret(s).map_err(|m| invalid(f("unsubscribe_secret"), m))?;
         }
-        if !is_env_name(&self.unsubscribe_secret_env) {
+        if !is_identifier(&self.unsubscribe_secret_env) {
             return Err(invalid(
                 f("unsubscribe_secret_env"),
                 format!(
@@ -478,10 +478,4 @@ pub fn check_secret(secret: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn is_env_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
 }

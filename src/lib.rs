@@ -16,6 +16,7 @@
 //! - [`lambda`]: Lambda mode, the binary as a Lambda bootstrap.
 //! - [`config`]: the typed, validated `baton.toml`.
 //! - [`cli`]: the `baton` command line.
+//! - [`text`]: data made safe to show on a terminal or in a message.
 
 pub mod adapters;
 pub mod cli;
@@ -27,3 +28,4 @@ pub mod local;
 pub mod mail;
 pub mod ports;
 pub mod sql;
+pub mod text;

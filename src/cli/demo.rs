@@ -227,22 +227,15 @@ fn demo_secret() -> String {
 
 /// A config error in the demo's own job, told in terms of the demo's flags.
 fn demo_flag_error(e: crate::config::ConfigError) -> String {
-    let text = e.to_string();
-    let flag = [
-        ("page_size", "--page-size"),
-        ("chains", "--chains"),
-        ("send_rate", "--send-rate"),
-        ("hop_timeout", "--hop-timeout"),
-        ("hop_margin", "--hop-timeout"),
-        ("sweep_interval", "--hop-timeout"),
-        ("reserved_concurrency", "--chains"),
-    ]
-    .into_iter()
-    .find(|(field, _)| text.contains(&format!(".{field}:")));
-    match flag {
-        Some((_, flag)) => format!("{flag}: {}", text.split_once(": ").map(|(_, m)| m).unwrap_or(&text)),
-        None => text,
-    }
+    let crate::config::ConfigError::Invalid { field, message } = &e else { return e.to_string() };
+    let flag = match field.rsplit('.').next() {
+        Some("page_size") => "--page-size",
+        Some("chains" | "reserved_concurrency") => "--chains",
+        Some("send_rate") => "--send-rate",
+        Some("hop_timeout" | "hop_margin" | "sweep_interval") => "--hop-timeout",
+        _ => return e.to_string(),
+    };
+    format!("{flag}: {message}")
 }
 
 const FIRST: [&str; 12] =

@@ -17,6 +17,7 @@ use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
 use crate::engine::state::RunState;
 use crate::engine::{Engine, Outcome};
+use crate::text::{printable, printable_text};
 
 /// `--config` when not given.
 pub const DEFAULT_CONFIG: &str = "baton.toml";
@@ -460,33 +461,6 @@ async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCo
     Ok(exit_for(&status))
 }
 
-/// Data shown on a terminal with its control characters (ESC, CR, LF, ...) escaped, so a
-/// hostile value cannot move the cursor or fake lines.
-/// Bidirectional overrides and line separators count too: they reorder or break what the
-/// terminal shows (CVE-2021-42574, "Trojan Source").
-pub fn printable(s: &str) -> String {
-    let hostile = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
-    };
-    s.chars()
-        .flat_map(|c| match c {
-            c if c.is_control() => c.escape_default().collect::<Vec<_>>(),
-            c if hostile(c) => c.escape_unicode().collect(),
-            c => vec![c],
-        })
-        .collect()
-}
-
-/// [`printable`] for multi-line text: line breaks and tabs kept, every other control character
-/// and bidirectional override escaped.
-pub fn printable_text(s: &str) -> String {
-    s.split('\n')
-        .map(|line| line.split('\t').map(|part| printable(part.trim_end_matches('\r'))).collect::<Vec<_>>().join("\t"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn exit_for(status: &RunStatus) -> ExitCode {
     match status.status {
         RunState::Succeeded => ExitCode::SUCCESS,
@@ -537,16 +511,5 @@ pub fn print_status(s: &RunStatus, json: bool) {
         if let Some(w) = &c.warning {
             println!("      warning: {}", printable(w));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn control_characters_from_data_are_escaped_on_the_terminal() {
-        assert_eq!(super::printable("Eve\u{1b}[2J\r\nBcc: x"), "Eve\\u{1b}[2J\\r\\nBcc: x");
-        assert_eq!(super::printable("a\u{202E}b"), "a\\u{202e}b");
-        assert_eq!(super::printable("Zoë 田中"), "Zoë 田中");
-        assert_eq!(super::printable_text("a\r\n\tb\u{1b}[2J"), "a\n\tb\\u{1b}[2J");
     }
 }

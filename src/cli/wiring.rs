@@ -68,7 +68,7 @@ async fn shared_aws() -> aws_config::SdkConfig {
 /// runs never create a data dir or a database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
-    /// `status`, `pause`, `cancel`: existing state; a config file if there is one.
+    /// `status`, `pause`, `cancel`, `tune`: existing state; a config file if there is one.
     Inspect,
     /// `resume`, `sweep`: existing state, and the config (or the run's snapshot) to send with.
     Operate,
@@ -144,9 +144,6 @@ async fn open_mailer(common: &Common) -> Result<Arc<dyn Mailer>> {
     })
 }
 
-/// The config file; with `demo_fallback`, when `--config` is left at its default and
-/// `baton.toml` is missing, the config a demo wrote into the data dir (`DATA_DIR/demo.toml`), so
-/// a paused demo resumes.
 /// One line saying where this command's mail went.
 pub fn where_mail_goes(common: &Common) -> String {
     match common.mailer {
@@ -161,10 +158,14 @@ pub fn where_mail_goes(common: &Common) -> String {
     }
 }
 
-pub fn load_config(common: &Common, required: bool, demo_fallback: bool) -> Result<Config> {
+/// The config file. When it is optional (commands that continue or look at runs) and
+/// `--config` is left at its default with no `baton.toml`, the config a demo wrote into the data
+/// dir (`DATA_DIR/demo.toml`), so a paused demo resumes; `run`, `start` and `preview`, which
+/// need a job of your own, never pick up its throwaway secret.
+pub fn load_config(common: &Common, required: bool) -> Result<Config> {
     let demo = common.data_dir.join(super::demo::CONFIG_FILE);
     let defaulted = common.config == std::path::Path::new(super::DEFAULT_CONFIG);
-    let fallback = demo_fallback && defaulted && !common.config.exists() && demo.exists();
+    let fallback = !required && defaulted && !common.config.exists() && demo.exists();
     let path = if fallback { &demo } else { &common.config };
     if !path.exists() {
         if !required {
@@ -186,9 +187,7 @@ pub enum Runtime {
 
 impl Runtime {
     pub async fn open(common: &Common, use_: Use) -> Result<Runtime> {
-        // Commands that only continue or look at runs may use the demo's config; `run`,
-        // `start` and `preview` of a job of your own never pick up its throwaway secret.
-        let config = load_config(common, use_.needs_config(), matches!(use_, Use::Inspect | Use::Operate))?;
+        let config = load_config(common, use_.needs_config())?;
         let store = open_store(common, use_.creates()).await?;
         let mailer = open_mailer(common).await?;
         Ok(match common.invoker {

@@ -472,14 +472,7 @@ fn refuse_mistyped_keys(items: Vec<Item>, key_column: &str, key_type: KeyType) -
         .map(|item| {
             // Its ledger key names its type, so it cannot share a row with a valid key of the
             // same text (integer 2 beside text '2').
-            let kind = match item.get(key_column) {
-                crate::sql::Value::Int(_) => "integer",
-                crate::sql::Value::Real(_) => "real",
-                crate::sql::Value::Bool(_) => "boolean",
-                crate::sql::Value::Uuid(_) => "uuid",
-                crate::sql::Value::Timestamp(_) => "timestamp",
-                _ => "text",
-            };
+            let kind = item.get(key_column).type_name();
             let ledger_key = format!("{} ({kind})", item.key);
             let reason = format!(
                 "{key_column} = {} is of type {kind}, not this run's key type ({}); not sent (make every key the same type)",

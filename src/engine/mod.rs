@@ -54,7 +54,7 @@ pub enum EngineError {
     Sql(#[from] SqlError),
     #[error("no run with id `{0}`; `baton status` lists the latest run")]
     RunNotFound(String),
-    #[error("invalid run key `{shown}`: {why}", shown = crate::sql::printable_short(.0), why = .1)]
+    #[error("invalid run key `{shown}`: {why}", shown = crate::text::printable_short(.0), why = .1)]
     RunKey(String, String),
     #[error("cannot continue the chain: {0}")]
     Invoke(#[from] InvokeError),
@@ -225,12 +225,27 @@ impl Engine {
     /// statement the engine issues is safe to re-run after it committed and its response was
     /// lost (see [`crate::sql::statements`]), so a re-run can only find what already happened.
     pub(crate) async fn sql(&self, stmt: Stmt) -> Result<Rows, SqlError> {
+        self.rerun_transient(stmt.name, || self.store.query(stmt.clone())).await
+    }
+
+    /// [`Self::sql`] for statements that must commit together; every one of them must be safe
+    /// to re-run in the same way.
+    pub(crate) async fn sql_transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
+        let name = stmts.first().map_or("transaction", |s| s.name);
+        self.rerun_transient(name, || self.store.transaction(stmts.clone())).await
+    }
+
+    async fn rerun_transient<T, F, Fut>(&self, name: &str, run: F) -> Result<T, SqlError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SqlError>>,
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.store.query(stmt.clone()).await {
+            match run().await {
                 Err(e) if e.is_transient() && attempt < SQL_ATTEMPTS => {
-                    tracing::info!(statement = stmt.name, attempt, error = %e, "statement will be re-run");
+                    tracing::info!(statement = name, attempt, error = %e, "statement will be re-run");
                     tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
                 }
                 other => return other,
@@ -425,7 +440,7 @@ impl Engine {
                 message: format!(
                     "`{key}` holds {} values (e.g. {v}); a key must be an integer, text, uuid or timestamp: cast it \
                      in the source, e.g. `SELECT CAST({key} AS TEXT) AS {key}, ...`",
-                    value_kind(v)
+                    v.type_name()
                 ),
             })?,
         };
@@ -466,7 +481,7 @@ impl Engine {
             return Ok(());
         }
         let listed: Vec<String> =
-            found.iter().map(|(t, n, e)| format!("{n} {t} (e.g. {})", crate::sql::printable_short(e))).collect();
+            found.iter().map(|(t, n, e)| format!("{n} {t} (e.g. {})", crate::text::printable_short(e))).collect();
         Err(JobError::Invalid {
             field: format!("jobs.{name}.key_column"),
             message: format!(
@@ -507,8 +522,8 @@ impl Engine {
                 let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
                 format!(
                     "{k}: {} -> {}",
-                    crate::sql::printable_short(&show(ran.get(k))),
-                    crate::sql::printable_short(&show(now.get(k)))
+                    crate::text::printable_short(&show(ran.get(k))),
+                    crate::text::printable_short(&show(now.get(k)))
                 )
             })
             .collect())
@@ -591,16 +606,7 @@ impl Engine {
         ];
         // Every statement is safe to re-run; a re-run after a lost answer finds the chains already
         // added (the sweeper then starts any that were not invoked).
-        let mut attempt = 0;
-        let results = loop {
-            attempt += 1;
-            match self.store.transaction(plan.clone()).await {
-                Err(e) if e.is_transient() && attempt < SQL_ATTEMPTS => {
-                    tokio::time::sleep(backoff(attempt, Duration::from_millis(20), Duration::from_millis(500))).await;
-                }
-                other => break other?,
-            }
-        };
+        let results = self.sql_transaction(plan).await?;
         if results[0].rows.is_empty() {
             let now_status = self.load_run(run_id).await?.status;
             return Err(EngineError::NotAllowed {
@@ -890,17 +896,6 @@ pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>)
     // A key of a type a key cannot have still gets a distinct ledger key, so it can be failed.
     let key = idx.map(|i| values[i].key_text().unwrap_or_else(|| values[i].to_string())).unwrap_or_default();
     Item { key, columns: columns.clone(), values }
-}
-
-/// What kind of value a rejected key is, in words.
-fn value_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Real(_) => "real-number",
-        Value::Bool(_) => "boolean",
-        Value::Int(_) => "integer",
-        Value::Null | Value::NullOf(_) => "NULL",
-        Value::Text(_) | Value::Uuid(_) | Value::Timestamp(_) => "text",
-    }
 }
 
 fn source_error(job: &str, e: SqlError) -> EngineError {

@@ -76,6 +76,19 @@ impl Value {
         }
     }
 
+    /// The value's type in words, for messages and the ledger keys of mistyped items.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null | Value::NullOf(_) => "NULL",
+            Value::Int(_) => "integer",
+            Value::Real(_) => "real",
+            Value::Bool(_) => "boolean",
+            Value::Text(_) => "text",
+            Value::Uuid(_) => "uuid",
+            Value::Timestamp(_) => "timestamp",
+        }
+    }
+
     /// The kind of key this value is, if it can be one.
     pub fn key_type(&self) -> Option<KeyType> {
         match self {
@@ -129,13 +142,6 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     fn from(v: Option<T>) -> Self {
         v.map(Into::into).unwrap_or(Value::Null)
     }
-}
-
-/// At most 40 characters of `s`, control characters escaped: a value quoted in a message.
-pub fn printable_short(s: &str) -> String {
-    let cut: String = s.chars().take(40).collect();
-    let more = if cut.len() < s.len() { "…" } else { "" };
-    format!("{}{more}", cut.escape_debug())
 }
 
 /// The sortable key types pages can range over. (A `timestamp` key is a PostgreSQL or Aurora

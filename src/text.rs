@@ -1,0 +1,48 @@
+//! Text from data (recipients' names, keys, reasons, SQL) made safe to show on a terminal or in
+//! a message: control characters (ESC, CR, LF, ...) and bidirectional overrides escaped, so a
+//! hostile value can neither move the cursor, fake lines nor reorder what is shown. (Headers
+//! are another matter: [`crate::mail::header_text`].)
+
+/// `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`), and bidirectional
+/// overrides and line separators too (`\u{202e}`): they reorder or break what the terminal
+/// shows (CVE-2021-42574, "Trojan Source").
+pub fn printable(s: &str) -> String {
+    let reorders = |c: char| matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}');
+    s.chars()
+        .flat_map(|c| match c {
+            c if c.is_control() => c.escape_default().collect::<Vec<_>>(),
+            c if reorders(c) => c.escape_unicode().collect(),
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// [`printable`] for multi-line text: line breaks and tabs kept, every other control character
+/// and bidirectional override escaped.
+pub fn printable_text(s: &str) -> String {
+    s.split('\n')
+        .map(|line| line.split('\t').map(|part| printable(part.trim_end_matches('\r'))).collect::<Vec<_>>().join("\t"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// At most 40 characters of `s`, [`printable`]: a value quoted inside a message.
+pub fn printable_short(s: &str) -> String {
+    let cut: String = s.chars().take(40).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{}{more}", printable(&cut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_data_are_escaped() {
+        assert_eq!(printable("Eve\u{1b}[2J\r\nBcc: x"), "Eve\\u{1b}[2J\\r\\nBcc: x");
+        assert_eq!(printable("a\u{202E}b"), "a\\u{202e}b");
+        assert_eq!(printable("Zoë 田中"), "Zoë 田中");
+        assert_eq!(printable_text("a\r\n\tb\u{1b}[2J"), "a\n\tb\\u{1b}[2J");
+        assert_eq!(printable_short(&"k".repeat(50)), format!("{}…", "k".repeat(40)));
+    }
+}
