@@ -775,14 +775,16 @@ pub async fn a_raised_rate_takes_effect_without_waiting_out_the_old_pace(b: Back
     job.hop_slack = 1000;
     let h = Harness::with_users(b, &users, Setup::new(job)).await;
     let run = h.start().await;
-    // One send is enough to set a chain's pacing 100 s ahead. (Waiting for both chains' first
-    // sends within 10 s failed once in CI, with the machine busy with the rest of the suite.)
+    // One send is enough to set a chain's pacing 100 s ahead. The wait sweeps as the driver
+    // would: on a busy machine a 400 ms hop can be killed before its first send, and only the
+    // sweeper restarts its chain (without it, this wait failed once in a loaded CI run).
     let until = Instant::now() + Duration::from_secs(30);
     while h.mailer.accepted.load(Ordering::SeqCst) < 1 {
         if Instant::now() >= until {
             panic!("no first send: {:?} {:?}", h.status(&run).await, h.local.lambda_counts());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        h.engine().sweep().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = Instant::now();
     h.engine().tune(&run, Some(500.0), None, true).await.unwrap();
