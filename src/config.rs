@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +221,7 @@ pub struct NewsletterConfig {
     /// The HMAC secret for unsubscribe tokens. Never stored with the run; prefer
     /// `unsubscribe_secret_env`.
     #[serde(default, skip_serializing)]
-    pub unsubscribe_secret: Option<String>,
+    pub unsubscribe_secret: Option<SecretString>,
     #[serde(default = "default_secret_env")]
     pub unsubscribe_secret_env: String,
     /// SES configuration set (AWS only).
@@ -437,7 +438,7 @@ impl NewsletterConfig {
             return Err(invalid(f("unsubscribe_url"), "must be at most 500 characters (it goes into a header)"));
         }
         if let Some(s) = &self.unsubscribe_secret {
-            check_secret(s).map_err(|m| invalid(f("unsubscribe_secret"), m))?;
+            check_secret(s.expose_secret()).map_err(|m| invalid(f("unsubscribe_secret"), m))?;
         }
         if !is_identifier(&self.unsubscribe_secret_env) {
             return Err(invalid(
@@ -460,8 +461,8 @@ impl NewsletterConfig {
     }
 
     /// The unsubscribe secret: from the file, else from the environment variable it names.
-    pub fn secret(&self) -> Option<String> {
-        self.unsubscribe_secret.clone().or_else(|| std::env::var(&self.unsubscribe_secret_env).ok())
+    pub fn secret(&self) -> Option<SecretString> {
+        self.unsubscribe_secret.clone().or_else(|| std::env::var(&self.unsubscribe_secret_env).ok().map(Into::into))
     }
 }
 

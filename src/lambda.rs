@@ -3,13 +3,11 @@
 //! each invocation decodes the serde-tagged event and routes it. A malformed or unknown event is
 //! rejected with a clear error before anything runs.
 //!
-//! Settings come from the environment only (see README.md, "Lambda mode"):
-//! `BATON_CONFIG` (the job file baked into the image, default `/var/task/baton.toml`),
-//! `BATON_STORE` (`data-api`, the default, or `postgres`), `BATON_DB_CLUSTER_ARN`,
-//! `BATON_DB_SECRET_ARN`, `BATON_DB_NAME` (Data API), `BATON_DATABASE_URL` (PostgreSQL),
-//! `BATON_SES_CONFIGURATION_SET`, and Lambda's own `AWS_LAMBDA_FUNCTION_NAME` (the function a
-//! hop invokes next).
+//! Settings come from the environment only, read by the composition root
+//! ([`crate::compose::AdapterSettings::from_env`]; README.md, "Lambda mode"), plus
+//! `BATON_CONFIG`, the job file baked into the image (default `/var/task/baton.toml`).
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,49 +15,45 @@ use lambda_runtime::tower::{Layer, Service};
 use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation, service_fn};
 use tokio::time::Instant;
 
-use crate::adapters::aws::data_api::{DataApiStore, DataApiTarget};
-use crate::adapters::aws::invoke::LambdaInvoker;
-use crate::adapters::aws::ses::SesMailer;
-use crate::adapters::postgres::PostgresStore;
-use crate::config::Config;
-use crate::engine::{Engine, EngineError, EngineParts};
-use crate::jobs::KindRegistry;
-use crate::ports::{Clock, SystemClock};
-use crate::sql::SqlStore;
+use crate::compose::{self, AdapterSettings, Adapters, Aws, ComposeError};
+use crate::config::{Config, ConfigError};
+use crate::engine::{Engine, EngineError};
 
-fn env(name: &str) -> Result<String, String> {
-    std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
+/// Why a sandbox could not start: its settings name the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Compose(#[from] ComposeError),
+}
+
+/// Lambda mode's entry: logs to stdout without timestamps (CloudWatch adds them), then the
+/// runtime loop until the sandbox ends.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).without_time().with_ansi(false).try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(serve()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Builds the engine from the environment: every setting is checked here, at sandbox start,
 /// and an error names the variable.
-pub async fn engine_from_env() -> Result<Engine, String> {
+pub async fn engine_from_env() -> Result<Arc<Engine>, StartupError> {
     let config_path = std::env::var("BATON_CONFIG").unwrap_or_else(|_| "/var/task/baton.toml".into());
-    let config = Config::load(std::path::Path::new(&config_path)).map_err(|e| e.to_string())?;
-    let shared = aws_config::load_from_env().await;
-    let store: Arc<dyn SqlStore> = match std::env::var("BATON_STORE").as_deref().unwrap_or("data-api") {
-        "data-api" => Arc::new(DataApiStore::new(
-            DataApiStore::client_from(&shared),
-            DataApiTarget {
-                resource_arn: env("BATON_DB_CLUSTER_ARN")?,
-                secret_arn: env("BATON_DB_SECRET_ARN")?,
-                database: env("BATON_DB_NAME")?,
-            },
-        )),
-        "postgres" => Arc::new(PostgresStore::connect(&env("BATON_DATABASE_URL")?, 4).map_err(|e| e.to_string())?),
-        other => return Err(format!("BATON_STORE must be `data-api` or `postgres`, not `{other}`")),
-    };
-    crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await.map_err(|e| e.to_string())?;
-    let mailer = SesMailer::new(SesMailer::client_from(&shared), std::env::var("BATON_SES_CONFIGURATION_SET").ok());
-    let invoker = LambdaInvoker::new(LambdaInvoker::client_from(&shared), env("AWS_LAMBDA_FUNCTION_NAME")?);
-    Ok(Engine::new(EngineParts {
-        store,
-        invoker: Arc::new(invoker),
-        mailer: Arc::new(mailer),
-        clock: Arc::new(SystemClock),
-        config,
-        kinds: KindRegistry::default(),
-    }))
+    let config = Config::load(std::path::Path::new(&config_path))?;
+    let settings = AdapterSettings::from_env()?;
+    let aws = Aws::default();
+    let store = compose::open_store(&settings, true, &aws).await?;
+    let mailer = compose::open_mailer(&settings.mailer, &Default::default(), 0, &aws).await?;
+    let runtime = compose::assemble(Adapters::new(store, mailer.port(), config), &settings.invoker, &aws).await;
+    Ok(runtime.engine().clone())
 }
 
 /// The invocation's deadline as an `Instant`: the earlier of Lambda's and now + `hop_timeout`
@@ -152,7 +146,7 @@ impl<S> Layer<S> for RawPayloadLayer {
 
 /// Runs the Lambda runtime loop until the sandbox ends.
 pub async fn serve() -> Result<(), lambda_runtime::Error> {
-    let engine = Arc::new(engine_from_env().await?);
+    let engine = engine_from_env().await?;
     let budget = engine.config().settings.hop_timeout;
     let checked = Arc::new(std::sync::Once::new());
     let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {

@@ -3,7 +3,7 @@
 
 fn main() -> std::process::ExitCode {
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
-        return baton::cli::lambda_main();
+        return baton::lambda::main();
     }
     baton::cli::main()
 }

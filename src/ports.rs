@@ -13,18 +13,34 @@ use crate::engine::event::Event;
 /// Continues a chain: hands an event to the function's asynchronous invocation queue.
 ///
 /// Error contract: `Ok` means the queue accepted the event (which may still be lost or delivered
-/// twice, as with Lambda). `Err` means it was not accepted; `fatal` errors will not succeed on
-/// retry and name the fix.
+/// twice, as with Lambda). `Err` says how it failed ([`InvokeError`]). Hops are fork-proof, so
+/// an event accepted twice is harmless: the adapter may re-send freely.
 #[async_trait]
 pub trait Invoker: Send + Sync {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError>;
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct InvokeError {
-    pub message: String,
-    pub fatal: bool,
+/// How an invoke failed. The engine fails the run on `Fatal` and leaves the others to the
+/// sweeper, which restarts the chain from its checkpoint (harmless if the event did arrive).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvokeError {
+    /// Not accepted, for a passing reason (throttled, not ready, retries spent): retry later.
+    #[error("{0}")]
+    Retryable(String),
+    /// The request may or may not have queued the event (a timeout after it left, an
+    /// unreadable answer).
+    #[error("outcome unknown: {0}")]
+    Ambiguous(String),
+    /// Will not succeed however often it is tried (Lambda's recursion stop, a payload too
+    /// large, no permission); the message names the fix.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl InvokeError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, InvokeError::Fatal(_))
+    }
 }
 
 /// One message ready to send: envelope plus the complete RFC 5322 bytes.

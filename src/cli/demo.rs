@@ -3,7 +3,6 @@
 //! with faults), writes `DATA_DIR/outbox/`, then checks the outbox against the users: nobody
 //! twice, nobody missed (but those counted `unknown`, at most once each).
 
-use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,19 +11,18 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
-use super::wiring::{InvokerKind, MailerKind, StoreKind, open_store};
+use super::wiring::{InvokerKind, MailerKind, StoreKind};
 use super::{Common, print_status};
-use crate::adapters::aws::ses::SesMailer;
+use crate::adapters::local::faults::{Faults, FaultyStore, SqlFaultCounts};
+use crate::adapters::local::lambda::LambdaCounts;
+use crate::adapters::local::outbox;
+use crate::compose::{self, Adapters, Aws, OpenedMailer};
 use crate::config::{Config, JobConfig, NewsletterConfig, Settings};
 use crate::engine::Outcome;
 use crate::engine::run::RunStatus;
 use crate::engine::state::RunState;
-use crate::jobs::KindRegistry;
-use crate::local::driver::{LocalParts, LocalRuntime};
-use crate::local::faults::{Faults, FaultyStore, SqlFaultCounts};
-use crate::local::lambda::LambdaCounts;
-use crate::local::outbox::{self, Outbox};
-use crate::ports::{Clock, Mailer, SystemClock};
+use crate::ports::{Clock, SystemClock};
+use crate::runtime::LocalRuntime;
 use crate::sql::{Params, SqlStore, Stmt};
 
 pub const JOB: &str = "monthly-newsletter";
@@ -208,7 +206,7 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &str) -> JobConfig {
             in_flight: 32,
             max_attempts: 8,
             unsubscribe_url: "https://baton.example/unsubscribe".into(),
-            unsubscribe_secret: Some(secret.to_owned()),
+            unsubscribe_secret: Some(secret.into()),
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
             vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
@@ -267,7 +265,7 @@ pub fn hostile_names() -> Vec<String> {
 /// One synthetic user: sparse ids, unicode names (every 251st hostile, see [`hostile_names`]),
 /// unique addresses but every 997th invalid and every 1499th empty.
 pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'static str, &'static str) {
-    let r = crate::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
+    let r = crate::adapters::local::faults::dice(seed, &[b"user", &i.to_le_bytes()]);
     let id = i as i64 * 7 + (r * 7.0) as i64 + 1;
     let pick = |n: usize, salt: u32| ((r * 1e6) as usize + salt as usize * 7919 + i as usize) % n;
     let email = if i % 1499 == 1498 {
@@ -376,86 +374,108 @@ pub struct DemoSummary {
     pub checks_passed: bool,
 }
 
-pub async fn run(args: DemoArgs) -> Result<ExitCode> {
-    let common = &args.common;
-    let dir = &common.data_dir;
-    if common.invoker != InvokerKind::Local {
-        bail!("the demo runs its chains in this process: use `--invoker local` (the default)");
-    }
-    let embedded = common.store_kind() == StoreKind::Sqlite;
-    // On a shared database the demo never touches a `users` table of yours, and each demo is a
-    // run of its own.
-    let (table, run_key) = if embedded {
-        ("users", "demo".to_owned())
-    } else {
-        ("baton_demo_users", format!("demo-{}", SystemClock.now_ms()))
-    };
-    // Everything is checked before anything is deleted or created.
-    let secret = demo_secret();
-    let job = demo_job(&args, table, &secret);
-    let settings = Settings {
-        hop_timeout: args.hop_timeout,
-        hop_margin: args.hop_timeout * 2 / 5,
-        sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
-        reserved_concurrency: args.chains.saturating_mul(2).saturating_add(2).min(10_000),
-        max_pages_per_hop: Some(args.pages_per_hop),
-    };
-    let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
-    config.validate().map_err(|e| anyhow::anyhow!("{}", demo_flag_error(e)))?;
-    check_data_dir_is_the_demos(dir, args.force)?;
+/// What the demo runs: where, under which key, with which config, checked before anything in
+/// the data dir is touched.
+struct DemoPlan {
+    embedded: bool,
+    table: &'static str,
+    run_key: String,
+    secret: String,
+    config: Config,
+    faults: Faults,
+}
 
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "created by `baton demo`; it may replace this folder\n")
-        .with_context(|| format!("cannot write to --data-dir {}", dir.display()))?;
-    if embedded {
-        for stale in ["baton.db", "baton.db-wal", "baton.db-shm", "baton.db-journal"] {
-            let _ = std::fs::remove_file(dir.join(stale));
+impl DemoPlan {
+    fn check(args: &DemoArgs) -> Result<DemoPlan> {
+        let common = &args.common;
+        if common.invoker != InvokerKind::Local {
+            bail!("the demo runs its chains in this process: use `--invoker local` (the default)");
         }
+        let embedded = common.store_kind() == StoreKind::Sqlite;
+        // On a shared database the demo never touches a `users` table of yours, and each demo
+        // is a run of its own.
+        let (table, run_key) = if embedded {
+            ("users", "demo".to_owned())
+        } else {
+            ("baton_demo_users", format!("demo-{}", SystemClock.now_ms()))
+        };
+        let secret = demo_secret();
+        let settings = Settings {
+            hop_timeout: args.hop_timeout,
+            hop_margin: args.hop_timeout * 2 / 5,
+            sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
+            reserved_concurrency: args.chains.saturating_mul(2).saturating_add(2).min(10_000),
+            max_pages_per_hop: Some(args.pages_per_hop),
+        };
+        let config = Config { settings, jobs: [(JOB.to_owned(), demo_job(args, table, &secret))].into() };
+        config.validate().map_err(|e| anyhow::anyhow!("{}", demo_flag_error(e)))?;
+        check_data_dir_is_the_demos(&common.data_dir, args.force)?;
+        let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
+        Ok(DemoPlan { embedded, table, run_key, secret, config, faults })
     }
-    let outbox_dir = dir.join("outbox");
-    let _ = std::fs::remove_dir_all(&outbox_dir);
-    write_demo_config(dir, &config, &secret)?;
-    let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
 
-    let store = open_store(common, true).await?;
+    /// Marks the data dir as the demo's and clears what an earlier demo left.
+    fn prepare_data_dir(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+        std::fs::write(dir.join(MARKER), "created by `baton demo`; it may replace this folder\n")
+            .with_context(|| format!("cannot write to --data-dir {}", dir.display()))?;
+        if self.embedded {
+            for stale in ["baton.db", "baton.db-wal", "baton.db-shm", "baton.db-journal"] {
+                let _ = std::fs::remove_file(dir.join(stale));
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir.join("outbox"));
+        write_demo_config(dir, &self.config, &self.secret)
+    }
+}
+
+/// The demo's adapters, wrapped to inject SQL faults and count statements.
+struct DemoAdapters {
+    store: Arc<dyn SqlStore>,
+    faulty: Arc<FaultyStore>,
+    counting: Arc<crate::sql::CountingStore<Arc<FaultyStore>>>,
+    mailer: OpenedMailer,
+    concurrent_migrations: usize,
+}
+
+async fn open_adapters(args: &DemoArgs, plan: &DemoPlan) -> Result<DemoAdapters> {
+    let common = &args.common;
+    let settings = common.adapter_settings()?;
+    let aws = Aws::default();
+    let store = compose::open_store(&settings, true, &aws).await?;
     let concurrent_migrations = if args.chaos {
         // Cold starts of a fan-out migrate at once: eight more stores, each migrating.
-        let others = futures::future::join_all((0..8).map(|_| open_store(common, true))).await;
-        others.into_iter().collect::<Result<Vec<_>>>()?.len()
+        let others = futures::future::join_all((0..8).map(|_| compose::open_store(&settings, true, &aws))).await;
+        others.into_iter().collect::<Result<Vec<_>, _>>()?.len()
     } else {
         0
     };
     if !common.json {
-        let place = if embedded { dir.join("baton.db").display().to_string() } else { format!("table {table}") };
+        let place = match plan.embedded {
+            true => common.data_dir.join("baton.db").display().to_string(),
+            false => format!("table {}", plan.table),
+        };
         eprintln!("Creating {} synthetic users in {place} ...", args.users);
     }
-    create_users(store.as_ref(), table, args.users, args.seed, embedded).await?;
-    let mut outbox_ambiguous = None;
-    let mailer: Arc<dyn Mailer> = match common.mailer {
-        MailerKind::Outbox => {
-            let outbox = Outbox::new(&outbox_dir, faults.clone(), args.seed, None)?;
-            outbox_ambiguous = Some(outbox.ambiguous.clone());
-            Arc::new(outbox)
-        }
-        MailerKind::Ses => {
-            let shared = aws_config::load_from_env().await;
-            Arc::new(SesMailer::new(SesMailer::client_from(&shared), common.ses_configuration_set.clone()))
-        }
-    };
-
-    let started = Instant::now();
-    let faulty = Arc::new(FaultyStore::new(store.clone(), faults.clone(), args.seed));
+    create_users(store.as_ref(), plan.table, args.users, args.seed, plan.embedded).await?;
+    let mailer = compose::open_mailer(&settings.mailer, &plan.faults, args.seed, &aws).await?;
+    let faulty = Arc::new(FaultyStore::new(store.clone(), plan.faults.clone(), args.seed));
     let counting = Arc::new(crate::sql::CountingStore::new(faulty.clone()));
-    let local = LocalRuntime::start(LocalParts {
-        store: counting.clone(),
-        mailer,
-        clock: Arc::new(SystemClock),
-        config,
-        kinds: KindRegistry::default(),
-        faults: faults.clone(),
+    Ok(DemoAdapters { store, faulty, counting, mailer, concurrent_migrations })
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let common = &args.common;
+    let plan = DemoPlan::check(&args)?;
+    plan.prepare_data_dir(&common.data_dir)?;
+    let opened = open_adapters(&args, &plan).await?;
+    let started = Instant::now();
+    let local = LocalRuntime::start(Adapters {
+        faults: plan.faults.clone(),
         seed: args.seed,
+        ..Adapters::new(opened.counting.clone(), opened.mailer.port(), plan.config.clone())
     });
-    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some(&run_key)).await? else {
+    let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some(&plan.run_key)).await? else {
         unreachable!("start returns Started")
     };
     if !common.json {
@@ -465,18 +485,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             if args.chaos { ", with injected faults" } else { "" }
         );
     }
-    let show = !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let twin = args.chaos.then(|| {
-        tokio::spawn(add_twin_mid_run(
-            local.engine.clone(),
-            store.clone(),
-            table,
-            run_id.clone(),
-            args.users,
-            args.seed,
-        ))
+        let engine = local.engine.clone();
+        tokio::spawn(add_twin_mid_run(engine, opened.store.clone(), plan.table, run_id.clone(), args.users, args.seed))
     });
-    let status = local.drive(&run_id, show).await?;
+    let status = local.drive(&run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
     if status.status == RunState::Paused {
         // Not a failed check: the run stopped where asked, and continues from there.
         print_status(&status, common.json);
@@ -484,8 +497,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             "Paused with {} of {} items settled. `baton resume --data-dir {}` continues it (the demo's config is in {}).",
             status.done + status.failed + status.skipped + status.unknown,
             status.total,
-            dir.display(),
-            dir.join(CONFIG_FILE).display()
+            common.data_dir.display(),
+            common.data_dir.join(CONFIG_FILE).display()
         );
         return Ok(ExitCode::from(3));
     }
@@ -493,50 +506,92 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         Some(task) => task.await.unwrap_or(Ok(None))?.into_iter().collect(),
         None => Vec::new(),
     };
-    let wall = started.elapsed().as_secs_f64();
+    let ran = Ran { local, run_id, status, wall: started.elapsed().as_secs_f64(), duplicate_keys };
+    let summary = summarise(&args, &plan, &opened, ran).await?;
+    report(&summary, common)
+}
 
-    let statements = counting.statements();
+/// A demo run that ended (not paused).
+struct Ran {
+    local: LocalRuntime,
+    run_id: String,
+    status: RunStatus,
+    wall: f64,
+    duplicate_keys: Vec<String>,
+}
+
+fn report(summary: &DemoSummary, common: &Common) -> Result<ExitCode> {
+    let outbox_dir = common.data_dir.join("outbox");
     let outbox = (common.mailer == MailerKind::Outbox).then_some(outbox_dir.as_path());
-    let unknown_items = local.engine.items_in_state(&run_id, "unknown", i64::MAX).await?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        print_summary(summary, outbox);
+    }
+    let ok = summary.run.status == "succeeded" && summary.checks_passed;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Checks the run against the synthetic users and counts what the fault injection did.
+async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran: Ran) -> Result<DemoSummary> {
+    let engine = &ran.local.engine;
     // Sends the hop stopped waiting for at its cut-off (a slow disk or provider, not a fault
     // that was injected): ambiguous outcomes too.
-    let cut_off = unknown_items
+    let cut_off = engine
+        .items_in_state(&ran.run_id, "unknown", i64::MAX)
+        .await?
         .iter()
         .filter(|(_, reason)| reason.as_deref() == Some(crate::engine::hop::CUT_OFF_IN_FLIGHT))
         .count() as u64;
-    let unknown: HashSet<String> = unknown_items.into_iter().map(|(k, _)| k).collect();
-    // Keys failed because a second row appeared mid-run: not sent, on purpose.
-    let excused: HashSet<String> = local
-        .engine
-        .items_in_state(&run_id, "failed", i64::MAX)
-        .await?
-        .into_iter()
-        .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with("duplicate key")))
-        .map(|(k, _)| k)
-        .collect();
-    let hops = local.lambda_counts();
-    let mail_ambiguous = outbox_ambiguous.map(|a| a.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(0);
+    let hops = ran.local.lambda_counts();
+    let mail_ambiguous = match &opened.mailer {
+        OpenedMailer::Outbox(outbox) => outbox.ambiguous.load(std::sync::atomic::Ordering::SeqCst),
+        OpenedMailer::Ses(_) => 0,
+    };
     let injected = Injected {
-        sql: faulty.counts(),
+        sql: opened.faulty.counts(),
         mail_ambiguous,
-        duplicate_keys,
-        concurrent_migrations,
+        duplicate_keys: ran.duplicate_keys,
+        concurrent_migrations: opened.concurrent_migrations,
         cut_off_in_flight: cut_off,
         ambiguous_outcomes: mail_ambiguous
             + cut_off
             + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
     };
-    let mut summary = check(Checked { unknown, excused }, outbox, status, wall, hops, faults, args.users, args.seed)?;
-    summary.checks_passed &= summary.run.unknown as u64 <= injected.ambiguous_outcomes || !args.chaos;
-    summary.injected = injected;
-    summary.sql_statements = statements;
-    summary.sql_statements_per_page = statements as f64 / summary.run.pages_total.max(1) as f64;
-    if common.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary, outbox);
+    let outbox = match &opened.mailer {
+        OpenedMailer::Outbox(_) => Some(outbox::recipients(&args.common.data_dir.join("outbox"))?),
+        OpenedMailer::Ses(_) => None,
+    };
+    let recipients = (0..args.users).map(|i| {
+        let (id, email, ..) = synthetic_user(i, args.seed);
+        crate::audit::Recipient { key: id.to_string(), address: email }
+    });
+    let found = crate::audit::exactly_once(engine, &ran.run_id, recipients, outbox.as_deref().unwrap_or(&[])).await?;
+    let run = ran.status;
+    let mut checks_passed = run.accounted() && run.claimed == 0;
+    if outbox.is_some() {
+        checks_passed &= found.holds();
     }
-    Ok(if summary.run.status == "succeeded" && summary.checks_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if args.chaos {
+        checks_passed &= run.unknown as u64 <= injected.ambiguous_outcomes;
+    }
+    let statements = opened.counting.statements();
+    Ok(DemoSummary {
+        messages_per_second: run.done as f64 / ran.wall.max(1e-9),
+        wall_seconds: ran.wall,
+        outbox_files: outbox.as_ref().map(Vec::len),
+        valid_users: found.deliverable,
+        missed_users: found.missed.len(),
+        unknown_users: found.unknown,
+        duplicated_addresses: found.duplicated,
+        hops,
+        injected,
+        faults: plan.faults.clone(),
+        checks_passed,
+        sql_statements: statements,
+        sql_statements_per_page: statements as f64 / run.pages_total.max(1) as f64,
+        run,
+    })
 }
 
 /// Under `--chaos`: once a tenth of the items are done, the user in the middle gets a second
@@ -570,71 +625,6 @@ async fn add_twin_mid_run(
         format!("INSERT INTO {table}_late (id, email, name, city, plan) VALUES (:id, :email, :name, :city, :plan)");
     store.query(Stmt::new(sql, twin)).await?;
     Ok(Some(id.to_string()))
-}
-
-/// Keys the outbox check accepts as not mailed: `unknown` ones, and those `excused` (failed as
-/// duplicate keys).
-struct Checked {
-    unknown: HashSet<String>,
-    excused: HashSet<String>,
-}
-
-/// Checks the outbox against the synthetic users: nobody twice, nobody missed but the
-/// `unknown` and excused ones. With a provider instead of the outbox, only the ledger's
-/// accounting is checked.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    keys: Checked,
-    outbox_dir: Option<&std::path::Path>,
-    run: RunStatus,
-    wall: f64,
-    hops: LambdaCounts,
-    faults: Faults,
-    users: u32,
-    seed: u64,
-) -> Result<DemoSummary> {
-    let sent = match outbox_dir {
-        Some(dir) => Some(outbox::recipients(dir)?),
-        None => None,
-    };
-    let empty = Vec::new();
-    let sent_list = sent.as_ref().unwrap_or(&empty);
-    let mut per_address: HashMap<&str, usize> = HashMap::new();
-    for a in sent_list {
-        *per_address.entry(a.as_str()).or_default() += 1;
-    }
-    let mut duplicated: Vec<String> = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
-    duplicated.sort();
-    let (mut valid, mut missed) = (0, 0);
-    for i in 0..users {
-        let (id, email, ..) = synthetic_user(i, seed);
-        let Some(email) = email.filter(|e| crate::mail::deliverable(e, false).is_ok()) else {
-            continue;
-        };
-        valid += 1;
-        let key = id.to_string();
-        let accounted = keys.unknown.contains(&key) || keys.excused.contains(&key);
-        if sent.is_some() && !per_address.contains_key(email.as_str()) && !accounted {
-            missed += 1;
-        }
-    }
-    let checks_passed = duplicated.is_empty() && missed == 0 && run.accounted() && run.claimed == 0;
-    Ok(DemoSummary {
-        messages_per_second: run.done as f64 / wall.max(1e-9),
-        wall_seconds: wall,
-        outbox_files: sent.as_ref().map(Vec::len),
-        valid_users: valid,
-        duplicated_addresses: duplicated,
-        missed_users: missed,
-        unknown_users: keys.unknown.len(),
-        hops,
-        injected: Injected::default(),
-        faults,
-        checks_passed,
-        sql_statements: 0,
-        sql_statements_per_page: 0.0,
-        run,
-    })
 }
 
 fn print_summary(s: &DemoSummary, outbox_dir: Option<&std::path::Path>) {
@@ -672,6 +662,12 @@ fn print_summary(s: &DemoSummary, outbox_dir: Option<&std::path::Path>) {
             i.concurrent_migrations
         );
     }
+    print_checks(s);
+}
+
+/// The demo's checks, one line each: `ok` or `FAIL`.
+fn print_checks(s: &DemoSummary) {
+    let i = &s.injected;
     let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
     if s.outbox_files.is_some() {
         println!(

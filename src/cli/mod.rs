@@ -1,23 +1,31 @@
 //! The `baton` command line. Every command works on the embedded default unless told
 //! otherwise: state in `DATA_DIR/baton.db` (SQLite), mail in `DATA_DIR/outbox/`, chains in the
 //! in-process Lambda model. `--database-url` points state and sources at PostgreSQL instead.
+//!
+//! - this module: the flags ([`Cli`], [`Common`]), logging, and dispatch to a command;
+//! - `commands`: one function per command;
+//! - [`demo`]: `baton demo`, end to end with its own checks;
+//! - [`wiring`]: flags to typed adapter settings, then [`crate::compose`] builds the engine.
 
+mod commands;
 pub mod demo;
 pub mod wiring;
-
-use wiring::{InvokerKind, Runtime, Use};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
 
 use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
-use crate::engine::state::RunState;
-use crate::engine::{Engine, Outcome};
 use crate::text::{printable, printable_text};
+
+/// A flag's value that must never be printed (`Debug` shows it redacted).
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(value.into())
+}
 
 /// `--config` when not given.
 pub const DEFAULT_CONFIG: &str = "baton.toml";
@@ -54,8 +62,8 @@ pub struct Common {
     #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data", global = true)]
     pub data_dir: PathBuf,
     /// Use PostgreSQL for state and job sources instead of `DATA_DIR/baton.db`.
-    #[arg(long, env = "BATON_DATABASE_URL", global = true, hide_env_values = true)]
-    pub database_url: Option<String>,
+    #[arg(long, env = "BATON_DATABASE_URL", global = true, hide_env_values = true, value_parser = secret)]
+    pub database_url: Option<SecretString>,
     /// The configuration file.
     #[arg(long, env = "BATON_CONFIG", default_value = DEFAULT_CONFIG, global = true)]
     pub config: PathBuf,
@@ -228,20 +236,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Lambda mode: JSON logs to stdout (CloudWatch), the runtime loop until the sandbox ends.
-pub fn lambda_main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).without_time().with_ansi(false).try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(crate::lambda::serve()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -259,220 +253,17 @@ fn init_logging(verbose: u8) {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
-        Command::Run { job, run_key, common } => {
-            let local = Runtime::open(&common, Use::Create).await?;
-            let started = local.engine().start(&job, run_key.as_deref()).await?;
-            let Outcome::Started { run_id, existing, .. } = &started else { unreachable!() };
-            if *existing {
-                let status = local.engine().status(Some(run_id)).await?.expect("exists");
-                if status.is_terminal() {
-                    print_status(&status, common.json);
-                    eprintln!("run {run_id} of `{job}` already {}; use --run-key for a new run", status.status);
-                    return Ok(exit_for(&status));
-                }
-                eprintln!("continuing run {run_id} (already {}); the sweeper restarts its chains", status.status);
-                let drift = local.engine().config_drift(run_id).await?;
-                if !drift.is_empty() {
-                    eprintln!(
-                        "note: the run keeps the config it started with; {} now differs:\n  {}\n`baton tune {run_id} \
-                         --send-rate R --chains K` changes a live run; anything else applies to the next run (--run-key)",
-                        common.config.display(),
-                        drift.join("\n  ")
-                    );
-                }
-                local.engine().sweep().await?;
-            }
-            finish(&local, run_id, &common).await
-        }
-        Command::Status { run_id, list, common } => {
-            let rt = Runtime::open(&common, Use::Inspect).await?;
-            let engine = rt.engine();
-            let Some(status) = engine.status(run_id.as_deref()).await? else {
-                bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(&common));
-            };
-            print_status(&status, common.json);
-            match list.as_deref() {
-                Some("null-keys") => {
-                    for row in engine.null_key_rows(&status.run_id, 1000).await? {
-                        let row: Vec<String> = row.iter().map(|(c, v)| format!("{c}={}", printable(v))).collect();
-                        println!("null-key\t{}\tthe key column is NULL: left out of the run", row.join(" "));
-                    }
-                }
-                Some(state) => {
-                    for (key, reason) in engine.items_in_state(&status.run_id, state, 1000).await? {
-                        println!("{state}\t{}\t{}", printable(&key), printable(&reason.unwrap_or_default()));
-                    }
-                }
-                None => {}
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Pause { run_id, common } => control(&common, run_id, ControlAction::Pause).await,
-        Command::Cancel { run_id, common } => control(&common, run_id, ControlAction::Cancel).await,
-        Command::Resume { run_id, common } => {
-            let local = Runtime::open(&common, Use::Operate).await?;
-            let id = latest_or(local.engine(), run_id, &common).await?;
-            local.engine().control(&id, ControlAction::Resume).await?;
-            finish(&local, &id, &common).await
-        }
-        Command::Tune { run_id, send_rate, chains, common } => {
-            if send_rate.is_none() && chains.is_none() {
-                bail!("say what to change: --send-rate R and/or --chains K");
-            }
-            let rt = Runtime::open(&common, Use::Inspect).await?;
-            let id = latest_or(rt.engine(), run_id, &common).await?;
-            let invoke_new = common.invoker == InvokerKind::Lambda;
-            let tuned = rt.engine().tune(&id, send_rate, chains, invoke_new).await?;
-            if common.json {
-                println!("{}", serde_json::to_string(&tuned)?);
-            } else {
-                let rate = |r: Option<f64>| r.map(|r| format!("{r}/s")).unwrap_or_else(|| "-".into());
-                println!(
-                    "run {id}: send_rate {} -> {}, chains {} -> {}, hop budget {} -> {}{}",
-                    rate(tuned.send_rate.0),
-                    rate(tuned.send_rate.1),
-                    tuned.chains.0,
-                    tuned.chains.1,
-                    tuned.max_hops.0,
-                    tuned.max_hops.1,
-                    match (tuned.chains_added, invoke_new) {
-                        (0, _) => String::new(),
-                        (n, true) => format!("; {n} new chain(s) invoked"),
-                        (n, false) =>
-                            format!("; {n} new chain(s) start with the next sweep of the process driving the run"),
-                    }
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sweep { common } => {
-            let local = Runtime::open(&common, Use::Operate).await?;
-            let report = local.engine().sweep().await?;
-            if common.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!(
-                    "swept {} open run(s): {} chain(s) restarted, {} revived, {} parked, {} completed, {} failed",
-                    report.runs, report.restarted, report.revived, report.parked, report.completed, report.failed
-                );
-            }
-            if report.restarted + report.revived > 0
-                && let Some(status) = local.engine().status(None).await?
-                && !status.is_terminal()
-            {
-                return finish(&local, &status.run_id, &common).await;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Start { job, run_key, common } => {
-            if common.invoker == InvokerKind::Local {
-                // Local chains live in this process: returning would kill them mid-page.
-                bail!(
-                    "`baton start` returns at once, and with the local invoker the chains would die with this \
-                     process: use `baton run {job}` (drives the run to its end here), or `--invoker lambda \
-                     --function NAME` to run the chains in Lambda"
-                );
-            }
-            let rt = Runtime::open(&common, Use::Create).await?;
-            let outcome = rt.engine().start(&job, run_key.as_deref()).await?;
-            if common.json {
-                println!("{}", serde_json::to_string(&outcome)?);
-            } else if let Outcome::Started { run_id, chains, pages, items, existing } = outcome {
-                let verb = if existing { "already exists" } else { "started" };
-                println!("run {run_id} {verb}: {items} items in {pages} pages, {chains} chains");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Brake { common } => {
-            let before = wiring::brake_invoker(&common).await?.brake().await?;
-            println!(
-                "braked: reserved concurrency is 0 (it was {}). `baton release{}` undoes it",
-                before.map(|n| n.to_string()).unwrap_or_else(|| "unreserved".into()),
-                before.map(|n| format!(" --concurrency {n}")).unwrap_or_default()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Release { concurrency, common } => {
-            wiring::brake_invoker(&common).await?.release(concurrency).await?;
-            println!(
-                "released: reserved concurrency {}",
-                concurrency.map(|n| n.to_string()).unwrap_or_else(|| "removed".into())
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Preview { job, key, common } => {
-            let rt = Runtime::open(&common, Use::Preview).await?;
-            let engine = rt.engine();
-            match engine.preview(&job, key.as_deref()).await? {
-                None => bail!("no recipient found{}", key.map(|k| format!(" with key {k}")).unwrap_or_default()),
-                Some(r) if common.json => println!(
-                    "{}",
-                    serde_json::json!({"to": r.to, "subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url})
-                ),
-                Some(r) => {
-                    println!(
-                        "To: {}\nSubject: {}\nList-Unsubscribe: <{}>\n",
-                        printable(&r.to),
-                        printable(&r.subject),
-                        r.unsubscribe_url
-                    );
-                    if let Some(t) = r.text {
-                        println!("--- text ---\n{}", printable_text(&t));
-                    }
-                    if let Some(h) = r.html {
-                        println!("--- html ---\n{}", printable_text(&h));
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-async fn control(common: &Common, run_id: Option<String>, action: ControlAction) -> Result<ExitCode> {
-    let rt = Runtime::open(common, Use::Inspect).await?;
-    let engine = rt.engine();
-    let id = latest_or(engine, run_id, common).await?;
-    let outcome = engine.control(&id, action).await?;
-    if common.json {
-        println!("{}", serde_json::to_string(&outcome)?);
-    } else if let Outcome::Controlled { status, .. } = outcome {
-        println!("run {id} is now {status}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn latest_or(engine: &Engine, run_id: Option<String>, common: &Common) -> Result<String> {
-    match run_id {
-        Some(id) => Ok(id),
-        None => match engine.status(None).await? {
-            Some(s) => Ok(s.run_id),
-            None => bail!("no runs yet in {}", where_is(common)),
-        },
-    }
-}
-
-async fn finish(local: &Runtime, run_id: &str, common: &Common) -> Result<ExitCode> {
-    let status = local.drive(run_id, !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
-    print_status(&status, common.json);
-    if !common.json {
-        eprintln!("{}", wiring::where_mail_goes(common));
-    }
-    Ok(exit_for(&status))
-}
-
-fn exit_for(status: &RunStatus) -> ExitCode {
-    match status.status {
-        RunState::Succeeded => ExitCode::SUCCESS,
-        RunState::Paused => ExitCode::from(3),
-        _ => ExitCode::FAILURE,
-    }
-}
-
-fn where_is(common: &Common) -> String {
-    match &common.database_url {
-        Some(_) => "the PostgreSQL database".into(),
-        None => common.data_dir.join("baton.db").display().to_string(),
+        Command::Run { job, run_key, common } => commands::run(&job, run_key, &common).await,
+        Command::Status { run_id, list, common } => commands::status(run_id, list, &common).await,
+        Command::Pause { run_id, common } => commands::control(&common, run_id, ControlAction::Pause).await,
+        Command::Cancel { run_id, common } => commands::control(&common, run_id, ControlAction::Cancel).await,
+        Command::Resume { run_id, common } => commands::resume(run_id, &common).await,
+        Command::Tune { run_id, send_rate, chains, common } => commands::tune(run_id, send_rate, chains, &common).await,
+        Command::Sweep { common } => commands::sweep(&common).await,
+        Command::Start { job, run_key, common } => commands::start(&job, run_key, &common).await,
+        Command::Brake { common } => commands::brake(&common).await,
+        Command::Release { concurrency, common } => commands::release(concurrency, &common).await,
+        Command::Preview { job, key, common } => commands::preview(&job, key, &common).await,
     }
 }
 

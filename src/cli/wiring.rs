@@ -5,25 +5,16 @@
 //! `AWS_ENDPOINT_URL_RDS_DATA`), so each can point at a local fake.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::ValueEnum;
 
 use super::Common;
-use crate::adapters::aws::data_api::{DataApiStore, DataApiTarget};
+use crate::adapters::aws::data_api::DataApiTarget;
 use crate::adapters::aws::invoke::LambdaInvoker;
-use crate::adapters::aws::ses::SesMailer;
-use crate::adapters::postgres::PostgresStore;
+use crate::compose::{self, AdapterSettings, Adapters, Aws, InvokerSettings, MailerSettings, StoreSettings};
 use crate::config::Config;
-use crate::engine::run::RunStatus;
-use crate::engine::{Engine, EngineError, EngineParts};
-use crate::jobs::KindRegistry;
-use crate::local::driver::{LocalParts, LocalRuntime};
-use crate::local::faults::Faults;
-use crate::local::outbox::Outbox;
-use crate::local::sqlite::SqliteStore;
-use crate::ports::{Clock, Mailer, SystemClock};
+use crate::runtime::Runtime;
 use crate::sql::SqlStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,8 +51,45 @@ impl Common {
     }
 }
 
-async fn shared_aws() -> aws_config::SdkConfig {
-    aws_config::load_from_env().await
+impl Common {
+    /// The typed adapter settings these flags (and their environment fallbacks) choose; a
+    /// missing flag is named with its variable.
+    pub fn adapter_settings(&self) -> Result<AdapterSettings> {
+        let store = match self.store_kind() {
+            StoreKind::Sqlite => StoreSettings::Sqlite { path: self.data_dir.join("baton.db") },
+            StoreKind::Postgres => {
+                let Some(url) = &self.database_url else {
+                    bail!("--store postgres needs --database-url (or BATON_DATABASE_URL)");
+                };
+                StoreSettings::Postgres { url: url.clone() }
+            }
+            StoreKind::DataApi => {
+                let (Some(resource_arn), Some(secret_arn)) = (&self.db_cluster_arn, &self.db_secret_arn) else {
+                    bail!(
+                        "--store data-api needs --db-cluster-arn and --db-secret-arn (or BATON_DB_CLUSTER_ARN, \
+                         BATON_DB_SECRET_ARN)"
+                    );
+                };
+                StoreSettings::DataApi(DataApiTarget {
+                    resource_arn: resource_arn.clone(),
+                    secret_arn: secret_arn.clone(),
+                    database: self.db_name.clone(),
+                })
+            }
+        };
+        let mailer = match self.mailer {
+            MailerKind::Outbox => MailerSettings::Outbox { dir: self.data_dir.join("outbox") },
+            MailerKind::Ses => MailerSettings::Ses { configuration_set: self.ses_configuration_set.clone() },
+        };
+        let invoker = match (self.invoker, &self.function) {
+            (InvokerKind::Local, _) => InvokerSettings::Local,
+            (InvokerKind::Lambda, Some(function)) => InvokerSettings::Lambda { function: function.clone() },
+            (InvokerKind::Lambda, None) => {
+                bail!("--invoker lambda needs --function NAME (or BATON_FUNCTION): the baton function to invoke")
+            }
+        };
+        Ok(AdapterSettings { store, mailer, invoker })
+    }
 }
 
 /// What a command may do to the embedded state: commands that only look at or steer existing
@@ -91,57 +119,7 @@ impl Use {
 /// The state store chosen by the flags, migrated. With `create` false, a missing SQLite
 /// database is an error and nothing is created.
 pub async fn open_store(common: &Common, create: bool) -> Result<Arc<dyn SqlStore>> {
-    let kind = common.store_kind();
-    let store: Arc<dyn SqlStore> = match kind {
-        StoreKind::Sqlite => {
-            let db = common.data_dir.join("baton.db");
-            if !create && !db.exists() {
-                bail!(
-                    "no baton state in {}: {} does not exist. Start with `baton demo` or `baton run JOB` \
-                     (or pass the --data-dir / BATON_DATA_DIR of an earlier run)",
-                    common.data_dir.display(),
-                    db.display()
-                );
-            }
-            std::fs::create_dir_all(&common.data_dir)
-                .with_context(|| format!("cannot create --data-dir {}", common.data_dir.display()))?;
-            Arc::new(SqliteStore::open(&db)?)
-        }
-        StoreKind::Postgres => {
-            let Some(url) = &common.database_url else {
-                bail!("--store postgres needs --database-url (or BATON_DATABASE_URL)");
-            };
-            Arc::new(PostgresStore::connect(url, 16)?)
-        }
-        StoreKind::DataApi => {
-            let (Some(resource_arn), Some(secret_arn)) = (&common.db_cluster_arn, &common.db_secret_arn) else {
-                bail!(
-                    "--store data-api needs --db-cluster-arn and --db-secret-arn (or BATON_DB_CLUSTER_ARN, BATON_DB_SECRET_ARN)"
-                );
-            };
-            let target = DataApiTarget {
-                resource_arn: resource_arn.clone(),
-                secret_arn: secret_arn.clone(),
-                database: common.db_name.clone(),
-            };
-            Arc::new(DataApiStore::new(DataApiStore::client_from(&shared_aws().await), target))
-        }
-    };
-    crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
-    Ok(store)
-}
-
-async fn open_mailer(common: &Common) -> Result<Arc<dyn Mailer>> {
-    Ok(match common.mailer {
-        MailerKind::Outbox => Arc::new(
-            Outbox::new(&common.data_dir.join("outbox"), Faults::default(), 0, None)
-                .with_context(|| format!("cannot create the outbox in {}", common.data_dir.display()))?,
-        ),
-        MailerKind::Ses => {
-            let client = SesMailer::client_from(&shared_aws().await);
-            Arc::new(SesMailer::new(client, common.ses_configuration_set.clone()))
-        }
-    })
+    Ok(compose::open_store(&common.adapter_settings()?, create, &Aws::default()).await?)
 }
 
 /// One line saying where this command's mail went.
@@ -179,79 +157,14 @@ pub fn load_config(common: &Common, required: bool) -> Result<Config> {
     Ok(Config::load(path)?)
 }
 
-/// The engine on the chosen adapters: chains run here (local invoker) or in Lambda.
-pub enum Runtime {
-    Local(LocalRuntime),
-    Lambda(Arc<Engine>),
-}
-
-impl Runtime {
-    pub async fn open(common: &Common, use_: Use) -> Result<Runtime> {
-        let config = load_config(common, use_.needs_config())?;
-        let store = open_store(common, use_.creates()).await?;
-        let mailer = open_mailer(common).await?;
-        Ok(match common.invoker {
-            InvokerKind::Local => Runtime::Local(LocalRuntime::start(LocalParts {
-                store,
-                mailer,
-                clock: Arc::new(SystemClock),
-                config,
-                kinds: KindRegistry::default(),
-                faults: Faults::default(),
-                seed: 0,
-            })),
-            InvokerKind::Lambda => {
-                let Some(function) = &common.function else {
-                    bail!("--invoker lambda needs --function NAME (or BATON_FUNCTION): the baton function to invoke");
-                };
-                let invoker = LambdaInvoker::new(LambdaInvoker::client_from(&shared_aws().await), function);
-                Runtime::Lambda(Arc::new(Engine::new(EngineParts {
-                    store,
-                    invoker: Arc::new(invoker),
-                    mailer,
-                    clock: Arc::new(SystemClock),
-                    config,
-                    kinds: KindRegistry::default(),
-                })))
-            }
-        })
-    }
-
-    pub fn engine(&self) -> &Arc<Engine> {
-        match self {
-            Runtime::Local(local) => &local.engine,
-            Runtime::Lambda(engine) => engine,
-        }
-    }
-
-    /// Local: drives the run here to its end. Lambda: watches it (the chains and the sweep
-    /// schedule run in AWS) until it is final or paused.
-    pub async fn drive(&self, run_id: &str, show_progress: bool) -> Result<RunStatus, EngineError> {
-        match self {
-            Runtime::Local(local) => local.drive(run_id, show_progress).await,
-            Runtime::Lambda(engine) => loop {
-                let progress = engine.progress(run_id).await?;
-                if show_progress {
-                    eprint!(
-                        "\r{}: {}/{} items in done pages, {}/{} pages, {} chains active   ",
-                        progress.status,
-                        progress.items_done,
-                        progress.total,
-                        progress.pages_done,
-                        progress.pages_total,
-                        progress.active_chains
-                    );
-                }
-                if progress.is_settled() {
-                    if show_progress {
-                        eprintln!();
-                    }
-                    return Ok(engine.status(Some(run_id)).await?.expect("run exists"));
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            },
-        }
-    }
+/// The engine on the adapters the flags choose, for a command that may do `use_`.
+pub async fn open_runtime(common: &Common, use_: Use) -> Result<Runtime> {
+    let config = load_config(common, use_.needs_config())?;
+    let settings = common.adapter_settings()?;
+    let aws = Aws::default();
+    let store = compose::open_store(&settings, use_.creates(), &aws).await?;
+    let mailer = compose::open_mailer(&settings.mailer, &Default::default(), 0, &aws).await?;
+    Ok(compose::assemble(Adapters::new(store, mailer.port(), config), &settings.invoker, &aws).await)
 }
 
 /// The operator's emergency brake and its release, on `--function`.
@@ -259,5 +172,5 @@ pub async fn brake_invoker(common: &Common) -> Result<LambdaInvoker> {
     let Some(function) = &common.function else {
         bail!("--function NAME (or BATON_FUNCTION) names the Lambda function to brake");
     };
-    Ok(LambdaInvoker::new(LambdaInvoker::client_from(&shared_aws().await), function))
+    Ok(compose::lambda_invoker(function, &Aws::default()).await)
 }

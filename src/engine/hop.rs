@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::state::{ChainState, ItemState, RunState, State};
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
+use crate::ports::InvokeError;
 use crate::sql::{KeyType, Record, statements as st};
 
 /// A leased page.
@@ -36,6 +37,27 @@ impl Page {
             lease_expires_at: r.int("lease_expires_at"),
         }
     }
+}
+
+/// The hop at hand, for the steps of its page loop.
+struct ThisHop<'a> {
+    run: &'a RunRow,
+    chain: i64,
+    hop: i64,
+    token: &'a str,
+    job: &'a Job,
+    /// Past this no page and no send starts.
+    soft: Instant,
+    /// When the hop is killed.
+    deadline: Instant,
+}
+
+/// Why no page was claimed, and what the hop does about it.
+enum NoPage {
+    /// Pages are claimable: a concurrent claim won the race. Claim again.
+    TryAgain,
+    /// The chain stops claiming: it ended, completed the run, parked or stopped.
+    Then(HopNext),
 }
 
 /// What processing one page amounted to.
@@ -64,6 +86,8 @@ const ITEMS_PER_STATEMENT: usize = 1000;
 const RESEND_CLAIMS: i64 = 4;
 
 impl Engine {
+    /// Runs hop `hop` of `chain`, top to bottom: admit (run live, within its budgets), the
+    /// fork guard, the job, the page loop under the time budget, the hand-over.
     #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
     pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
         // Fencing starts here: leases and staleness derive from `hop_timeout`, so no hop may
@@ -73,26 +97,14 @@ impl Engine {
         let deadline = deadline.min(Instant::now() + self.config.settings.hop_timeout);
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
-        let now = self.now_ms();
-        if run.is_terminal() {
-            // The chain was waiting for this hop: it ends with its run.
-            self.sql(st::set_chain_status(run_id, chain, Some(hop - 1), ChainState::Ended, None)).await?;
-            return Ok(Outcome::Hopped { pages: 0, next: HopNext::Stopped });
+        if let Some(refused) = self.refuse_hop(&run, chain, hop).await? {
+            return Ok(refused);
         }
-        if hop > run.max_hops {
-            let reason = format!(
-                "chain {chain} reached hop {hop}, beyond its budget of {} hops: stopped as a runaway",
-                run.max_hops
-            );
-            return self.fail_run(&run, chain, &reason).await;
-        }
-        if now > run.deadline_at {
-            return self.fail_run(&run, chain, "the run passed its deadline (jobs.NAME.run_deadline)").await;
-        }
-        // The fork guard: only one delivery of hop `hop` gets past this. The token tells this
-        // invocation's own re-run of the statement apart from another delivery.
+        // The fork guard: only one delivery of hop `hop` gets past this compare-and-set of the
+        // chain's `next_hop` from `hop` to `hop + 1`. The token tells this invocation's own
+        // re-run of the statement (after a lost answer) apart from another delivery.
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let started = self.sql(st::start_hop(run_id, chain, hop, &token, now)).await?;
+        let started = self.sql(st::start_hop(run_id, chain, hop, &token, self.now_ms())).await?;
         let Some(send_after) = started.first().map(|r| r.get("send_after").as_i64()) else {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
@@ -100,91 +112,23 @@ impl Engine {
         tracing::debug!("hop started");
         let job = match self.build_job(&run.job, &run.job_config) {
             Ok(job) => job,
-            Err(e) => {
-                // This environment cannot run the job (a secret missing or too short, a kind not
-                // registered): every hop and restart would fail the same way, so the run pauses
-                // with the reason instead of looping, and resumes once the environment is fixed.
-                let reason = format!("this environment cannot run the job: {e}; fix it, then `baton resume`");
-                tracing::error!(%reason, "pausing the run");
-                self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
-                if !self.sql(st::park_chain(run_id, chain, hop, &token)).await?.rows.is_empty() {
-                    self.sql(st::settle_pause(run_id, now)).await?;
-                }
-                return Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked });
-            }
+            Err(e) => return self.pause_unrunnable(&run, chain, hop, &token, &e).await,
         };
         if let Job::Items(j) = &job {
             j.begin_hop(run.chains as u32, send_after);
         }
         let soft = soft_deadline(deadline, self.config.settings.hop_margin);
-        // Unique per invocation: a duplicate delivery that somehow got this far could not pass
-        // for this hop's lease holder.
-        let owner = format!("c{chain}h{hop}.{}", &token[..12]);
-        let lease_ms = self.config.settings.lease().as_millis() as i64;
-        let mut pages = 0u32;
-        let mut retries = 0;
-        // Do not start a page that would likely outlast the budget: keep the slowest page seen.
-        let mut slowest = std::time::Duration::ZERO;
-        while Instant::now() + slowest < soft {
-            let claim = st::claim_page(run_id, chain, hop, run.chains, &owner, self.now_ms(), lease_ms);
-            let Some(page) = self.sql(claim).await?.first().map(Page::from_record) else {
-                match self.no_page(&run, chain, hop, &token).await? {
-                    Some(next) => return Ok(Outcome::Hopped { pages, next }),
-                    None if retries < CLAIM_RETRIES => {
-                        retries += 1;
-                        continue;
-                    }
-                    None => break,
-                }
-            };
-            let page_started = Instant::now();
-            let report = match &job {
-                Job::Items(j) => self.process_items(&run, chain, &owner, &page, j, (soft, deadline)).await?,
-                Job::Ranges(j) => self.process_range(&run, &page, j, soft).await?,
-            };
-            tracing::debug!(
-                page = page.page_no,
-                ms = page_started.elapsed().as_millis() as u64,
-                finished = report.finished,
-                "page processed"
-            );
-            let now = self.now_ms();
-            self.finish_page(run_id, page.page_no, &owner, report.finished).await?;
-            let send_after = match &job {
-                Job::Items(j) => j.send_after_ms(),
-                Job::Ranges(_) => None,
-            };
-            self.sql(st::heartbeat(run_id, chain, hop, now, send_after)).await?;
-            pages += 1;
-            slowest = slowest.max(page_started.elapsed());
-            if let Some(reason) = report.fail_reason {
-                self.sql(st::set_run_status(run_id, RunState::Failed, Some(&reason), now)).await?;
-            } else if let Some(reason) = report.pause_reason {
-                self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
-            } else if report.failures > 0 {
-                self.check_failure_threshold(&run).await?;
-            }
-            if self.config.settings.max_pages_per_hop.is_some_and(|max| pages >= max) {
-                break;
-            }
-            if !report.finished {
-                // The page needs another invocation (budget spent mid-page, or the kind said
-                // so): hand over to the next hop rather than spin on it here.
-                break;
-            }
+        let this = ThisHop { run: &run, chain, hop, token: &token, job: &job, soft, deadline };
+        let (pages, ended) = self.page_loop(&this).await?;
+        if let Some(next) = ended {
+            return Ok(Outcome::Hopped { pages, next });
         }
-        if let Job::Items(j) = &job
-            && let Some(at) = j.send_after_ms()
-        {
-            // Rate-limited and the chain's next send is later than this hop's budget allows:
-            // spend the budget waiting rather than hand over at once (a hop that sends nothing
-            // and invokes the next costs an invocation and a page's statements).
-            let wait = std::time::Duration::from_millis((at - self.now_ms()).max(0) as u64);
-            tokio::time::sleep_until((Instant::now() + wait).min(soft)).await;
-        }
+        self.wait_for_rate(&job, soft).await;
         match self.invoke_hop(run_id, chain, hop + 1).await {
             Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
-            Err(e) if e.fatal => self.fail_run(&run, chain, &e.message).await,
+            Err(InvokeError::Fatal(why)) => self.fail_run(&run, chain, &why).await,
+            // Not queued, or not known to be: the sweeper restarts the chain from its checkpoint
+            // (a second delivery of hop + 1 loses at the fork guard).
             Err(e) => {
                 tracing::warn!(error = %e, "next hop not accepted; the sweeper will restart this chain");
                 Ok(Outcome::Hopped { pages, next: HopNext::Continued })
@@ -192,9 +136,135 @@ impl Engine {
         }
     }
 
-    /// No page could be claimed. Decide why: `None` means pages are claimable (a concurrent
-    /// claim won the race) and the caller should try again.
-    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64, token: &str) -> Result<Option<HopNext>, EngineError> {
+    /// Why this hop must not run, as its outcome: the run is over (the chain ends with it),
+    /// the chain is past its hop budget (a runaway), or the run is past its deadline.
+    async fn refuse_hop(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<Outcome>, EngineError> {
+        if run.is_terminal() {
+            // The chain was waiting for this hop: it ends with its run.
+            let end = st::set_chain_status(&run.run_id, chain, Some(hop - 1), ChainState::Ended, None);
+            self.sql(end).await?;
+            return Ok(Some(Outcome::Hopped { pages: 0, next: HopNext::Stopped }));
+        }
+        if hop > run.max_hops {
+            let reason = format!(
+                "chain {chain} reached hop {hop}, beyond its budget of {} hops: stopped as a runaway",
+                run.max_hops
+            );
+            return self.fail_run(run, chain, &reason).await.map(Some);
+        }
+        if self.now_ms() > run.deadline_at {
+            let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
+            return self.fail_run(run, chain, reason).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// This environment cannot run the job (a secret missing or too short, a kind not
+    /// registered): every hop and restart would fail the same way, so the run pauses with the
+    /// reason instead of looping, and resumes once the environment is fixed.
+    async fn pause_unrunnable(
+        &self,
+        run: &RunRow,
+        chain: i64,
+        hop: i64,
+        token: &str,
+        e: &JobError,
+    ) -> Result<Outcome, EngineError> {
+        let (run_id, now) = (run.run_id.as_str(), self.now_ms());
+        let reason = format!("this environment cannot run the job: {e}; fix it, then `baton resume`");
+        tracing::error!(%reason, "pausing the run");
+        self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
+        if !self.sql(st::park_chain(run_id, chain, hop, token)).await?.rows.is_empty() {
+            self.sql(st::settle_pause(run_id, now)).await?;
+        }
+        Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked })
+    }
+
+    /// Claims and processes pages until the budget is nearly spent. Returns the pages done and,
+    /// when the chain should not continue, how it ended.
+    async fn page_loop(&self, this: &ThisHop<'_>) -> Result<(u32, Option<HopNext>), EngineError> {
+        let soft = this.soft;
+        // Unique per invocation: a duplicate delivery that somehow got this far could not pass
+        // for this hop's lease holder.
+        let owner = format!("c{}h{}.{}", this.chain, this.hop, &this.token[..12]);
+        let lease_ms = self.config.settings.lease().as_millis() as i64;
+        let (mut pages, mut retries) = (0u32, 0);
+        // Do not start a page that would likely outlast the budget: keep the slowest page seen.
+        let mut slowest = std::time::Duration::ZERO;
+        while Instant::now() + slowest < soft {
+            // The claim also checks that the run is `running`: the kill switch.
+            let (run, chain) = (this.run, this.chain);
+            let claim = st::claim_page(&run.run_id, chain, this.hop, run.chains, &owner, self.now_ms(), lease_ms);
+            let Some(page) = self.sql(claim).await?.first().map(Page::from_record) else {
+                match self.no_page(run, chain, this.hop, this.token).await? {
+                    NoPage::Then(next) => return Ok((pages, Some(next))),
+                    NoPage::TryAgain if retries < CLAIM_RETRIES => {
+                        retries += 1;
+                        continue;
+                    }
+                    NoPage::TryAgain => break,
+                }
+            };
+            let page_started = Instant::now();
+            let report = match this.job {
+                Job::Items(j) => self.process_items(run, chain, &owner, &page, j, (soft, this.deadline)).await?,
+                Job::Ranges(j) => self.process_range(run, &page, j, soft).await?,
+            };
+            let ms = page_started.elapsed().as_millis() as u64;
+            tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
+            self.close_page(this, &owner, &page, &report).await?;
+            pages += 1;
+            slowest = slowest.max(page_started.elapsed());
+            // A page that needs another invocation (budget spent mid-page, or the kind said so)
+            // hands over to the next hop rather than spin on it here.
+            if self.config.settings.max_pages_per_hop.is_some_and(|max| pages >= max) || !report.finished {
+                break;
+            }
+        }
+        Ok((pages, None))
+    }
+
+    /// After a page: finish or release it, heartbeat (with when the chain may send next), and
+    /// act on what the page found (a fatal failure, a pause, the failure threshold).
+    async fn close_page(
+        &self,
+        this: &ThisHop<'_>,
+        owner: &str,
+        page: &Page,
+        report: &PageReport,
+    ) -> Result<(), EngineError> {
+        let (run_id, now) = (this.run.run_id.as_str(), self.now_ms());
+        self.finish_page(run_id, page.page_no, owner, report.finished).await?;
+        let send_after = match this.job {
+            Job::Items(j) => j.send_after_ms(),
+            Job::Ranges(_) => None,
+        };
+        self.sql(st::heartbeat(run_id, this.chain, this.hop, now, send_after)).await?;
+        if let Some(reason) = &report.fail_reason {
+            self.sql(st::set_run_status(run_id, RunState::Failed, Some(reason), now)).await?;
+        } else if let Some(reason) = &report.pause_reason {
+            self.sql(st::set_run_status(run_id, RunState::Pausing, Some(reason), now)).await?;
+        } else if report.failures > 0 {
+            self.check_failure_threshold(this.run).await?;
+        }
+        Ok(())
+    }
+
+    /// Rate-limited and the chain's next send is later than this hop's budget allows: spend the
+    /// budget waiting rather than hand over at once (a hop that sends nothing and invokes the
+    /// next costs an invocation and a page's statements).
+    async fn wait_for_rate(&self, job: &Job, soft: Instant) {
+        if let Job::Items(j) = job
+            && let Some(at) = j.send_after_ms()
+        {
+            let wait = std::time::Duration::from_millis((at - self.now_ms()).max(0) as u64);
+            tokio::time::sleep_until((Instant::now() + wait).min(soft)).await;
+        }
+    }
+
+    /// No page could be claimed. Decide why: pages still claimable (a concurrent claim won the
+    /// race) means try again; otherwise the chain ends, completes the run, parks or stops.
+    async fn no_page(&self, run: &RunRow, chain: i64, hop: i64, token: &str) -> Result<NoPage, EngineError> {
         let id = run.run_id.as_str();
         let now = self.now_ms();
         let summary = self.sql(st::page_summary(id, now)).await?;
@@ -211,29 +281,31 @@ impl Engine {
                 // Pages are claimable but this claim got none: a concurrent claim took the page
                 // it aimed at, or a restart overtook this hop (the claim's guard refuses it).
                 // The caller retries a few times, then hands over; the CAS settles any overlap.
-                Ok(None)
+                Ok(NoPage::TryAgain)
             }
             RunState::Running => {
                 self.sql(end).await?;
+                // Completion happens exactly once: `complete_run` flips `running` to
+                // `succeeded` only when no page is left and no lease is live.
                 if s.int("leased") == 0 && !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
                     self.sql(st::end_chains(id)).await?;
-                    return Ok(Some(HopNext::Completed));
+                    return Ok(NoPage::Then(HopNext::Completed));
                 }
-                Ok(Some(HopNext::Ended))
+                Ok(NoPage::Then(HopNext::Ended))
             }
             RunState::Pausing | RunState::Paused => {
                 // Parks only while the run is still pausing: a resume in between wins, and then
                 // this hop goes on claiming.
                 if self.sql(st::park_chain(id, chain, hop, token)).await?.rows.is_empty() {
-                    return Ok(None);
+                    return Ok(NoPage::TryAgain);
                 }
                 self.sql(st::settle_pause(id, now)).await?;
-                Ok(Some(HopNext::Parked))
+                Ok(NoPage::Then(HopNext::Parked))
             }
             _ => {
                 self.sql(end).await?;
-                Ok(Some(HopNext::Stopped))
+                Ok(NoPage::Then(HopNext::Stopped))
             }
         }
     }
@@ -286,6 +358,8 @@ impl Engine {
         Ok(())
     }
 
+    /// One page of an item job: claim its items → send until the cut-off → settle each
+    /// outcome → record the results, a fixed number of statements whatever the page size.
     async fn process_items(
         &self,
         run: &RunRow,
@@ -295,8 +369,37 @@ impl Engine {
         job: &Arc<dyn ItemJob>,
         (soft, deadline): (Instant, Instant),
     ) -> Result<PageReport, EngineError> {
+        let (work, decided) = match self.claim_items(run, owner, page, soft).await? {
+            Claim::Empty => return Ok(PageReport { finished: true, ..Default::default() }),
+            Claim::TooLate => return Ok(PageReport::default()),
+            Claim::Mine { work, decided } => (work, decided),
+        };
+        let cx = ItemContext {
+            run_id: run.run_id.clone(),
+            run_key: run.run_key.clone(),
+            chain: chain as u32,
+            soft_deadline: soft,
+        };
+        let outcomes = send_until_cutoff(job, work, cx, deadline, page.page_no).await;
+        let resend = resend_ambiguous(&run.job_config).then_some(page.attempts);
+        let settled = settle(outcomes, decided, resend);
+        let now = self.now_ms();
         let id = run.run_id.as_str();
-        let cfg = &run.job_config;
+        // Results first, then releases: an item is either recorded or free again, never both.
+        for chunk in settled.results.chunks(ITEMS_PER_STATEMENT) {
+            self.sql(st::record_results(id, page.page_no, owner, now, chunk)).await?;
+        }
+        for chunk in settled.released.chunks(ITEMS_PER_STATEMENT) {
+            self.sql(st::release_claims(id, page.page_no, owner, chunk)).await?;
+        }
+        Ok(settled.report)
+    }
+
+    /// Loads the page's rows and claims its items in the ledger, before any side effect. Rows
+    /// that cannot be sent (a mistyped or duplicated key, a claim whose row left the source) are
+    /// decided here and claimed with the rest, so they are recorded in the same statements.
+    async fn claim_items(&self, run: &RunRow, owner: &str, page: &Page, soft: Instant) -> Result<Claim, EngineError> {
+        let (id, cfg) = (run.run_id.as_str(), &run.job_config);
         let resend = resend_ambiguous(cfg);
         let mut retaken: HashSet<String> = HashSet::new();
         if page.attempts > 1 {
@@ -312,22 +415,12 @@ impl Engine {
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
         let (loaded, mistyped) = refuse_mistyped_keys(loaded, &cfg.key_column, run.key_type);
-        let (items, mut results) = dedupe_by_key(loaded, &cfg.key_column);
-        results.extend(mistyped);
-        // Claims taken over from a dead owner whose row has left the source since: nothing to
-        // send, and the page cannot be done while they stay `claimed`.
-        let present: HashSet<&str> =
-            items.iter().map(|i| i.key.as_str()).chain(results.iter().map(|(k, _, _)| k.as_str())).collect();
-        let vanished: Vec<String> = retaken.iter().filter(|k| !present.contains(k.as_str())).cloned().collect();
-        drop(present);
-        results.extend(
-            vanished.into_iter().map(|k| (k, ItemState::Skipped, Some("no longer in the job's source".to_owned()))),
-        );
-        if items.is_empty() && results.is_empty() {
-            return Ok(PageReport { finished: true, ..Default::default() });
+        let (items, mut decided) = dedupe_by_key(loaded, &cfg.key_column);
+        decided.extend(mistyped);
+        decided.extend(vanished(&retaken, &items, &decided));
+        if items.is_empty() && decided.is_empty() {
+            return Ok(Claim::Empty);
         }
-        let keys: Vec<String> =
-            items.iter().map(|i| i.key.clone()).chain(results.iter().map(|(k, _, _)| k.clone())).collect();
         // The page load may have stalled (a resuming database): claim nothing past the lease or
         // the budget. The check and the claim's own fence use the same clock reading, so a claim
         // that comes back empty means the items are settled or someone else holds the page,
@@ -335,8 +428,10 @@ impl Engine {
         let now = self.now_ms();
         if now >= page.lease_expires_at || Instant::now() >= soft {
             tracing::warn!(page = page.page_no, "the page took too long to load: released unclaimed");
-            return Ok(PageReport::default());
+            return Ok(Claim::TooLate);
         }
+        let keys: Vec<String> =
+            items.iter().map(|i| i.key.clone()).chain(decided.iter().map(|r| r.0.clone())).collect();
         // The claim returns every key this owner holds on the page, including claims it took
         // over from a dead owner and, on a re-run after a lost response, its own.
         let mut mine: HashSet<String> = HashSet::with_capacity(keys.len());
@@ -344,97 +439,10 @@ impl Engine {
             let claimed = self.sql(st::claim_items(id, page.page_no, owner, now, chunk)).await?;
             mine.extend(claimed.records().filter_map(|r| r.text("item_key")));
         }
-        results.retain(|(k, _, _)| mine.contains(k));
-        let work: Vec<Item> = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
-        let work_keys: Vec<String> = work.iter().map(|i| i.key.clone()).collect();
-        let cx = ItemContext {
-            run_id: id.to_owned(),
-            run_key: run.run_key.clone(),
-            chain: chain as u32,
-            soft_deadline: soft,
-        };
         tracing::debug!(page = page.page_no, claimed = mine.len(), "items claimed");
-        drop(mine);
-        // Past `soft` no send starts. Halfway from `soft` to the hard deadline the hop stops
-        // waiting for sends still in flight, so it can always record what it knows: those few
-        // are `unknown` (they may or may not go out), never-started ones are released. Without
-        // this cut-off a slow provider would get the hop killed and its whole page's claims
-        // would become `unknown`.
-        let cutoff = soft + deadline.saturating_duration_since(soft) / 2;
-        let started: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
-        let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(work_keys.len());
-        {
-            let (job, cx, started) = (job.clone(), Arc::new(cx), started.clone());
-            let in_flight = job.in_flight().max(1);
-            let mut stream = futures::stream::iter(work)
-                .map(move |item| {
-                    let (job, cx, started) = (job.clone(), cx.clone(), started.clone());
-                    async move {
-                        if Instant::now() >= cx.soft_deadline {
-                            return (item.key, ItemOutcome::Released);
-                        }
-                        started.lock().expect("not poisoned").insert(item.key.clone());
-                        let outcome = job.process(&item, &cx).await;
-                        (item.key, outcome)
-                    }
-                })
-                .buffer_unordered(in_flight)
-                .boxed();
-            while let Ok(Some(done)) = tokio::time::timeout_at(cutoff, stream.next()).await {
-                outcomes.push(done);
-            }
-        }
-        if outcomes.len() < work_keys.len() {
-            let finished: HashSet<&String> = outcomes.iter().map(|(k, _)| k).collect();
-            let started = started.lock().expect("not poisoned");
-            let left: Vec<(String, ItemOutcome)> = work_keys
-                .iter()
-                .filter(|k| !finished.contains(k))
-                .map(|k| {
-                    let outcome = if started.contains(k) {
-                        ItemOutcome::Unknown(CUT_OFF_IN_FLIGHT.into())
-                    } else {
-                        ItemOutcome::Released
-                    };
-                    (k.clone(), outcome)
-                })
-                .collect();
-            tracing::warn!(page = page.page_no, stopped = left.len(), "stopped waiting for sends at the hop's cut-off");
-            outcomes.extend(left);
-        }
-        tracing::debug!(page = page.page_no, outcomes = outcomes.len(), "items processed");
-        let mut report = PageReport { finished: true, ..Default::default() };
-        report.failures += results.iter().filter(|(_, state, _)| *state == ItemState::Failed).count() as u64;
-        let mut released = Vec::new();
-        for (key, outcome) in outcomes {
-            // At-least-once: an outcome that may not have happened is sent again by a later hop,
-            // never parked as `unknown`.
-            let outcome = match outcome {
-                ItemOutcome::Unknown(_) if resend && page.attempts < RESEND_CLAIMS => ItemOutcome::Released,
-                other => other,
-            };
-            match outcome.ledger() {
-                Some((state, reason)) => {
-                    report.failures += (state == ItemState::Failed) as u64;
-                    results.push((key, state, reason));
-                }
-                None => {
-                    if let ItemOutcome::PauseRun(reason) = outcome {
-                        report.pause_reason = Some(format!("sending stopped: {reason}"));
-                    }
-                    released.push(key);
-                }
-            }
-        }
-        let now = self.now_ms();
-        for chunk in results.chunks(ITEMS_PER_STATEMENT) {
-            self.sql(st::record_results(id, page.page_no, owner, now, chunk)).await?;
-        }
-        for chunk in released.chunks(ITEMS_PER_STATEMENT) {
-            self.sql(st::release_claims(id, page.page_no, owner, chunk)).await?;
-            report.finished = false;
-        }
-        Ok(report)
+        decided.retain(|(k, _, _)| mine.contains(k));
+        let work = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
+        Ok(Claim::Mine { work, decided })
     }
 
     async fn process_range(
@@ -456,6 +464,124 @@ impl Engine {
             Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
         })
     }
+}
+
+/// What claiming a page's items came to.
+enum Claim {
+    /// The page has no rows: it is done.
+    Empty,
+    /// The page took too long to load: nothing claimed, the page is released.
+    TooLate,
+    /// The items this hop holds: those to process, and those already decided (recorded as is).
+    Mine { work: Vec<Item>, decided: Vec<LedgerResult> },
+}
+
+/// Claims taken over from a dead owner whose row has left the source since: nothing to send,
+/// and the page cannot be done while they stay `claimed`.
+fn vanished(retaken: &HashSet<String>, items: &[Item], decided: &[LedgerResult]) -> Vec<LedgerResult> {
+    let present: HashSet<&str> =
+        items.iter().map(|i| i.key.as_str()).chain(decided.iter().map(|r| r.0.as_str())).collect();
+    retaken
+        .iter()
+        .filter(|k| !present.contains(k.as_str()))
+        .map(|k| (k.clone(), ItemState::Skipped, Some("no longer in the job's source".to_owned())))
+        .collect()
+}
+
+/// Runs up to the kind's `in_flight` items at once. Past `soft` no send starts. Halfway from
+/// `soft` to the hard deadline the hop stops waiting for sends still in flight, so it can always
+/// record what it knows: those few are `unknown` (they may or may not go out), never-started
+/// ones are released. Without this cut-off a slow provider would get the hop killed and its
+/// whole page's claims would become `unknown`.
+async fn send_until_cutoff(
+    job: &Arc<dyn ItemJob>,
+    work: Vec<Item>,
+    cx: ItemContext,
+    deadline: Instant,
+    page_no: i64,
+) -> Vec<(String, ItemOutcome)> {
+    let cutoff = cx.soft_deadline + deadline.saturating_duration_since(cx.soft_deadline) / 2;
+    let work_keys: Vec<String> = work.iter().map(|i| i.key.clone()).collect();
+    let started: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
+    let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(work_keys.len());
+    {
+        let (job, cx, started) = (job.clone(), Arc::new(cx), started.clone());
+        let in_flight = job.in_flight().max(1);
+        let mut stream = futures::stream::iter(work)
+            .map(move |item| {
+                let (job, cx, started) = (job.clone(), cx.clone(), started.clone());
+                async move {
+                    if Instant::now() >= cx.soft_deadline {
+                        return (item.key, ItemOutcome::Released);
+                    }
+                    started.lock().expect("not poisoned").insert(item.key.clone());
+                    let outcome = job.process(&item, &cx).await;
+                    (item.key, outcome)
+                }
+            })
+            .buffer_unordered(in_flight)
+            .boxed();
+        while let Ok(Some(done)) = tokio::time::timeout_at(cutoff, stream.next()).await {
+            outcomes.push(done);
+        }
+    }
+    if outcomes.len() < work_keys.len() {
+        let finished: HashSet<&String> = outcomes.iter().map(|(k, _)| k).collect();
+        let started = started.lock().expect("not poisoned");
+        let left: Vec<(String, ItemOutcome)> = work_keys
+            .iter()
+            .filter(|k| !finished.contains(k))
+            .map(|k| {
+                let outcome = match started.contains(k) {
+                    true => ItemOutcome::Unknown(CUT_OFF_IN_FLIGHT.into()),
+                    false => ItemOutcome::Released,
+                };
+                (k.clone(), outcome)
+            })
+            .collect();
+        tracing::warn!(page = page_no, stopped = left.len(), "stopped waiting for sends at the hop's cut-off");
+        outcomes.extend(left);
+    }
+    tracing::debug!(page = page_no, outcomes = outcomes.len(), "items processed");
+    outcomes
+}
+
+/// A page's outcomes sorted into what is recorded and what is released.
+struct Settled {
+    report: PageReport,
+    results: Vec<LedgerResult>,
+    released: Vec<String>,
+}
+
+/// Sorts outcomes into ledger results and released claims. `resend` is the page's claim
+/// count under at-least-once (`None` under at-most-once): an outcome that may not have
+/// happened is then sent again by a later hop, up to [`RESEND_CLAIMS`] claims, never parked as
+/// `unknown`.
+fn settle(outcomes: Vec<(String, ItemOutcome)>, decided: Vec<LedgerResult>, resend: Option<i64>) -> Settled {
+    let mut report = PageReport { finished: true, ..Default::default() };
+    report.failures += decided.iter().filter(|(_, state, _)| *state == ItemState::Failed).count() as u64;
+    let (mut results, mut released) = (decided, Vec::new());
+    for (key, outcome) in outcomes {
+        let outcome = match outcome {
+            ItemOutcome::Unknown(_) if resend.is_some_and(|claims| claims < RESEND_CLAIMS) => ItemOutcome::Released,
+            other => other,
+        };
+        match outcome.ledger() {
+            Some((state, reason)) => {
+                report.failures += (state == ItemState::Failed) as u64;
+                results.push((key, state, reason));
+            }
+            None => {
+                if let ItemOutcome::PauseRun(reason) = outcome {
+                    report.pause_reason = Some(format!("sending stopped: {reason}"));
+                }
+                released.push(key);
+            }
+        }
+    }
+    // A page with claims released is not done: another hop claims it again.
+    report.finished = released.is_empty();
+    Settled { report, results, released }
 }
 
 /// A ledger result: key, state, reason.

@@ -29,7 +29,6 @@ impl Engine {
         let mut report = SweepReport::default();
         report.settled += self.settle_final_runs().await?;
         let open = self.sql(st::open_runs()).await?;
-        let stale_ms = self.config.settings.stale_after().as_millis() as i64;
         for record in open.records() {
             // One call's token: its own re-runs (lost answers) find its own changes again.
             let token = uuid::Uuid::new_v4().simple().to_string();
@@ -46,46 +45,52 @@ impl Engine {
                     continue;
                 }
             };
-            let id = run.run_id.as_str();
-            let now = self.now_ms();
             report.runs += 1;
-            if now > run.deadline_at {
-                let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
-                if !self.sql(st::set_run_status(id, RunState::Failed, Some(reason), now)).await?.rows.is_empty() {
-                    report.failed += 1;
-                }
-                continue;
-            }
-            if run.status == RunState::Paused {
-                continue; // waits for the operator; only its deadline applies
-            }
-            if run.status == RunState::Pausing {
-                report.parked += self.sql(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
-                self.sql(st::settle_pause(id, now)).await?;
-                continue;
-            }
-            let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now, &format!("{token}.restart"))).await?;
-            for c in stale.records() {
-                tracing::info!(
-                    run_id = id,
-                    chain = c.int("chain_no"),
-                    hop = c.int("next_hop"),
-                    "restarting a silent chain"
-                );
-            }
-            report.restarted += self.invoke_chains(id, &stale).await;
-            // Chains parked although the run is running (a resume raced their parking): back
-            // to work from their checkpoints.
-            let parked = self.sql(st::unpark_chains(id, now, &format!("{token}.unpark"))).await?;
-            report.unparked += self.invoke_chains(id, &parked).await;
-            let revived = self.sql(st::revive_chain(id, now, &format!("{token}.revive"))).await?;
-            report.revived += self.invoke_chains(id, &revived).await;
-            if !self.sql(st::complete_run(id, now, &token)).await?.rows.is_empty() {
-                report.completed += 1;
-                self.sql(st::end_chains(id)).await?;
-            }
+            self.sweep_run(&run, &token, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// Sweeps one open run: fails it past its deadline, parks a pausing run's silent chains,
+    /// restarts a running run's silent chains from their checkpoints (through the same
+    /// compare-and-set a hop makes, so a late original and the restart cannot both run), and
+    /// completes it if nothing is left.
+    async fn sweep_run(&self, run: &RunRow, token: &str, report: &mut SweepReport) -> Result<(), EngineError> {
+        let (id, now) = (run.run_id.as_str(), self.now_ms());
+        let stale_ms = self.config.settings.stale_after().as_millis() as i64;
+        if now > run.deadline_at {
+            let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
+            if !self.sql(st::set_run_status(id, RunState::Failed, Some(reason), now)).await?.rows.is_empty() {
+                report.failed += 1;
+            }
+            return Ok(());
+        }
+        match run.status {
+            RunState::Paused => return Ok(()), // waits for the operator; only its deadline applies
+            RunState::Pausing => {
+                report.parked += self.sql(st::park_stale_chains(id, now - stale_ms)).await?.rows.len();
+                self.sql(st::settle_pause(id, now)).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now, &format!("{token}.restart"))).await?;
+        for c in stale.records() {
+            let (chain, hop) = (c.int("chain_no"), c.int("next_hop"));
+            tracing::info!(run_id = id, chain, hop, "restarting a silent chain");
+        }
+        report.restarted += self.invoke_chains(id, &stale).await;
+        // Chains parked although the run is running (a resume raced their parking): back to
+        // work from their checkpoints.
+        let parked = self.sql(st::unpark_chains(id, now, &format!("{token}.unpark"))).await?;
+        report.unparked += self.invoke_chains(id, &parked).await;
+        let revived = self.sql(st::revive_chain(id, now, &format!("{token}.revive"))).await?;
+        report.revived += self.invoke_chains(id, &revived).await;
+        if !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
+            report.completed += 1;
+            self.sql(st::end_chains(id)).await?;
+        }
+        Ok(())
     }
 
     /// Runs that ended (cancelled, failed) while a hop was mid-page, and that hop then died: its

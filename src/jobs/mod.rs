@@ -111,6 +111,11 @@ pub trait ItemJob: Send + Sync {
         None
     }
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome;
+    /// The item as it would be processed, with no side effect; `None` when the kind has
+    /// nothing to show.
+    fn preview(&self, _item: &Item) -> Result<Option<Preview>, JobError> {
+        Ok(None)
+    }
 }
 
 /// Whether a range job finished its page.
@@ -141,8 +146,20 @@ pub struct JobDeps {
     pub store: Arc<dyn SqlStore>,
     pub mailer: Arc<dyn Mailer>,
     pub clock: Arc<dyn Clock>,
-    /// The unsubscribe secret, resolved outside the run's stored config.
-    pub secret: Option<String>,
+    /// This job as this environment's config file defines it, if it does. A run's stored
+    /// config never holds secrets: a kind that needs one resolves it from here first.
+    pub configured: Option<Arc<JobConfig>>,
+}
+
+/// One item as its kind would process it, with no side effect (`baton preview`).
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// Header lines in order, shown `Name: value`.
+    pub headers: Vec<(String, String)>,
+    /// Named bodies (`text`, `html`), shown in full.
+    pub bodies: Vec<(String, String)>,
+    /// The same for `--json`, as one object.
+    pub json: serde_json::Value,
 }
 
 pub type KindBuilder = Arc<dyn Fn(&str, &JobConfig, &JobDeps) -> Result<Job, JobError> + Send + Sync>;

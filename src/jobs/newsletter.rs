@@ -16,7 +16,9 @@ use minijinja::{Environment, UndefinedBehavior};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::{Item, ItemContext, ItemJob, ItemOutcome, JobDeps, JobError, backoff};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{Item, ItemContext, ItemJob, ItemOutcome, JobDeps, JobError, Preview, backoff};
 use crate::config::{Ambiguity, JobConfig, NewsletterConfig};
 use crate::mail;
 use crate::ports::{Clock, MailError, Mailer, OutgoingMail};
@@ -33,7 +35,7 @@ pub struct Newsletter {
     from: (Option<String>, String),
     env: Environment<'static>,
     vars: minijinja::Value,
-    secret: String,
+    secret: SecretString,
     mailer: Arc<dyn Mailer>,
     clock: Arc<dyn Clock>,
     pacer: Mutex<Option<Arc<Pacer>>>,
@@ -56,7 +58,10 @@ impl Newsletter {
             .newsletter
             .clone()
             .ok_or_else(|| invalid(prefix.clone(), "a `newsletter` job needs a [jobs.NAME.newsletter] section"))?;
-        let secret = deps.secret.clone().ok_or_else(|| {
+        // The secret is never stored with a run: this environment's config file, then the run's
+        // own (whose environment variable this process reads).
+        let configured = deps.configured.as_ref().and_then(|c| c.newsletter.as_ref());
+        let secret = configured.or(Some(&n)).and_then(|c| c.secret()).ok_or_else(|| {
             invalid(
                 format!("{prefix}.unsubscribe_secret"),
                 format!(
@@ -66,7 +71,7 @@ impl Newsletter {
                 ),
             )
         })?;
-        if let Err(message) = crate::config::check_secret(&secret) {
+        if let Err(message) = crate::config::check_secret(secret.expose_secret()) {
             let field = match n.unsubscribe_secret {
                 Some(_) => format!("{prefix}.unsubscribe_secret"),
                 None => format!("{prefix}.unsubscribe_secret_env ({})", n.unsubscribe_secret_env),
@@ -150,7 +155,8 @@ impl Newsletter {
     pub fn render(&self, item: &Item, run_key: &str, address: &str) -> Result<Rendered, (String, String)> {
         let recipient: BTreeMap<String, minijinja::Value> =
             item.columns.iter().zip(&item.values).map(|(c, v)| (c.clone(), to_template_value(v))).collect();
-        let unsubscribe_url = mail::unsubscribe_url(&self.config.unsubscribe_url, &self.secret, &self.job, address);
+        let unsubscribe_url =
+            mail::unsubscribe_url(&self.config.unsubscribe_url, self.secret.expose_secret(), &self.job, address);
         let ctx = minijinja::context! {
             recipient => recipient,
             vars => self.vars.clone(),
@@ -268,6 +274,28 @@ fn to_template_value(v: &Value) -> minijinja::Value {
 
 #[async_trait]
 impl ItemJob for Newsletter {
+    fn preview(&self, item: &Item) -> Result<Option<Preview>, JobError> {
+        let email_column = &self.config.email_column;
+        let address = mail::deliverable(&item.get(email_column).to_string(), self.config.smtputf8)
+            .map_err(|why| invalid(self.field(email_column), format!("this recipient is skipped: {why}")))?;
+        let r = self.render(item, "preview", &address).map_err(|(field, message)| invalid(field, message))?;
+        let json = serde_json::json!({
+            "to": r.to, "subject": r.subject, "text": r.text, "html": r.html, "unsubscribe_url": r.unsubscribe_url
+        });
+        Ok(Some(Preview {
+            headers: vec![
+                ("To".into(), r.to),
+                ("Subject".into(), r.subject),
+                ("List-Unsubscribe".into(), format!("<{}>", r.unsubscribe_url)),
+            ],
+            bodies: [("text", r.text), ("html", r.html)]
+                .into_iter()
+                .filter_map(|(name, body)| Some((name.to_owned(), body?)))
+                .collect(),
+            json,
+        }))
+    }
+
     fn check(&self, columns: &[String], sample: Option<&Item>) -> Result<(), JobError> {
         let email = &self.config.email_column;
         if !columns.iter().any(|c| c.eq_ignore_ascii_case(email)) {

@@ -600,6 +600,16 @@ pub fn source_sample(source: &str, key: &str) -> Vec<Stmt> {
     ]
 }
 
+/// The source row whose key is `key`. The key's type is not known here (`baton preview
+/// --key`), so the comparison is on text, which every key type supports.
+pub fn source_row_by_key(source: &str, key_column: &str, key: &str) -> Stmt {
+    Stmt::named(
+        "source_row_by_key",
+        format!("SELECT * FROM ({source}) AS src WHERE CAST(src.{key_column} AS TEXT) = :key"),
+        Params::new().with("key", key),
+    )
+}
+
 /// SQLite only ([`crate::sql::SqlStore::dynamic_types`]): how many keys of each storage class
 /// (`integer`, `real`, `text`, `blob`) the source holds, with an example of each. A column
 /// declared NUMERIC holds 1 as an integer and 1.5 as a real; integer 2 and text '2' are one key

@@ -17,7 +17,7 @@ use baton::adapters::aws::data_api::{DataApiStore, DataApiTarget};
 use baton::adapters::aws::invoke::LambdaInvoker;
 use baton::adapters::aws::ses::{SesMailer, classify, sanitize_tag};
 use baton::engine::event::Event;
-use baton::ports::{Invoker, MailError, Mailer, OutgoingMail};
+use baton::ports::{InvokeError, Invoker, MailError, Mailer, OutgoingMail};
 use baton::sql::{KeyType, Params, SqlStore, Stmt, Value};
 
 fn mail() -> OutgoingMail {
@@ -181,7 +181,7 @@ async fn invoke_sends_an_event_invocation_and_requires_202() {
         mock!(aws_sdk_lambda::Client::invoke).then_output(|| InvokeOutput::builder().status_code(200).build());
     let client = mock_client!(aws_sdk_lambda, [&not_accepted]);
     let err = LambdaInvoker::new(client, "baton").invoke(&hop()).await.unwrap_err();
-    assert!(err.message.contains("202") && !err.fatal, "{err:?}");
+    assert!(matches!(&err, InvokeError::Retryable(m) if m.contains("202")), "{err:?}");
 }
 
 #[tokio::test]
@@ -206,7 +206,7 @@ async fn invoke_retries_throttling_and_names_the_fix_for_recursive_loops() {
     });
     let client = mock_client!(aws_sdk_lambda, [&recursive]);
     let err = LambdaInvoker::new(client, "baton").invoke(&hop()).await.unwrap_err();
-    assert!(err.fatal && err.message.contains("RecursiveLoop: Allow"), "{err:?}");
+    assert!(matches!(&err, InvokeError::Fatal(m) if m.contains("RecursiveLoop: Allow")), "{err:?}");
     assert_eq!(recursive.num_calls(), 1);
 }
 
@@ -216,7 +216,7 @@ async fn invoke_refuses_payloads_over_one_megabyte_without_calling() {
     let client = mock_client!(aws_sdk_lambda, [&rule]);
     let huge = Event::Start { job: "x".repeat(1024 * 1024 + 1), run_key: None, scheduled_time: None };
     let err = LambdaInvoker::new(client, "baton").invoke(&huge).await.unwrap_err();
-    assert!(err.fatal && err.message.contains("1 MB"), "{err:?}");
+    assert!(matches!(&err, InvokeError::Fatal(m) if m.contains("1 MB")), "{err:?}");
     assert_eq!(rule.num_calls(), 0);
 }
 

@@ -199,7 +199,7 @@ async fn the_data_api_client_never_resends_a_statement_on_its_own() {
 /// character varying" (as on Aurora); timestamp keys could not be read at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_every_type_page_through_the_data_api() {
-    use crate::support::{Harness, Setup};
+    use crate::support::{Harness, Rig, Setup};
     type KeyLiteral = fn(usize) -> String;
     let kinds: [(&str, KeyLiteral); 4] = [
         ("BIGINT", |i| format!("{}", i as i64 * 7_919 - 50_000)),

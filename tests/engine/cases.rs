@@ -5,11 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton::adapters::local::faults::Faults;
 use baton::config::{Ambiguity, Config, SqlJobConfig};
 use baton::engine::event::{ControlAction, Event};
 use baton::engine::{EngineError, HopNext, Outcome};
 use baton::jobs::{Job, JobError, KindRegistry, RangeJob, RangeOutcome};
-use baton::local::faults::Faults;
 use baton::sql::{Value, migrations};
 use tokio::time::Instant;
 
@@ -272,8 +272,9 @@ pub async fn dropped_hops_are_recovered_by_the_sweeper(b: Backend) {
     assert_eq!(m.sent().len(), 58);
 
     // Live, with the fault injector: a seed whose dice surely lose hop 2 of the only chain.
-    let seed =
-        (1..).find(|s| baton::local::faults::dice(*s, &[b"drop", b"hop/0/2", &1u64.to_le_bytes()]) < 0.3).unwrap();
+    let seed = (1..)
+        .find(|s| baton::adapters::local::faults::dice(*s, &[b"drop", b"hop/0/2", &1u64.to_le_bytes()]) < 0.3)
+        .unwrap();
     let users = int_users(300);
     let mut s = setup(10, 1);
     s.seed = seed;
@@ -727,7 +728,7 @@ pub async fn whole_run_through_the_lambda_invoke_api_with_duplicates(b: Backend)
     let engine = Arc::new(baton::engine::Engine::new(baton::engine::EngineParts {
         store: store.clone(),
         invoker: Arc::new(baton::adapters::aws::invoke::LambdaInvoker::new(client, "baton")),
-        mailer: Arc::new(baton::local::outbox::Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap()),
+        mailer: Arc::new(baton::adapters::local::outbox::Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap()),
         clock: Arc::new(baton::ports::SystemClock),
         config: Config { settings, jobs: [(JOB.to_owned(), newsletter_job(10, 4))].into() },
         kinds: KindRegistry::default(),
@@ -750,7 +751,7 @@ pub async fn whole_run_through_the_lambda_invoke_api_with_duplicates(b: Backend)
     assert!(fake.accepted.load(Ordering::SeqCst) > 20, "chains hopped through Invoke");
     assert!(fake.duplicated.load(Ordering::SeqCst) > 3, "duplicates were delivered");
     assert_eq!(fake.rejected.load(Ordering::SeqCst), 0, "every invoke was an Event invocation");
-    let sent = baton::local::outbox::recipients(&outbox_dir).unwrap();
+    let sent = baton::adapters::local::outbox::recipients(&outbox_dir).unwrap();
     assert!(duplicates(&sent).is_empty(), "{:?}", duplicates(&sent));
     assert_eq!(sent.len(), status.done as usize);
     assert_eq!(status.done + status.skipped, 600);

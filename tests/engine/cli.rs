@@ -200,7 +200,7 @@ fn a_paused_demo_exits_3_and_resumes_from_its_data_dir() {
         .output()
         .unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    let sent = baton::local::outbox::recipients(&data.join("outbox")).unwrap();
+    let sent = baton::adapters::local::outbox::recipients(&data.join("outbox")).unwrap();
     let unique: std::collections::HashSet<_> = sent.iter().collect();
     assert_eq!(unique.len(), sent.len(), "nobody twice");
     let status: serde_json::Value =

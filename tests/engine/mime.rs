@@ -7,7 +7,7 @@ use std::path::Path;
 
 use baton::sql::Value;
 
-use crate::support::{Backend, Harness, Setup, User, newsletter_job};
+use crate::support::{Backend, Harness, Rig, Setup, User, newsletter_job};
 
 /// Every `.eml` in `dir`, parsed: (To address, header names in order, subject, the raw text).
 pub fn parse_outbox(dir: &Path) -> Vec<(String, Vec<String>, String, String)> {

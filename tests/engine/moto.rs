@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton::adapters::aws::ses::SesMailer;
+use baton::adapters::local::faults::Faults;
+use baton::compose::Adapters;
 use baton::config::Config;
 use baton::engine::Outcome;
-use baton::jobs::KindRegistry;
-use baton::local::driver::{LocalParts, LocalRuntime};
-use baton::local::faults::Faults;
 use baton::ports::{MailError, Mailer, OutgoingMail};
+use baton::runtime::LocalRuntime;
 
 use crate::fakes::sdk_config;
 use crate::support::{
@@ -68,14 +68,11 @@ async fn a_run_delivers_every_message_into_moto_exactly_once() {
     let mut settings = test_settings();
     settings.hop_timeout = Duration::from_secs(3);
     settings.hop_margin = Duration::from_secs(1);
-    let local = LocalRuntime::start(LocalParts {
-        store,
-        mailer: Arc::new(mailer),
-        clock: Arc::new(baton::ports::SystemClock),
-        config: Config { settings, jobs: [(JOB.to_owned(), newsletter_job(25, 3))].into() },
-        kinds: KindRegistry::default(),
+    let config = Config { settings, jobs: [(JOB.to_owned(), newsletter_job(25, 3))].into() };
+    let local = LocalRuntime::start(Adapters {
         faults: Faults { duplicate_hop: 0.2, ..Faults::default() },
         seed: 3,
+        ..Adapters::new(store, Arc::new(mailer), config)
     });
     let Outcome::Started { run_id, .. } = local.engine.start(JOB, Some("moto")).await.unwrap() else { panic!() };
     let status = tokio::time::timeout(Duration::from_secs(60), local.drive(&run_id, false)).await.unwrap().unwrap();

@@ -2,23 +2,24 @@
 //! PostgreSQL server that `scripts/with-postgres` starts), source tables, the engine on the
 //! local adapters with faults, and the exactly-once checks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton::adapters::local::faults::Faults;
+use baton::adapters::local::outbox::{self, Outbox};
+use baton::adapters::local::sqlite::SqliteStore;
 use baton::adapters::postgres::PostgresStore;
+use baton::compose::Adapters;
 use baton::config::{Config, JobConfig, NewsletterConfig, Settings};
 use baton::engine::run::RunStatus;
 use baton::engine::{Engine, Outcome};
 use baton::jobs::KindRegistry;
-use baton::local::driver::{LocalParts, LocalRuntime};
-use baton::local::faults::Faults;
-use baton::local::outbox::{self, Outbox};
-use baton::local::sqlite::SqliteStore;
 use baton::ports::{MailError, Mailer, ManualClock, OutgoingMail};
+use baton::runtime::LocalRuntime;
 use baton::sql::{CountingStore, Params, SqlStore, Stmt, Value};
 
 pub const JOB: &str = "news";
@@ -184,6 +185,19 @@ pub struct TestMailer {
     pub sent_at: std::sync::Mutex<Vec<std::time::Instant>>,
 }
 
+impl TestMailer {
+    pub fn new(outbox_dir: &std::path::Path, faults: Faults, seed: u64) -> TestMailer {
+        TestMailer {
+            outbox: Outbox::new(outbox_dir, faults, seed, None).unwrap(),
+            reject_suffix: None,
+            ambiguous_suffix: None,
+            stopped: Default::default(),
+            accepted: AtomicU64::new(0),
+            sent_at: Default::default(),
+        }
+    }
+}
+
 #[async_trait]
 impl Mailer for TestMailer {
     async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
@@ -239,7 +253,7 @@ pub struct Harness {
     /// The store as it is (for checks); the engine uses `faulty`, which injects the SQL faults
     /// of the setup's fault schedule.
     pub store: Arc<dyn SqlStore>,
-    pub faulty: Arc<baton::local::faults::FaultyStore>,
+    pub faulty: Arc<baton::adapters::local::faults::FaultyStore>,
     pub local: LocalRuntime,
     pub mailer: Arc<TestMailer>,
     pub outbox_dir: PathBuf,
@@ -262,25 +276,21 @@ impl Harness {
     pub fn on_store(backend: Backend, store: Arc<dyn SqlStore>, dir: tempfile::TempDir, setup: Setup) -> Harness {
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(TestMailer {
-            outbox: Outbox::new(&outbox_dir, setup.faults.clone(), setup.seed, None).unwrap(),
             reject_suffix: setup.reject_suffix,
             ambiguous_suffix: setup.ambiguous_suffix,
-            stopped: Default::default(),
-            accepted: AtomicU64::new(0),
-            sent_at: Default::default(),
+            ..TestMailer::new(&outbox_dir, setup.faults.clone(), setup.seed)
         });
         let clock = ManualClock::default();
         let config = Config { settings: setup.settings, jobs: [(JOB.to_owned(), setup.job)].into() };
         config.validate().unwrap();
-        let faulty = Arc::new(baton::local::faults::FaultyStore::new(store.clone(), setup.faults.clone(), setup.seed));
-        let local = LocalRuntime::start(LocalParts {
-            store: faulty.clone(),
-            mailer: mailer.clone(),
+        let faulty =
+            Arc::new(baton::adapters::local::faults::FaultyStore::new(store.clone(), setup.faults.clone(), setup.seed));
+        let local = LocalRuntime::start(Adapters {
             clock: Arc::new(clock),
-            config,
             kinds: setup.kinds,
             faults: setup.faults,
             seed: setup.seed,
+            ..Adapters::new(faulty.clone(), mailer.clone(), config)
         });
         Harness { backend, store, faulty, local, mailer, outbox_dir, _dir: dir }
     }
@@ -289,23 +299,12 @@ impl Harness {
         &self.local.engine
     }
 
-    pub async fn start(&self) -> String {
-        match self.engine().start(JOB, Some("t")).await.unwrap() {
-            Outcome::Started { run_id, .. } => run_id,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
     /// Drives the run to a final or paused state, failing the test after a minute.
     pub async fn drive(&self, run_id: &str) -> RunStatus {
         tokio::time::timeout(Duration::from_secs(60), self.local.drive(run_id, false))
             .await
             .expect("run did not settle within 60s")
             .unwrap()
-    }
-
-    pub async fn status(&self, run_id: &str) -> RunStatus {
-        self.engine().status(Some(run_id)).await.unwrap().unwrap()
     }
 
     /// Nothing is `unknown` unless a hop was killed at its hard deadline mid-page (which an
@@ -318,53 +317,20 @@ impl Harness {
         );
     }
 
-    pub fn sent(&self) -> Vec<String> {
-        outbox::recipients(&self.outbox_dir).unwrap_or_default()
-    }
-
-    pub async fn keys_in(&self, run_id: &str, state: &str) -> HashSet<String> {
-        self.engine().items_in_state(run_id, state, 1_000_000).await.unwrap().into_iter().map(|(k, _)| k).collect()
-    }
-
     pub async fn count(&self, sql: &str) -> i64 {
         let rows = self.store.query(Stmt::new(sql, Params::new())).await.unwrap();
         rows.rows[0][0].as_i64().unwrap()
     }
 
-    /// The product's promise, checked against the outbox: nobody twice; every valid user once
-    /// unless counted `unknown`; the ledger accounts for every item.
+    /// The product's promise, checked against the outbox by the same check `baton demo` makes
+    /// ([`baton::audit`]), plus the ledger's accounting and every chain's hop budget.
     pub async fn assert_exactly_once(&self, run_id: &str, users: &[User]) {
         let status = self.status(run_id).await;
-        let mut per_address: HashMap<String, usize> = HashMap::new();
-        for a in self.sent() {
-            *per_address.entry(a).or_default() += 1;
-        }
-        let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "{:?}: addresses mailed twice: {twice:?}", self.backend);
-        let unknown = self.keys_in(run_id, "unknown").await;
-        // Keys that turned out duplicated mid-run are failed, not sent: not "missed".
-        let duplicated: HashSet<String> = self
-            .engine()
-            .items_in_state(run_id, "failed", 1_000_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with("duplicate key")))
-            .map(|(k, _)| k)
-            .collect();
-        for (key, email, _) in users {
-            let Some(email) = email else { continue };
-            if baton::mail::check_address(email).is_err() {
-                assert!(!per_address.contains_key(email), "invalid address {email} was mailed");
-                continue;
-            }
-            let key = key.key_text().unwrap();
-            assert!(
-                per_address.contains_key(email) || unknown.contains(&key) || duplicated.contains(&key),
-                "{:?}: user {key} <{email}> was missed (status {status:?})",
-                self.backend
-            );
-        }
+        let recipients = users
+            .iter()
+            .map(|(key, email, _)| baton::audit::Recipient { key: key.key_text().unwrap(), address: email.clone() });
+        let found = baton::audit::exactly_once(self.engine(), run_id, recipients, &self.sent()).await.unwrap();
+        assert!(found.holds(), "{:?}: not exactly once: {found:?} (status {status:?})", self.backend);
         assert!(status.accounted(), "done + failed + skipped + unknown != total: {status:?}");
         for c in &status.chains {
             assert!(c.hops <= c.hop_budget, "chain {} exceeded its budget: {c:?}", c.chain);
@@ -372,9 +338,50 @@ impl Harness {
     }
 }
 
+/// What both ways of driving the engine share: the job's run, its status, and what was mailed.
+#[allow(async_fn_in_trait)]
+pub trait Rig {
+    fn engine(&self) -> &Engine;
+    fn outbox_dir(&self) -> &std::path::Path;
+
+    /// Starts the test job's run `t`.
+    async fn start(&self) -> String {
+        match self.engine().start(JOB, Some("t")).await.unwrap() {
+            Outcome::Started { run_id, .. } => run_id,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn status(&self, run_id: &str) -> RunStatus {
+        self.engine().status(Some(run_id)).await.unwrap().unwrap()
+    }
+
+    /// The recipient of every message in the outbox, once per message.
+    fn sent(&self) -> Vec<String> {
+        outbox::recipients(self.outbox_dir()).unwrap_or_default()
+    }
+}
+
+impl Rig for Harness {
+    fn engine(&self) -> &Engine {
+        &self.local.engine
+    }
+    fn outbox_dir(&self) -> &std::path::Path {
+        &self.outbox_dir
+    }
+}
+
+impl Rig for Manual {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    fn outbox_dir(&self) -> &std::path::Path {
+        &self.outbox_dir
+    }
+}
+
 // ---- step-by-step driving -------------------------------------------------------------------
 
-use baton::engine::EngineParts;
 use baton::engine::event::Event;
 use baton::ports::{InvokeError, Invoker};
 use baton::sql::{Rows, SqlError};
@@ -396,7 +403,7 @@ impl Invoker for RecordingInvoker {
 
 /// When a [`StepStore`] fault strikes: before the statement runs, or after it committed (its
 /// response lost). The same faults, with the same meaning, as the chaos store's.
-pub use baton::local::faults::SqlFault as Strike;
+pub use baton::adapters::local::faults::SqlFault as Strike;
 
 struct Planned {
     statement: &'static str,
@@ -541,26 +548,15 @@ impl Manual {
         });
         let outbox_dir = dir.path().join("outbox");
         let mailer = Arc::new(HangingMailer {
-            inner: TestMailer {
-                outbox: Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap(),
-                reject_suffix: None,
-                ambiguous_suffix: None,
-                stopped: Default::default(),
-                accepted: AtomicU64::new(0),
-                sent_at: Default::default(),
-            },
+            inner: TestMailer::new(&outbox_dir, Faults::default(), 1),
             limit: AtomicU64::new(u64::MAX),
         });
         let invoker = Arc::new(RecordingInvoker::default());
         let clock = ManualClock::default();
-        let engine = Engine::new(EngineParts {
-            store: store.clone(),
-            invoker: invoker.clone(),
-            mailer: mailer.clone(),
-            clock: Arc::new(clock.clone()),
-            config: Config { settings: settings.clone(), jobs: [(JOB.to_owned(), job)].into() },
-            kinds,
-        });
+        let config = Config { settings: settings.clone(), jobs: [(JOB.to_owned(), job)].into() };
+        let adapters =
+            Adapters { clock: Arc::new(clock.clone()), kinds, ..Adapters::new(store.clone(), mailer.clone(), config) };
+        let engine = Engine::new(adapters.engine_parts(invoker.clone()));
         Manual { engine, invoker, store, counting, clock, mailer, outbox_dir, settings, _dir: dir }
     }
 
@@ -595,21 +591,6 @@ impl Manual {
     /// Moves the clock past every lease and heartbeat, as if the dead hop's time had passed.
     pub fn expire_leases(&self) {
         self.clock.advance_ms(self.settings.stale_after().as_millis() as i64 + 1);
-    }
-
-    pub fn sent(&self) -> Vec<String> {
-        outbox::recipients(&self.outbox_dir).unwrap_or_default()
-    }
-
-    pub async fn status(&self, run_id: &str) -> RunStatus {
-        self.engine.status(Some(run_id)).await.unwrap().unwrap()
-    }
-
-    pub async fn start(&self) -> String {
-        match self.engine.start(JOB, Some("t")).await.unwrap() {
-            Outcome::Started { run_id, .. } => run_id,
-            other => panic!("unexpected {other:?}"),
-        }
     }
 }
 

@@ -119,13 +119,18 @@ fn describe<E: std::error::Error + std::fmt::Debug, R: std::fmt::Debug>(e: &SdkE
         SdkError::ServiceError(s) => format!("{op} failed: {}", s.err()),
         other => format!("{op} failed: {other:?}"),
     };
-    InvokeError { message, fatal: false }
+    // Read-only control calls (the brake): whatever failed, the operator sees it and retries.
+    InvokeError::Retryable(message)
 }
 
 /// What to do about one failed `Invoke`.
 #[derive(Debug)]
 enum Next {
-    Retry(String),
+    /// Try again; `ambiguous` when the request may have queued the event.
+    Retry {
+        why: String,
+        ambiguous: bool,
+    },
     Fail(InvokeError),
 }
 
@@ -135,36 +140,33 @@ fn classify<R: std::fmt::Debug>(e: &SdkError<SdkInvokeError, R>) -> Next {
             let err = s.err();
             let described = err.to_string();
             match err {
-                SdkInvokeError::RecursiveInvocationException(_) => Next::Fail(InvokeError {
-                    message: format!(
-                        "Lambda stopped the chain as a recursive loop ({described}). Set `RecursiveLoop: Allow` on \
+                SdkInvokeError::RecursiveInvocationException(_) => Next::Fail(InvokeError::Fatal(format!(
+                    "Lambda stopped the chain as a recursive loop ({described}). Set `RecursiveLoop: Allow` on \
                          the function (deploy/template.yaml does); baton's own hop budget bounds every chain"
-                    ),
-                    fatal: true,
-                }),
+                ))),
                 SdkInvokeError::TooManyRequestsException(_)
                 | SdkInvokeError::ServiceException(_)
                 | SdkInvokeError::ResourceNotReadyException(_)
-                | SdkInvokeError::ResourceConflictException(_) => Next::Retry(described),
-                SdkInvokeError::RequestTooLargeException(_) => {
-                    Next::Fail(InvokeError { message: described, fatal: true })
-                }
-                _ => Next::Fail(InvokeError { message: described, fatal: false }),
+                | SdkInvokeError::ResourceConflictException(_) => Next::Retry { why: described, ambiguous: false },
+                SdkInvokeError::RequestTooLargeException(_) => Next::Fail(InvokeError::Fatal(described)),
+                // Not retried here; the sweeper tries the chain again later.
+                _ => Next::Fail(InvokeError::Retryable(described)),
             }
         }
         // An event invoked twice is harmless (fork-proof hops): retry transport failures too.
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            Next::Retry(format!("{e:?}"))
+        SdkError::DispatchFailure(_) => Next::Retry { why: format!("{e:?}"), ambiguous: false },
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            Next::Retry { why: format!("{e:?}"), ambiguous: true }
         }
-        other => Next::Fail(InvokeError { message: format!("{other:?}"), fatal: false }),
+        other => Next::Fail(InvokeError::Retryable(format!("{other:?}"))),
     }
 }
 
 #[async_trait]
 impl Invoker for LambdaInvoker {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
-        let payload = event.to_payload().map_err(|e| InvokeError { message: e.to_string(), fatal: true })?;
-        let mut last = String::new();
+        let payload = event.to_payload().map_err(|e| InvokeError::Fatal(e.to_string()))?;
+        let (mut last, mut ambiguous) = (String::new(), false);
         for attempt in 1..=self.attempts {
             let sent = self
                 .client
@@ -177,27 +179,26 @@ impl Invoker for LambdaInvoker {
             match sent {
                 Ok(out) if out.status_code() == 202 => return Ok(()),
                 Ok(out) => {
-                    return Err(InvokeError {
-                        message: format!(
-                            "Invoke answered {} instead of 202 Accepted{}",
-                            out.status_code(),
-                            out.function_error().map(|f| format!(" ({f})")).unwrap_or_default()
-                        ),
-                        fatal: false,
-                    });
+                    return Err(InvokeError::Retryable(format!(
+                        "Invoke answered {} instead of 202 Accepted{}",
+                        out.status_code(),
+                        out.function_error().map(|f| format!(" ({f})")).unwrap_or_default()
+                    )));
                 }
                 Err(e) => match classify(&e) {
                     Next::Fail(err) => return Err(err),
-                    Next::Retry(why) => last = why,
+                    Next::Retry { why, ambiguous: maybe } => {
+                        last = why;
+                        // Once any attempt may have queued the event, the outcome stays unknown.
+                        ambiguous |= maybe;
+                    }
                 },
             }
             if attempt < self.attempts {
                 tokio::time::sleep(backoff(attempt, Duration::from_millis(100), Duration::from_secs(3))).await;
             }
         }
-        Err(InvokeError {
-            message: format!("Invoke kept failing after {} attempts: {last}", self.attempts),
-            fatal: false,
-        })
+        let why = format!("Invoke kept failing after {} attempts: {last}", self.attempts);
+        Err(if ambiguous { InvokeError::Ambiguous(why) } else { InvokeError::Retryable(why) })
     }
 }

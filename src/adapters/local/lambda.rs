@@ -120,7 +120,7 @@ fn identity(event: &Event) -> String {
 #[async_trait]
 impl Invoker for LocalLambda {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
-        event.to_payload().map_err(|e| InvokeError { message: e.to_string(), fatal: true })?;
+        event.to_payload().map_err(|e| InvokeError::Fatal(e.to_string()))?;
         self.stats.accepted.fetch_add(1, Ordering::SeqCst);
         let id = identity(event);
         let n = {

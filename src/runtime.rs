@@ -1,6 +1,12 @@
-//! Runs local runs to their end: the Lambda model's queue in the background, the sweeper on a
-//! timer (in AWS, a schedule), and a progress bar fed from the state tables. The first Ctrl-C
-//! pauses the run (resume it with `baton resume`); a second one quits at once.
+//! The runtimes a command drives a run with ([`Runtime`]):
+//!
+//! - [`LocalRuntime`]: the engine on the in-process Lambda model, its queue running in the
+//!   background, the sweeper on a timer (in AWS, a schedule), and a progress bar fed from the
+//!   state tables. The first Ctrl-C pauses the run (resume it with `baton resume`); a second one
+//!   quits at once.
+//! - `Runtime::Remote`: the chains run in Lambda; this process only watches the state tables.
+//!
+//! Both are built by [`crate::compose::assemble`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,15 +16,46 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::faults::Faults;
-use super::lambda::{LambdaCounts, LocalLambda};
-use crate::config::Config;
+use crate::adapters::local::lambda::{LambdaCounts, LocalLambda};
+use crate::compose::Adapters;
 use crate::engine::event::ControlAction;
 use crate::engine::run::{RunProgress, RunStatus};
-use crate::engine::{Engine, EngineError, EngineParts};
-use crate::jobs::KindRegistry;
-use crate::ports::{Clock, Mailer};
-use crate::sql::SqlStore;
+use crate::engine::{Engine, EngineError};
+
+/// The engine on the chosen adapters: chains run here (local invoker) or in Lambda.
+pub enum Runtime {
+    Local(LocalRuntime),
+    Remote(Arc<Engine>),
+}
+
+impl Runtime {
+    pub fn engine(&self) -> &Arc<Engine> {
+        match self {
+            Runtime::Local(local) => &local.engine,
+            Runtime::Remote(engine) => engine,
+        }
+    }
+
+    /// Local: drives the run here to its end. Remote: watches it (the chains and the sweep
+    /// schedule run in AWS) until it is final or paused.
+    pub async fn drive(&self, run_id: &str, show_progress: bool) -> Result<RunStatus, EngineError> {
+        match self {
+            Runtime::Local(local) => local.drive(run_id, show_progress).await,
+            Runtime::Remote(engine) => {
+                let bar = progress_bar(show_progress);
+                loop {
+                    let progress = engine.progress(run_id).await?;
+                    update_bar(&bar, &progress);
+                    if progress.is_settled() {
+                        bar.finish_and_clear();
+                        return Ok(engine.status(Some(run_id)).await?.expect("run exists"));
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+    }
+}
 
 /// The engine wired to the local Lambda model, with its queue running.
 pub struct LocalRuntime {
@@ -27,28 +64,12 @@ pub struct LocalRuntime {
     queue: JoinHandle<()>,
 }
 
-pub struct LocalParts {
-    pub store: Arc<dyn SqlStore>,
-    pub mailer: Arc<dyn Mailer>,
-    pub clock: Arc<dyn Clock>,
-    pub config: Config,
-    pub kinds: KindRegistry,
-    pub faults: Faults,
-    pub seed: u64,
-}
-
 impl LocalRuntime {
-    pub fn start(parts: LocalParts) -> LocalRuntime {
-        let (lambda, queue) = LocalLambda::new(parts.faults.clone(), parts.seed);
-        let settings = parts.config.settings.clone();
-        let engine = Arc::new(Engine::new(EngineParts {
-            store: parts.store,
-            invoker: Arc::new(lambda.clone()),
-            mailer: parts.mailer,
-            clock: parts.clock,
-            config: parts.config,
-            kinds: parts.kinds,
-        }));
+    /// The engine on `adapters` and the local Lambda model, whose queue starts running now.
+    pub fn start(adapters: Adapters) -> LocalRuntime {
+        let (lambda, queue) = LocalLambda::new(adapters.faults.clone(), adapters.seed);
+        let settings = adapters.config.settings.clone();
+        let engine = Arc::new(Engine::new(adapters.engine_parts(Arc::new(lambda.clone()))));
         let queue = tokio::spawn(queue.run(engine.clone(), settings.reserved_concurrency, settings.hop_timeout));
         LocalRuntime { engine, lambda, queue }
     }

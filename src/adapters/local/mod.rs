@@ -6,9 +6,10 @@
 //! - [`outbox`]: the mail port as a folder of `.eml` files, with a send-rate cap and faults.
 //! - [`faults`]: the fault schedule, decided by hashing a seed with the event's identity, so a
 //!   seed reproduces the same faults whatever the thread scheduling.
-//! - [`driver`]: runs a local run to its end: the model's queue, the sweeper's timer, progress.
+//!
+//! What runs a local run to its end (the model's queue, the sweeper's timer, progress) is the
+//! local runtime, [`crate::runtime`], which uses these adapters like any others.
 
-pub mod driver;
 pub mod faults;
 pub mod lambda;
 pub mod outbox;

@@ -1,0 +1,84 @@
+//! The product's promise, checked after a run: nobody mailed twice, every deliverable recipient
+//! mailed once unless the ledger says `unknown` (sent at most once, never retried) or failed
+//! the key on purpose (a second source row with the same key appeared mid-run), and nobody with
+//! an undeliverable address mailed at all. `baton demo` and the test suite use this one check.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineError};
+
+/// What a run was expected to mail: one recipient of the source.
+#[derive(Debug, Clone)]
+pub struct Recipient {
+    /// The item's ledger key.
+    pub key: String,
+    /// The address as the source holds it (`None`: NULL).
+    pub address: Option<String>,
+}
+
+/// What the check found. [`ExactlyOnce::holds`] is the verdict.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ExactlyOnce {
+    /// Recipients with a deliverable address.
+    pub deliverable: usize,
+    /// Addresses mailed more than once, sorted.
+    pub duplicated: Vec<String>,
+    /// Keys of deliverable recipients never mailed and not accounted for by the ledger.
+    pub missed: Vec<String>,
+    /// Addresses mailed although they are not deliverable.
+    pub undeliverable_mailed: Vec<String>,
+    /// Keys the ledger holds as `unknown`.
+    pub unknown: usize,
+}
+
+impl ExactlyOnce {
+    pub fn holds(&self) -> bool {
+        self.duplicated.is_empty() && self.missed.is_empty() && self.undeliverable_mailed.is_empty()
+    }
+}
+
+/// Reason prefix of items failed because their key turned out to be duplicated mid-run.
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// Checks `sent` (the `To` address of every message that left, once per message) against
+/// `recipients` and the run's ledger.
+pub async fn exactly_once(
+    engine: &Engine,
+    run_id: &str,
+    recipients: impl IntoIterator<Item = Recipient>,
+    sent: &[String],
+) -> Result<ExactlyOnce, EngineError> {
+    let unknown: HashSet<String> =
+        engine.items_in_state(run_id, "unknown", i64::MAX).await?.into_iter().map(|(k, _)| k).collect();
+    let excused: HashSet<String> = engine
+        .items_in_state(run_id, "failed", i64::MAX)
+        .await?
+        .into_iter()
+        .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE_KEY)))
+        .map(|(k, _)| k)
+        .collect();
+    let mut per_address: HashMap<&str, usize> = HashMap::new();
+    for a in sent {
+        *per_address.entry(a.as_str()).or_default() += 1;
+    }
+    let mut found = ExactlyOnce { unknown: unknown.len(), ..ExactlyOnce::default() };
+    found.duplicated = per_address.iter().filter(|(_, n)| **n > 1).map(|(a, _)| a.to_string()).collect();
+    found.duplicated.sort();
+    for Recipient { key, address } in recipients {
+        let Some(raw) = address else { continue };
+        match crate::mail::deliverable(&raw, false) {
+            Ok(address) => {
+                found.deliverable += 1;
+                let mailed = per_address.contains_key(address.as_str());
+                if !mailed && !unknown.contains(&key) && !excused.contains(&key) {
+                    found.missed.push(key);
+                }
+            }
+            Err(_) if per_address.contains_key(raw.trim()) => found.undeliverable_mailed.push(raw),
+            Err(_) => {}
+        }
+    }
+    Ok(found)
+}
