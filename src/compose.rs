@@ -86,10 +86,6 @@ pub enum ComposeError {
     Store(#[from] SqlError),
 }
 
-fn env_var(name: &'static str, why: &'static str) -> Result<String, ComposeError> {
-    std::env::var(name).map_err(|_| ComposeError::Missing { setting: name, why })
-}
-
 impl AdapterSettings {
     /// Lambda mode's settings, from the environment only (README.md, "Lambda mode"):
     /// `BATON_STORE` (`data-api`, the default, or `postgres`), `BATON_DB_CLUSTER_ARN`,
@@ -97,14 +93,21 @@ impl AdapterSettings {
     /// `BATON_SES_CONFIGURATION_SET`, and Lambda's own `AWS_LAMBDA_FUNCTION_NAME` (the function
     /// a hop invokes next: itself).
     pub fn from_env() -> Result<AdapterSettings, ComposeError> {
-        let store = match std::env::var("BATON_STORE").as_deref().unwrap_or("data-api") {
+        Self::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// [`Self::from_env`] over any source of variables.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<AdapterSettings, ComposeError> {
+        let required =
+            |name: &'static str, why: &'static str| var(name).ok_or(ComposeError::Missing { setting: name, why });
+        let store = match var("BATON_STORE").as_deref().unwrap_or("data-api") {
             "data-api" => StoreSettings::DataApi(DataApiTarget {
-                resource_arn: env_var("BATON_DB_CLUSTER_ARN", "the Aurora cluster's ARN, for the Data API")?,
-                secret_arn: env_var("BATON_DB_SECRET_ARN", "the database secret's ARN, for the Data API")?,
-                database: std::env::var("BATON_DB_NAME").unwrap_or_else(|_| DEFAULT_DB_NAME.into()),
+                resource_arn: required("BATON_DB_CLUSTER_ARN", "the Aurora cluster's ARN, for the Data API")?,
+                secret_arn: required("BATON_DB_SECRET_ARN", "the database secret's ARN, for the Data API")?,
+                database: var("BATON_DB_NAME").unwrap_or_else(|| DEFAULT_DB_NAME.into()),
             }),
             "postgres" => StoreSettings::Postgres {
-                url: env_var("BATON_DATABASE_URL", "the PostgreSQL URL, for BATON_STORE=postgres")?.into(),
+                url: required("BATON_DATABASE_URL", "the PostgreSQL URL, for BATON_STORE=postgres")?.into(),
             },
             other => {
                 return Err(ComposeError::Invalid {
@@ -114,8 +117,8 @@ impl AdapterSettings {
                 });
             }
         };
-        let configuration_set = std::env::var("BATON_SES_CONFIGURATION_SET").ok().filter(|s| !s.is_empty());
-        let function = env_var("AWS_LAMBDA_FUNCTION_NAME", "Lambda sets it; a hop invokes its own function")?;
+        let configuration_set = var("BATON_SES_CONFIGURATION_SET");
+        let function = required("AWS_LAMBDA_FUNCTION_NAME", "Lambda sets it; a hop invokes its own function")?;
         Ok(AdapterSettings {
             store,
             mailer: MailerSettings::Ses { configuration_set },
@@ -266,5 +269,48 @@ pub async fn assemble(adapters: Adapters, invoker: &InvokerSettings, aws: &Aws) 
             let invoker = Arc::new(lambda_invoker(function, aws).await);
             Runtime::Remote(Arc::new(Engine::new(adapters.engine_parts(invoker))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<AdapterSettings, ComposeError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        AdapterSettings::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn lambda_settings_name_the_missing_variable_and_default_like_the_cli() {
+        let err = settings(&[("AWS_LAMBDA_FUNCTION_NAME", "baton")]).unwrap_err().to_string();
+        assert!(err.contains("BATON_DB_CLUSTER_ARN"), "{err}");
+        let ok = settings(&[
+            ("AWS_LAMBDA_FUNCTION_NAME", "baton"),
+            ("BATON_DB_CLUSTER_ARN", "arn:c"),
+            ("BATON_DB_SECRET_ARN", "arn:s"),
+        ])
+        .unwrap();
+        // Failed before: Lambda required BATON_DB_NAME while the CLI defaulted it to `baton`.
+        let StoreSettings::DataApi(target) = &ok.store else { panic!("{ok:?}") };
+        assert_eq!(target.database, DEFAULT_DB_NAME);
+        assert!(matches!(&ok.invoker, InvokerSettings::Lambda { function } if function == "baton"));
+        let err = settings(&[("AWS_LAMBDA_FUNCTION_NAME", "f"), ("BATON_STORE", "mysql")]).unwrap_err().to_string();
+        assert!(err.contains("BATON_STORE") && err.contains("`data-api` or `postgres`"), "{err}");
+    }
+
+    #[test]
+    fn settings_never_print_the_database_url() {
+        let s = settings(&[
+            ("AWS_LAMBDA_FUNCTION_NAME", "f"),
+            ("BATON_STORE", "postgres"),
+            ("BATON_DATABASE_URL", "postgres://baton:hunter2-secret@db/baton"),
+        ])
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(matches!(&s.store, StoreSettings::Postgres { url } if url.expose_secret().contains("hunter2")));
     }
 }

@@ -47,7 +47,7 @@ pub struct Settings {
     /// A hop stops claiming pages when less than this is left before its deadline.
     #[serde(with = "humantime_serde")]
     pub hop_margin: Duration,
-    /// How often the local driver runs the sweeper (in AWS, the `sweep` schedule's rate).
+    /// How often the local runtime runs the sweeper (in AWS, the `sweep` schedule's rate).
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
     /// Concurrent invocations of the local Lambda model (Lambda's reserved concurrency).
@@ -479,4 +479,22 @@ pub fn check_secret(secret: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unsubscribe_secret_never_prints_and_is_never_stored_with_a_run() {
+        let text = "[jobs.news]\nkind = \"newsletter\"\nsource = \"SELECT id, email FROM users\"\nkey_column = \"id\"\n\
+                    [jobs.news.newsletter]\nfrom = \"News <news@example.com>\"\nsubject = \"Hi\"\ntext = \"Hello\"\n\
+                    unsubscribe_url = \"https://example.com/u\"\nunsubscribe_secret = \"correct-horse-battery-staple\"\n";
+        let config = Config::parse(text, Path::new("baton.toml")).unwrap();
+        let job = config.job("news").unwrap();
+        assert!(!format!("{config:?}").contains("correct-horse"), "Debug shows the secret");
+        assert!(!serde_json::to_string(job).unwrap().contains("correct-horse"), "the run snapshot holds the secret");
+        let secret = job.newsletter.as_ref().unwrap().secret().unwrap();
+        assert_eq!(secret.expose_secret(), "correct-horse-battery-staple");
+    }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::compose::{self, AdapterSettings, Adapters, Aws, ComposeError};
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, ErrorClass};
 
 /// Why a sandbox could not start: its settings name the fix.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +160,11 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
             });
             let deadline = deadline_from(context_deadline, budget);
             handle(&engine, event.payload, deadline).await.map_err(|e| {
-                tracing::error!(error = %e, error_type = e.error_type(), "invocation rejected");
+                let (error_type, class) = (e.error_type(), e.class());
+                match class {
+                    ErrorClass::Retryable => tracing::warn!(error = %e, error_type, ?class, "invocation failed"),
+                    _ => tracing::error!(error = %e, error_type, ?class, "invocation failed"),
+                }
                 diagnostic(&e)
             })
         }

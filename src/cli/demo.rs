@@ -23,7 +23,7 @@ use crate::engine::run::RunStatus;
 use crate::engine::state::RunState;
 use crate::ports::{Clock, SystemClock};
 use crate::runtime::LocalRuntime;
-use crate::sql::{Params, SqlStore, Stmt};
+use crate::sql::{SqlStore, statements as st};
 
 pub const JOB: &str = "monthly-newsletter";
 
@@ -291,42 +291,19 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
 async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64, nul_ok: bool) -> Result<()> {
     const ROWS: u32 = 400;
     const PER_TRANSACTION: u32 = 20;
-    let mut batch = vec![
-        Stmt::new(format!("DROP TABLE IF EXISTS {table}_late"), Params::new()),
-        Stmt::new(
-            format!("CREATE TABLE {table}_late (id BIGINT, email TEXT, name TEXT, city TEXT, plan TEXT)"),
-            Params::new(),
-        ),
-        Stmt::new(format!("DROP TABLE IF EXISTS {table}"), Params::new()),
-        Stmt::new(
-            format!(
-                "CREATE TABLE {table} (id BIGINT PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT)"
-            ),
-            Params::new(),
-        ),
-    ];
+    let mut batch = st::demo_tables(table);
     let mut start = 0;
     while start < n {
         let end = (start + ROWS).min(n);
-        let mut params = Params::new();
-        let rows: Vec<String> = (start..end)
-            .enumerate()
-            .map(|(j, i)| {
+        let users: Vec<st::DemoUser> = (start..end)
+            .map(|i| {
                 let (id, email, name, city, plan) = synthetic_user(i, seed);
                 // PostgreSQL text cannot hold NUL: there, such data cannot reach baton at all.
                 let name = if nul_ok { name } else { name.replace('\0', "") };
-                params.push(format!("i{j}"), id);
-                params.push(format!("e{j}"), email);
-                params.push(format!("n{j}"), name);
-                params.push(format!("c{j}"), city);
-                params.push(format!("p{j}"), plan);
-                format!("(:i{j}, :e{j}, :n{j}, :c{j}, :p{j})")
+                (id, email, name, city, plan)
             })
             .collect();
-        batch.push(Stmt::new(
-            format!("INSERT INTO {table} (id, email, name, city, plan) VALUES {}", rows.join(", ")),
-            params,
-        ));
+        batch.push(st::insert_demo_users(table, false, &users));
         start = end;
         if batch.len() as u32 >= PER_TRANSACTION || start >= n {
             store.transaction(std::mem::take(&mut batch)).await?;
@@ -615,15 +592,8 @@ async fn add_twin_mid_run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (id, _, name, city, plan) = synthetic_user(users / 2, seed);
-    let twin = Params::new()
-        .with("id", id)
-        .with("email", format!("twin{id}@example.com"))
-        .with("name", name)
-        .with("city", city)
-        .with("plan", plan);
-    let sql =
-        format!("INSERT INTO {table}_late (id, email, name, city, plan) VALUES (:id, :email, :name, :city, :plan)");
-    store.query(Stmt::new(sql, twin)).await?;
+    let twin = (id, Some(format!("twin{id}@example.com")), name, city, plan);
+    store.query(st::insert_demo_users(table, true, &[twin])).await?;
     Ok(Some(id.to_string()))
 }
 

@@ -44,7 +44,7 @@ impl Engine {
     /// Changes a live run's send rate and chain count (the rest of its config is fixed when it
     /// starts). The rate applies from each chain's next hop; the hop budget grows to fit a lower
     /// rate. New chains are invoked now when `invoke_new` (chains run elsewhere, in Lambda), or
-    /// left for the next sweep to start (the local driver of the run, in another process). With
+    /// left for the next sweep to start (the local runtime driving the run, in another process). With
     /// fewer chains, those beyond the count end after their current page.
     pub async fn tune(
         &self,
@@ -64,7 +64,8 @@ impl Engine {
         let config = tuned_config(&run, send_rate, chains)?;
         let before = (run.job_config.newsletter.as_ref().map(|n| n.send_rate), run.chains);
         let chain_rows = self.sql(st::chains_of(run_id)).await?;
-        let furthest = chain_rows.records().map(|c| c.int("next_hop")).max().unwrap_or(1);
+        let hops: Vec<i64> = chain_rows.records().map(|c| c.int("next_hop")).collect::<Result<_, _>>()?;
+        let furthest = hops.into_iter().max().unwrap_or(1);
         let max_hops = self.retuned_hop_budget(&run, &config, furthest);
         let k = config.chains as i64;
         let now = self.now_ms();
@@ -92,8 +93,8 @@ impl Engine {
         }
         let added = results[1].rows.len() + results[2].rows.len();
         if invoke_new && run.status == RunState::Running {
-            self.invoke_chains(run_id, &results[1]).await;
-            self.invoke_chains(run_id, &results[2]).await;
+            self.invoke_chains(run_id, &results[1]).await?;
+            self.invoke_chains(run_id, &results[2]).await?;
         }
         tracing::info!(run_id, ?send_rate, ?chains, max_hops, "run tuned");
         Ok(Tuned {
@@ -150,9 +151,9 @@ impl Engine {
                 self.sql(st::resume_run(run_id, now)).await?;
                 let token = uuid::Uuid::new_v4().simple().to_string();
                 let chains = self.sql(st::unpark_chains(run_id, now, &format!("{token}.unpark"))).await?;
-                self.invoke_chains(run_id, &chains).await;
+                self.invoke_chains(run_id, &chains).await?;
                 let revived = self.sql(st::revive_chain(run_id, now, &format!("{token}.revive"))).await?;
-                self.invoke_chains(run_id, &revived).await;
+                self.invoke_chains(run_id, &revived).await?;
             }
             ControlAction::Cancel => {
                 self.sql(st::set_run_status(run_id, RunState::Cancelled, Some("cancelled by operator"), now)).await?;

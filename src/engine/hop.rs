@@ -16,7 +16,7 @@ use super::state::{ChainState, ItemState, RunState, State};
 use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::ports::InvokeError;
-use crate::sql::{KeyType, Record, statements as st};
+use crate::sql::{KeyType, Record, Rows, SqlError, statements as st};
 
 /// A leased page.
 struct Page {
@@ -28,14 +28,14 @@ struct Page {
 }
 
 impl Page {
-    fn from_record(r: Record<'_>) -> Page {
-        Page {
-            page_no: r.int("page_no"),
-            lo: r.text("lo"),
-            hi: r.text("hi").unwrap_or_default(),
-            attempts: r.int("attempts"),
-            lease_expires_at: r.int("lease_expires_at"),
-        }
+    fn from_record(r: Record<'_>) -> Result<Page, SqlError> {
+        Ok(Page {
+            page_no: r.int("page_no")?,
+            lo: r.text("lo")?,
+            hi: r.text("hi")?.unwrap_or_default(),
+            attempts: r.int("attempts")?,
+            lease_expires_at: r.int("lease_expires_at")?,
+        })
     }
 }
 
@@ -105,7 +105,7 @@ impl Engine {
         // re-run of the statement (after a lost answer) apart from another delivery.
         let token = uuid::Uuid::new_v4().simple().to_string();
         let started = self.sql(st::start_hop(run_id, chain, hop, &token, self.now_ms())).await?;
-        let Some(send_after) = started.first().map(|r| r.get("send_after").as_i64()) else {
+        let Some(send_after) = started.first().map(|r| r.opt_int("send_after")).transpose()? else {
             tracing::info!("duplicate or stale hop: nothing to do");
             return Ok(Outcome::Duplicate);
         };
@@ -195,7 +195,7 @@ impl Engine {
             // The claim also checks that the run is `running`: the kill switch.
             let (run, chain) = (this.run, this.chain);
             let claim = st::claim_page(&run.run_id, chain, this.hop, run.chains, &owner, self.now_ms(), lease_ms);
-            let Some(page) = self.sql(claim).await?.first().map(Page::from_record) else {
+            let Some(page) = self.sql(claim).await?.first().map(Page::from_record).transpose()? else {
                 match self.no_page(run, chain, this.hop, this.token).await? {
                     NoPage::Then(next) => return Ok((pages, Some(next))),
                     NoPage::TryAgain if retries < CLAIM_RETRIES => {
@@ -271,13 +271,13 @@ impl Engine {
         let Some(s) = summary.first() else {
             return Err(EngineError::RunNotFound(id.into()));
         };
-        let text = s.text("run_status").unwrap_or_default();
+        let text = s.text("run_status")?.unwrap_or_default();
         let status = RunState::parse(&text).ok_or_else(|| EngineError::State(format!("run status `{text}`")))?;
         let end = st::set_chain_status(id, chain, Some(hop), ChainState::Ended, None);
         match status {
             // A chain beyond the run's chain count (`tune` lowered it) claims nothing more: it
             // ends below, completing the run if its page was the last.
-            RunState::Running if s.int("claimable") > 0 && chain < s.int("chains") => {
+            RunState::Running if s.int("claimable")? > 0 && chain < s.int("chains")? => {
                 // Pages are claimable but this claim got none: a concurrent claim took the page
                 // it aimed at, or a restart overtook this hop (the claim's guard refuses it).
                 // The caller retries a few times, then hands over; the CAS settles any overlap.
@@ -287,7 +287,7 @@ impl Engine {
                 self.sql(end).await?;
                 // Completion happens exactly once: `complete_run` flips `running` to
                 // `succeeded` only when no page is left and no lease is live.
-                if s.int("leased") == 0 && !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
+                if s.int("leased")? == 0 && !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
                     tracing::info!(run_id = id, "run succeeded");
                     self.sql(st::end_chains(id)).await?;
                     return Ok(NoPage::Then(HopNext::Completed));
@@ -339,7 +339,7 @@ impl Engine {
         }
         let rows = self.sql(st::failures_since_baseline(&run.run_id)).await?;
         let Some(r) = rows.first() else { return Ok(()) };
-        let (failures, total) = (r.int("failures"), r.int("total").max(1));
+        let (failures, total) = (r.int("failures")?, r.int("total")?.max(1));
         let over_count = cfg.max_failures.is_some_and(|m| failures as u64 > m);
         let over_percent = cfg.max_failure_percent.is_some_and(|p| failures as f64 * 100.0 / total as f64 > p);
         if over_count || over_percent {
@@ -406,7 +406,7 @@ impl Engine {
             // A re-offered page: settle what a dead owner left claimed (see the ambiguity policy).
             let settled = self.sql(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
             if resend {
-                retaken = settled.records().filter_map(|r| r.text("item_key")).collect();
+                retaken = item_keys(&settled)?;
             }
         }
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
@@ -437,7 +437,7 @@ impl Engine {
         let mut mine: HashSet<String> = HashSet::with_capacity(keys.len());
         for chunk in keys.chunks(ITEMS_PER_STATEMENT) {
             let claimed = self.sql(st::claim_items(id, page.page_no, owner, now, chunk)).await?;
-            mine.extend(claimed.records().filter_map(|r| r.text("item_key")));
+            mine.extend(item_keys(&claimed)?);
         }
         tracing::debug!(page = page.page_no, claimed = mine.len(), "items claimed");
         decided.retain(|(k, _, _)| mine.contains(k));
@@ -464,6 +464,11 @@ impl Engine {
             Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
         })
     }
+}
+
+/// The `item_key` of every row.
+fn item_keys(rows: &Rows) -> Result<HashSet<String>, SqlError> {
+    rows.records().filter_map(|r| r.text("item_key").transpose()).collect()
 }
 
 /// What claiming a page's items came to.

@@ -75,7 +75,45 @@ pub enum EngineError {
     MailerUnavailable(String),
 }
 
+/// What kind of failure an [`EngineError`] is, which says what happens next.
+///
+/// In Lambda every class fails the invocation, on purpose: with `MaximumRetryAttempts: 0` the
+/// event then lands in the on-failure queue and counts in `Errors`, so nothing fails quietly.
+/// What differs is who acts: a `Retryable` failure of a hop is recovered by the sweeper on its
+/// own (from the chain's checkpoint); a `Rejected` request needs fixing by its sender; `Fatal`
+/// needs an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The request is wrong (event, config, job, run key, an action the run's state does not
+    /// allow): sent again unchanged, it fails again.
+    Rejected,
+    /// A passing failure (the database resuming, a dropped connection, an invoke throttled): the
+    /// same request may succeed later.
+    Retryable,
+    /// Broken state or environment (corrupt rows, the mail account stopped, a statement that
+    /// fails): an operator must look.
+    Fatal,
+}
+
 impl EngineError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            EngineError::Event(_)
+            | EngineError::RunKey(..)
+            | EngineError::Config(_)
+            | EngineError::Job(_)
+            | EngineError::RunNotFound(_)
+            | EngineError::NotAllowed { .. } => ErrorClass::Rejected,
+            EngineError::Sql(e) if e.is_transient() => ErrorClass::Retryable,
+            EngineError::Invoke(e) if !e.is_fatal() => ErrorClass::Retryable,
+            EngineError::Sql(_)
+            | EngineError::Invoke(_)
+            | EngineError::State(_)
+            | EngineError::MailerUnavailable(_) => ErrorClass::Fatal,
+        }
+    }
+
     /// A stable name for the kind of error, for Lambda's `errorType` (alarms and log queries
     /// match on it) and scripts.
     pub fn error_type(&self) -> &'static str {
@@ -258,7 +296,7 @@ impl Engine {
 
     pub(crate) async fn load_run(&self, run_id: &str) -> Result<RunRow, EngineError> {
         let rows = self.sql(st::run_by_id(run_id)).await?;
-        RunRow::first(&rows).map_err(EngineError::State)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
+        RunRow::first(&rows)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
     pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
@@ -267,17 +305,18 @@ impl Engine {
     }
 
     /// Invokes each `(chain, next_hop)`; a failed invoke is logged and left to the sweeper.
-    pub(crate) async fn invoke_chains(&self, run_id: &str, rows: &crate::sql::Rows) -> usize {
+    pub(crate) async fn invoke_chains(&self, run_id: &str, rows: &crate::sql::Rows) -> Result<usize, EngineError> {
         let mut invoked = 0;
         for r in rows.records() {
-            match self.invoke_hop(run_id, r.int("chain_no"), r.int("next_hop")).await {
+            let (chain, hop) = (r.int("chain_no")?, r.int("next_hop")?);
+            match self.invoke_hop(run_id, chain, hop).await {
                 Ok(()) => invoked += 1,
                 Err(e) => {
-                    tracing::warn!(run_id, chain = r.int("chain_no"), error = %e, "invoke failed; the sweeper will retry")
+                    tracing::warn!(run_id, chain, error = %e, "invoke failed; the sweeper will retry")
                 }
             }
         }
-        invoked
+        Ok(invoked)
     }
 }
 
@@ -292,4 +331,22 @@ pub(crate) fn item_of(columns: &Arc<Vec<String>>, key: &str, values: Vec<Value>)
 pub(crate) fn soft_deadline(deadline: Instant, margin: Duration) -> Instant {
     let left = deadline.saturating_duration_since(Instant::now());
     deadline - margin.min(left / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_class_that_says_who_acts() {
+        let class = |e: EngineError| e.class();
+        assert_eq!(class(EngineError::Event(EventError::Malformed("x".into()))), ErrorClass::Rejected);
+        assert_eq!(class(EngineError::RunNotFound("r".into())), ErrorClass::Rejected);
+        assert_eq!(class(EngineError::Sql(SqlError::transient("resuming"))), ErrorClass::Retryable);
+        assert_eq!(class(EngineError::Sql(SqlError::statement("syntax"))), ErrorClass::Fatal);
+        assert_eq!(class(EngineError::Invoke(InvokeError::Ambiguous("timeout".into()))), ErrorClass::Retryable);
+        assert_eq!(class(EngineError::Invoke(InvokeError::Retryable("429".into()))), ErrorClass::Retryable);
+        assert_eq!(class(EngineError::Invoke(InvokeError::Fatal("recursion".into()))), ErrorClass::Fatal);
+        assert_eq!(class(EngineError::State("bad row".into())), ErrorClass::Fatal);
+    }
 }

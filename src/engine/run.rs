@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::EngineError;
 use super::state::{ChainState, RunState, State};
 use crate::config::JobConfig;
 use crate::sql::{KeyType, Record, Rows};
@@ -28,31 +29,36 @@ pub struct RunRow {
 }
 
 impl RunRow {
-    pub fn from_record(r: Record<'_>) -> Result<RunRow, String> {
-        let job_config: JobConfig = serde_json::from_str(&r.text("job_config").unwrap_or_default())
-            .map_err(|e| format!("run's stored job config does not parse: {e}"))?;
+    /// A run's row; a missing column or an unknown status is an error, never a default.
+    pub fn from_record(r: Record<'_>) -> Result<RunRow, EngineError> {
+        let state = |why: String| EngineError::State(why);
+        let stored = r.text("job_config")?.unwrap_or_default();
+        let job_config: JobConfig =
+            serde_json::from_str(&stored).map_err(|e| state(format!("run's stored job config does not parse: {e}")))?;
+        let status = r.text("status")?.unwrap_or_default();
+        let key_type = r.text("key_type")?.unwrap_or_default();
         Ok(RunRow {
-            run_id: r.text("run_id").unwrap_or_default(),
-            job: r.text("job").unwrap_or_default(),
-            run_key: r.text("run_key").unwrap_or_default(),
-            status: RunState::parse(&r.text("status").unwrap_or_default())
-                .ok_or_else(|| format!("run has an unknown status {:?}", r.text("status")))?,
-            reason: r.text("reason"),
+            run_id: r.text("run_id")?.unwrap_or_default(),
+            job: r.text("job")?.unwrap_or_default(),
+            run_key: r.text("run_key")?.unwrap_or_default(),
+            status: RunState::parse(&status).ok_or_else(|| state(format!("run has an unknown status {status:?}")))?,
+            reason: r.text("reason")?,
             job_config,
-            key_type: KeyType::parse(&r.text("key_type").unwrap_or_default()).unwrap_or(KeyType::Text),
-            chains: r.int("chains"),
-            total_items: r.int("total_items"),
-            total_pages: r.int("total_pages"),
-            max_hops: r.int("max_hops"),
-            null_keys: r.int("null_keys"),
-            deadline_at: r.int("deadline_at"),
-            created_at: r.int("created_at"),
-            updated_at: r.int("updated_at"),
-            finished_at: r.get("finished_at").as_i64(),
+            key_type: KeyType::parse(&key_type)
+                .ok_or_else(|| state(format!("run has an unknown key type {key_type:?}")))?,
+            chains: r.int("chains")?,
+            total_items: r.int("total_items")?,
+            total_pages: r.int("total_pages")?,
+            max_hops: r.int("max_hops")?,
+            null_keys: r.int("null_keys")?,
+            deadline_at: r.int("deadline_at")?,
+            created_at: r.int("created_at")?,
+            updated_at: r.int("updated_at")?,
+            finished_at: r.opt_int("finished_at")?,
         })
     }
 
-    pub fn first(rows: &Rows) -> Result<Option<RunRow>, String> {
+    pub fn first(rows: &Rows) -> Result<Option<RunRow>, EngineError> {
         rows.first().map(RunRow::from_record).transpose()
     }
 

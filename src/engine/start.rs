@@ -50,7 +50,7 @@ impl Engine {
         }
         let run = self.load_run(&run_id).await?;
         let chains = self.sql(st::chains_of(&run_id)).await?;
-        self.invoke_chains(&run_id, &chains).await;
+        self.invoke_chains(&run_id, &chains).await?;
         let (pages, items) = (run.total_pages, run.total_items);
         tracing::info!(run_id, job = job_name, run_key, pages, items, "run started");
         Ok(Outcome::Started {
@@ -158,7 +158,7 @@ impl Engine {
 
     async fn existing_run(&self, job: &str, run_key: &str) -> Result<Option<Outcome>, EngineError> {
         let rows = self.sql(st::run_by_key(job, run_key)).await?;
-        Ok(RunRow::first(&rows).map_err(EngineError::State)?.map(|r| Outcome::Started {
+        Ok(RunRow::first(&rows)?.map(|r| Outcome::Started {
             run_id: r.run_id,
             chains: r.chains,
             pages: r.total_pages,
@@ -210,7 +210,10 @@ impl Engine {
             self.check_key_types(name, config, key_type).await?;
         }
         let counts = self.sql(counts).await.map_err(|e| source_error(name, e))?;
-        let (n, distinct, rows) = counts.first().map(|r| (r.int("n"), r.int("d"), r.int("total"))).unwrap_or((0, 0, 0));
+        let (n, distinct, rows) = match counts.first() {
+            Some(r) => (r.int("n")?, r.int("d")?, r.int("total")?),
+            None => (0, 0, 0),
+        };
         if n != distinct {
             return Err(JobError::Invalid {
                 field: format!("jobs.{name}.key_column"),
@@ -233,8 +236,8 @@ impl Engine {
         let census = self.sql(st::key_type_census(&config.source, key)).await.map_err(|e| source_error(name, e))?;
         let found: Vec<(String, i64, String)> = census
             .records()
-            .map(|r| (r.text("t").unwrap_or_default(), r.int("n"), r.text("example").unwrap_or_default()))
-            .collect();
+            .map(|r| Ok((r.text("t")?.unwrap_or_default(), r.int("n")?, r.text("example")?.unwrap_or_default())))
+            .collect::<Result<_, SqlError>>()?;
         let fits = |t: &str| match expected {
             KeyType::Int => t == "integer",
             KeyType::Text | KeyType::Uuid | KeyType::Timestamp => t == "text",

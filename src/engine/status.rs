@@ -7,30 +7,25 @@ use super::run::{self, ChainStatus, RunRow, RunStatus};
 use super::state::{ChainState, RunState, State};
 use super::{Engine, EngineError};
 use crate::jobs::Job;
-use crate::sql::statements as st;
+use crate::sql::{Record, Rows, SqlError, statements as st};
 
 impl Engine {
     /// The latest run, or `run_id`'s.
     pub async fn status(&self, run_id: Option<&str>) -> Result<Option<RunStatus>, EngineError> {
         let run = match run_id {
             Some(id) => self.load_run(id).await?,
-            None => match RunRow::first(&self.sql(st::latest_run()).await?).map_err(EngineError::State)? {
+            None => match RunRow::first(&self.sql(st::latest_run()).await?)? {
                 Some(r) => r,
                 None => return Ok(None),
             },
         };
         let id = run.run_id.as_str();
-        let counts = count_by(&self.sql(st::ledger_counts(id)).await?, "state");
+        let mut counts = count_by(&self.sql(st::ledger_counts(id)).await?, "state", "n")?;
         let page_rows = self.sql(st::page_progress(id)).await?;
-        let pages = count_by(&page_rows, "status");
-        let mut counts = counts;
+        let pages = count_by(&page_rows, "status", "n")?;
         if counts.is_empty() && self.is_range_kind(&run) {
             // Range kinds (`sql`) claim pages, not items: their items are those of done pages.
-            let done_items = page_rows
-                .records()
-                .filter(|r| r.text("status").as_deref() == Some("done"))
-                .map(|r| r.int("items"))
-                .sum();
+            let done_items = count_by(&page_rows, "status", "items")?.remove("done").unwrap_or(0);
             counts.insert("done".to_owned(), done_items);
         }
         let chains = self.sql(st::chains_of(id)).await?;
@@ -52,7 +47,7 @@ impl Engine {
             null_keys: run.null_keys,
             pages_done: get(&pages, "done"),
             pages_total: run.total_pages,
-            chains: chains.records().map(|c| chain_status(c, run.max_hops)).collect(),
+            chains: chains.records().map(|c| chain_status(c, run.max_hops)).collect::<Result<_, _>>()?,
             created_at_ms: run.created_at,
             finished_at_ms: run.finished_at,
             // A paused run's clock stops when it paused.
@@ -80,18 +75,19 @@ impl Engine {
         let run = self.load_run(run_id).await?;
         let pages = self.sql(st::page_progress(run_id)).await?;
         let chains = self.sql(st::chains_of(run_id)).await?;
-        let done = pages.records().find(|r| r.text("status").as_deref() == Some("done"));
+        let (mut active_chains, mut hops) = (0, 0);
+        for c in chains.records() {
+            active_chains += (c.text("status")?.as_deref() == Some(ChainState::Active.as_str())) as usize;
+            hops += c.int("next_hop")? - 1;
+        }
         Ok(run::RunProgress {
             status: run.status,
             total: run.total_items,
-            items_done: done.map(|r| r.int("items")).unwrap_or(0),
-            pages_done: done.map(|r| r.int("n")).unwrap_or(0),
+            items_done: count_by(&pages, "status", "items")?.remove("done").unwrap_or(0),
+            pages_done: count_by(&pages, "status", "n")?.remove("done").unwrap_or(0),
             pages_total: run.total_pages,
-            active_chains: chains
-                .records()
-                .filter(|c| c.text("status").as_deref() == Some(ChainState::Active.as_str()))
-                .count(),
-            hops: chains.records().map(|c| c.int("next_hop") - 1).sum(),
+            active_chains,
+            hops,
         })
     }
 
@@ -103,7 +99,8 @@ impl Engine {
         limit: i64,
     ) -> Result<Vec<(String, Option<String>)>, EngineError> {
         let rows = self.sql(st::ledger_items(run_id, state, limit)).await?;
-        Ok(rows.records().map(|r| (r.text("item_key").unwrap_or_default(), r.text("reason"))).collect())
+        let items = rows.records().map(|r| Ok((r.text("item_key")?.unwrap_or_default(), r.text("reason")?)));
+        Ok(items.collect::<Result<_, SqlError>>()?)
     }
 
     /// Source rows the run left out because their key is NULL, as `column=value` pairs (the
@@ -121,22 +118,23 @@ impl Engine {
 
 /// One chain's row, for [`RunStatus`]: its hops against the budget, and the hops at which the
 /// sweeper found it lost (a pattern of losses at one hop number is flagged).
-fn chain_status(c: crate::sql::Record<'_>, hop_budget: i64) -> ChainStatus {
+fn chain_status(c: Record<'_>, hop_budget: i64) -> Result<ChainStatus, SqlError> {
     let lost_at_hops: Vec<i64> =
-        c.text("restart_hops").unwrap_or_default().split(',').filter_map(|h| h.trim().parse().ok()).collect();
-    ChainStatus {
-        chain: c.int("chain_no"),
-        status: ChainState::parse(&c.text("status").unwrap_or_default()).unwrap_or(ChainState::Failed),
-        reason: c.text("reason"),
-        hops: c.int("next_hop") - 1,
+        c.text("restart_hops")?.unwrap_or_default().split(',').filter_map(|h| h.trim().parse().ok()).collect();
+    Ok(ChainStatus {
+        chain: c.int("chain_no")?,
+        status: ChainState::parse(&c.text("status")?.unwrap_or_default()).unwrap_or(ChainState::Failed),
+        reason: c.text("reason")?,
+        hops: c.int("next_hop")? - 1,
         hop_budget,
-        restarts: c.int("restarts"),
+        restarts: c.int("restarts")?,
         warning: run::loss_pattern(&lost_at_hops),
         lost_at_hops,
-        heartbeat_at_ms: c.int("heartbeat_at"),
-    }
+        heartbeat_at_ms: c.int("heartbeat_at")?,
+    })
 }
 
-fn count_by(rows: &crate::sql::Rows, column: &str) -> HashMap<String, i64> {
-    rows.records().map(|r| (r.text(column).unwrap_or_default(), r.int("n"))).collect()
+/// `key` column → `value` column, over every row.
+fn count_by(rows: &Rows, key: &str, value: &str) -> Result<HashMap<String, i64>, SqlError> {
+    rows.records().map(|r| Ok((r.text(key)?.unwrap_or_default(), r.int(value)?))).collect()
 }

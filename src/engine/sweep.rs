@@ -1,4 +1,4 @@
-//! The sweeper: run from a frequent schedule (`sweep` event) or the local driver's timer. For
+//! The sweeper: run from a frequent schedule (`sweep` event) or the local runtime's timer. For
 //! every open run it restarts chains whose heartbeat stopped (their hop died or their event was
 //! lost) from their checkpoint, revives a chain when pages are claimable but none is active,
 //! unparks chains of a running run (a resume that raced their parking), parks silent chains of
@@ -38,8 +38,8 @@ impl Engine {
                     // One unreadable run (e.g. written by a newer baton) must not stop the sweep
                     // of every other run.
                     tracing::error!(
-                        run_id = record.text("run_id"),
-                        error = e,
+                        run_id = record.text("run_id").ok().flatten(),
+                        error = %e,
                         "skipping a run the sweeper cannot read"
                     );
                     continue;
@@ -76,16 +76,16 @@ impl Engine {
         }
         let stale = self.sql(st::claim_stale_chains(id, now - stale_ms, now, &format!("{token}.restart"))).await?;
         for c in stale.records() {
-            let (chain, hop) = (c.int("chain_no"), c.int("next_hop"));
+            let (chain, hop) = (c.int("chain_no")?, c.int("next_hop")?);
             tracing::info!(run_id = id, chain, hop, "restarting a silent chain");
         }
-        report.restarted += self.invoke_chains(id, &stale).await;
+        report.restarted += self.invoke_chains(id, &stale).await?;
         // Chains parked although the run is running (a resume raced their parking): back to
         // work from their checkpoints.
         let parked = self.sql(st::unpark_chains(id, now, &format!("{token}.unpark"))).await?;
-        report.unparked += self.invoke_chains(id, &parked).await;
+        report.unparked += self.invoke_chains(id, &parked).await?;
         let revived = self.sql(st::revive_chain(id, now, &format!("{token}.revive"))).await?;
-        report.revived += self.invoke_chains(id, &revived).await;
+        report.revived += self.invoke_chains(id, &revived).await?;
         if !self.sql(st::complete_run(id, now, token)).await?.rows.is_empty() {
             report.completed += 1;
             self.sql(st::end_chains(id)).await?;
@@ -100,7 +100,7 @@ impl Engine {
         let now = self.now_ms();
         let mut settled = 0;
         for r in self.sql(st::final_runs_with_dead_leases(now)).await?.records() {
-            let id = r.text("run_id").unwrap_or_default();
+            let id = r.text("run_id")?.unwrap_or_default();
             settled += self.sql(st::settle_dead_claims(&id, now)).await?.affected as usize;
             self.sql(st::release_dead_leases(&id, now)).await?;
             self.sql(st::end_chains(&id)).await?;

@@ -31,7 +31,7 @@ impl RangeJob for SqlJob {
     async fn process(&self, lo: Option<Value>, hi: Value, _soft_deadline: Instant) -> Result<RangeOutcome, JobError> {
         let lo = lo.unwrap_or_else(|| hi.null_like());
         let params = Params::new().with("lo", lo).with("hi", hi);
-        match self.store.query(Stmt::new(self.statement.clone(), params)).await {
+        match self.store.query(Stmt::named("job_statement", self.statement.clone(), params)).await {
             Ok(_) => Ok(RangeOutcome::Done),
             Err(e) if e.is_transient() => Err(JobError::Transient(e.to_string())),
             Err(e) => Err(JobError::Fatal(format!("the job's statement failed: {e}"))),

@@ -96,7 +96,9 @@ const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migration
 )";
 
 async fn applied_versions(store: &dyn SqlStore) -> Result<Vec<i64>, SqlError> {
-    let rows = store.query(Stmt::new("SELECT version FROM baton_schema_migrations", Params::new())).await?;
+    let rows = store
+        .query(Stmt::named("applied_versions", "SELECT version FROM baton_schema_migrations", Params::new()))
+        .await?;
     Ok(rows.rows.iter().filter_map(|r| r[0].as_i64()).collect())
 }
 
@@ -104,7 +106,7 @@ async fn applied_versions(store: &dyn SqlStore) -> Result<Vec<i64>, SqlError> {
 /// versions another process applied meanwhile are not included).
 pub async fn migrate(store: &dyn SqlStore, now_ms: i64) -> Result<Vec<i64>, SqlError> {
     let mut attempt = 0;
-    while let Err(e) = store.query(Stmt::new(CREATE_VERSIONS, Params::new())).await {
+    while let Err(e) = store.query(Stmt::named("create_schema_versions", CREATE_VERSIONS, Params::new())).await {
         // Another process is creating the table this very moment (PostgreSQL reports the race
         // as a unique violation); once it committed, `IF NOT EXISTS` sees the table.
         attempt += 1;
@@ -120,11 +122,12 @@ pub async fn migrate(store: &dyn SqlStore, now_ms: i64) -> Result<Vec<i64>, SqlE
         if applied.contains(&version) {
             continue;
         }
-        let mut stmts = vec![Stmt::new(
+        let mut stmts = vec![Stmt::named(
+            "record_schema_version",
             "INSERT INTO baton_schema_migrations (version, applied_at) VALUES (:version, :now)",
             Params::new().with("version", version).with("now", now_ms),
         )];
-        stmts.extend(steps.iter().map(|s| Stmt::new(*s, Params::new())));
+        stmts.extend(steps.iter().map(|s| Stmt::named("migration_step", *s, Params::new())));
         if let Err(e) = store.transaction(stmts).await {
             if applied_versions(store).await?.contains(&version) {
                 continue; // another process applied it first

@@ -273,20 +273,37 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
-    pub fn get(&self, name: &str) -> &'a Value {
-        const NULL: &Value = &Value::Null;
-        self.columns.iter().position(|c| c.eq_ignore_ascii_case(name)).map(|i| &self.values[i]).unwrap_or(NULL)
+    /// The value of column `name`. A column the statement does not return is an error, never
+    /// NULL: a misspelt name must not read as "nothing there".
+    pub fn get(&self, name: &str) -> Result<&'a Value, SqlError> {
+        match self.columns.iter().position(|c| c.eq_ignore_ascii_case(name)) {
+            Some(i) => Ok(&self.values[i]),
+            None => Err(SqlError::MissingColumn { column: name.to_owned(), columns: self.columns.join(", ") }),
+        }
     }
 
-    pub fn int(&self, name: &str) -> i64 {
-        self.get(name).as_i64().unwrap_or(0)
+    /// An integer column; NULL reads as 0 (`COUNT`, `SUM`, `MAX` over no rows), anything that
+    /// is not an integer is an error.
+    pub fn int(&self, name: &str) -> Result<i64, SqlError> {
+        Ok(self.opt_int(name)?.unwrap_or(0))
     }
 
-    pub fn text(&self, name: &str) -> Option<String> {
-        match self.get(name) {
+    /// An integer column that may be NULL.
+    pub fn opt_int(&self, name: &str) -> Result<Option<i64>, SqlError> {
+        match self.get(name)? {
+            v if v.is_null() => Ok(None),
+            v => v.as_i64().map(Some).ok_or_else(|| {
+                SqlError::statement(format!("column `{name}` holds {} where an integer was expected", v.type_name()))
+            }),
+        }
+    }
+
+    /// A column as text (`None` for NULL).
+    pub fn text(&self, name: &str) -> Result<Option<String>, SqlError> {
+        Ok(match self.get(name)? {
             v if v.is_null() => None,
             v => Some(v.to_string()),
-        }
+        })
     }
 }
 
@@ -300,6 +317,12 @@ pub enum SqlError {
     Transient { message: String },
     #[error("database configuration error: {0}")]
     Config(String),
+    /// A statement's result lacks a column baton reads: baton and its schema disagree (or a
+    /// statement and its reader do).
+    #[error(
+        "a statement's result has no column `{column}` (it has: {columns}); is the database's schema from another version of baton?"
+    )]
+    MissingColumn { column: String, columns: String },
 }
 
 impl SqlError {
@@ -369,5 +392,28 @@ impl<S: SqlStore + ?Sized> SqlStore for Arc<S> {
     }
     fn dynamic_types(&self) -> bool {
         (**self).dynamic_types()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_the_statement_does_not_return_is_an_error_not_zero() {
+        // Failed before the fix: `int("chians")` read 0 and `text` read None, silently.
+        let rows = Rows::returned(
+            vec!["chains".into(), "reason".into(), "note".into()],
+            vec![vec![Value::Int(4), Value::Null, Value::Text("x".into())]],
+        );
+        let r = rows.first().unwrap();
+        assert_eq!(r.int("chains").unwrap(), 4);
+        assert_eq!(r.int("CHAINS").unwrap(), 4, "column names match without regard to case");
+        assert_eq!(r.int("reason").unwrap(), 0, "NULL reads as 0 (COUNT, SUM, MAX over nothing)");
+        assert_eq!(r.text("reason").unwrap(), None);
+        let missing = r.int("chians").unwrap_err().to_string();
+        assert!(missing.contains("`chians`") && missing.contains("chains, reason, note"), "{missing}");
+        assert!(matches!(r.text("reasn"), Err(SqlError::MissingColumn { .. })));
+        assert!(matches!(r.opt_int("note"), Err(SqlError::Statement { .. })), "text is not an integer");
     }
 }

@@ -806,3 +806,41 @@ fn in_list(params: &mut Params, prefix: &str, values: impl Iterator<Item = Value
         .collect();
     if names.is_empty() { "NULL".to_owned() } else { names.join(", ") }
 }
+
+// ---- `baton demo`'s synthetic users ---------------------------------------------------------
+
+/// One synthetic user: id, email (NULL for a few), name, city, plan.
+pub type DemoUser = (i64, Option<String>, String, &'static str, &'static str);
+
+/// Drops and creates the demo's source tables: `table` and `{table}_late` (rows that appear
+/// mid-run). `table` is one of the demo's fixed names, never user input.
+pub fn demo_tables(table: &str) -> Vec<Stmt> {
+    let columns = "id BIGINT, email TEXT, name TEXT, city TEXT, plan TEXT";
+    let keyed = "id BIGINT PRIMARY KEY, email TEXT, name TEXT NOT NULL, city TEXT, plan TEXT";
+    vec![
+        Stmt::named("demo_drop_late", format!("DROP TABLE IF EXISTS {table}_late"), Params::new()),
+        Stmt::named("demo_create_late", format!("CREATE TABLE {table}_late ({columns})"), Params::new()),
+        Stmt::named("demo_drop_users", format!("DROP TABLE IF EXISTS {table}"), Params::new()),
+        Stmt::named("demo_create_users", format!("CREATE TABLE {table} ({keyed})"), Params::new()),
+    ]
+}
+
+/// Inserts `users` into `table` (or `{table}_late` when `late`) in one statement.
+pub fn insert_demo_users(table: &str, late: bool, users: &[DemoUser]) -> Stmt {
+    let mut params = Params::new();
+    let rows: Vec<String> = users
+        .iter()
+        .enumerate()
+        .map(|(j, (id, email, name, city, plan))| {
+            params.push(format!("i{j}"), *id);
+            params.push(format!("e{j}"), email.clone());
+            params.push(format!("n{j}"), name.clone());
+            params.push(format!("c{j}"), *city);
+            params.push(format!("p{j}"), *plan);
+            format!("(:i{j}, :e{j}, :n{j}, :c{j}, :p{j})")
+        })
+        .collect();
+    let table = if late { format!("{table}_late") } else { table.to_owned() };
+    let sql = format!("INSERT INTO {table} (id, email, name, city, plan) VALUES {}", rows.join(", "));
+    Stmt::named("insert_demo_users", sql, params)
+}

@@ -142,7 +142,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     let now = m.clock.now_ms();
     assert_eq!(store.query(st::start_hop(&run, 0, 1, "token-a", now)).await.unwrap().rows.len(), 1);
     let page = store.query(st::claim_page(&run, 0, 1, 1, "A", now, lease)).await.unwrap();
-    let page_no = page.first().unwrap().int("page_no");
+    let page_no = page.first().unwrap().int("page_no").unwrap();
     let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
     let claimed = store.query(st::claim_items(&run, page_no, "A", now, &keys(&["5", "18"]))).await.unwrap();
     assert_eq!(claimed.rows.len(), 2);
@@ -156,7 +156,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     // B (the restarted chain's next hop) takes the page over.
     assert_eq!(store.query(st::start_hop(&run, 0, 2, "token-b", late)).await.unwrap().rows.len(), 1);
     let taken = store.query(st::claim_page(&run, 0, 2, 1, "B", late, lease)).await.unwrap();
-    assert_eq!(taken.first().unwrap().int("page_no"), page_no);
+    assert_eq!(taken.first().unwrap().int("page_no").unwrap(), page_no);
 
     // A's late writes change nothing.
     store
@@ -175,7 +175,13 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     let ledger = raw(&m, "SELECT item_key, state, claimed_by FROM baton_ledger ORDER BY item_key").await;
     let rows: Vec<(String, String, String)> = ledger
         .records()
-        .map(|r| (r.text("item_key").unwrap(), r.text("state").unwrap(), r.text("claimed_by").unwrap()))
+        .map(|r| {
+            (
+                r.text("item_key").unwrap().unwrap(),
+                r.text("state").unwrap().unwrap(),
+                r.text("claimed_by").unwrap().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         rows,
@@ -184,7 +190,10 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     );
     let pages = raw(&m, &format!("SELECT status, lease_owner FROM baton_pages WHERE page_no = {page_no}")).await;
     let p = pages.first().unwrap();
-    assert_eq!((p.text("status").unwrap(), p.text("lease_owner").unwrap()), ("leased".into(), "B".into()));
+    assert_eq!(
+        (p.text("status").unwrap().unwrap(), p.text("lease_owner").unwrap().unwrap()),
+        ("leased".into(), "B".into())
+    );
 }
 
 /// Lambda may give a hop up to 15 minutes while leases derive from `hop_timeout`: the hop must
@@ -262,7 +271,7 @@ pub async fn concurrent_cold_start_migrations_on_a_fresh_database(b: Backend) {
     assert_eq!(applied, all, "each version applied exactly once");
     let versions =
         stores[0].query(Stmt::new("SELECT COUNT(*) AS n FROM baton_schema_migrations", Params::new())).await.unwrap();
-    assert_eq!(versions.first().unwrap().int("n"), migrations::MIGRATIONS.len() as i64);
+    assert_eq!(versions.first().unwrap().int("n").unwrap(), migrations::MIGRATIONS.len() as i64);
 }
 
 /// Rows whose key is NULL are left out of the run, as README says, and counted, not refused as
@@ -385,7 +394,7 @@ pub async fn a_late_scheduled_start_opens_no_second_run(b: Backend) {
         "{again:?}"
     );
     let runs = raw(&m, "SELECT COUNT(*) AS n FROM baton_runs").await;
-    assert_eq!(runs.first().unwrap().int("n"), 1);
+    assert_eq!(runs.first().unwrap().int("n").unwrap(), 1);
     for (event, expect) in [
         (Event::Start { job: JOB.into(), run_key: None, scheduled_time: None }, "scheduled_time"),
         (Event::Start { job: JOB.into(), run_key: None, scheduled_time: Some("yesterday".into()) }, "RFC 3339"),
@@ -394,7 +403,7 @@ pub async fn a_late_scheduled_start_opens_no_second_run(b: Backend) {
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
     }
     let runs = raw(&m, "SELECT COUNT(*) AS n FROM baton_runs").await;
-    assert_eq!(runs.first().unwrap().int("n"), 1, "a refused start created nothing");
+    assert_eq!(runs.first().unwrap().int("n").unwrap(), 1, "a refused start created nothing");
 }
 
 /// One transition table decides every status change; before it, `fail_run` accepted `paused`

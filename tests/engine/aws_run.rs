@@ -190,7 +190,7 @@ async fn the_data_api_client_never_resends_a_statement_on_its_own() {
     assert!(err.is_transient(), "a lost response is transient, for the engine to re-run: {err}");
     assert_eq!(data_api.executes.load(Ordering::SeqCst), 1, "sent exactly once");
     let hits = store.query(Stmt::new("SELECT COUNT(*) AS n FROM hits", Params::new())).await.unwrap();
-    assert_eq!(hits.first().unwrap().int("n"), 1);
+    assert_eq!(hits.first().unwrap().int("n").unwrap(), 1);
 }
 
 /// bigint, text, uuid and timestamp keys through the Data API emulator, which types parameters

@@ -680,7 +680,7 @@ pub async fn source_column_types_are_read(b: Backend) {
                CAST(100000000 AS NUMERIC) AS c, CAST(7 AS INTEGER) AS d, 'Zoë' AS e, CAST(1.5 AS DOUBLE PRECISION) AS f";
     let rows = store.query(baton::sql::Stmt::new(sql, Default::default())).await.unwrap();
     let r = rows.first().unwrap();
-    let text = |c: &str| r.get(c).to_string();
+    let text = |c: &str| r.get(c).unwrap().to_string();
     assert_eq!(text("d"), "7");
     assert_eq!(text("e"), "Zoë");
     assert_eq!(text("f"), "1.5");

@@ -250,7 +250,7 @@ unsubscribe_url = "https://example.com/u"
         for table in ["baton_runs", "baton_pages", "baton_chains", "baton_ledger"] {
             let rows =
                 store.query(Stmt::new(format!("SELECT COUNT(*) AS n FROM {table}"), Params::new())).await.unwrap();
-            changed |= rows.first().unwrap().int("n") != 0;
+            changed |= rows.first().unwrap().int("n").unwrap() != 0;
         }
         let message = error["errorMessage"].as_str().unwrap_or_default();
         table.push(format!(
@@ -278,7 +278,7 @@ unsubscribe_url = "https://example.com/u"
     let until = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let rows = store.query(Stmt::new("SELECT status FROM baton_runs", Params::new())).await.unwrap();
-        if rows.first().and_then(|r| r.text("status")).as_deref() == Some("succeeded") {
+        if rows.first().and_then(|r| r.text("status").unwrap()).as_deref() == Some("succeeded") {
             break;
         }
         assert!(tokio::time::Instant::now() < until, "the run did not finish");

@@ -9,6 +9,7 @@ mod cases;
 mod cli;
 mod fakes;
 mod lambda_mode;
+mod layout;
 mod mime;
 mod moto;
 mod support;

@@ -604,7 +604,7 @@ pub async fn pg_with_users(dir: &std::path::Path, users: &[User]) -> (Arc<dyn Sq
     let store = fresh_store(Backend::Postgres, dir).await;
     create_users(store.as_ref(), Backend::Postgres, KeyKind::Int, users).await;
     let name = store.query(Stmt::new("SELECT current_database() AS d", Params::new())).await.unwrap();
-    let name = name.first().unwrap().text("d").unwrap();
+    let name = name.first().unwrap().text("d").unwrap().unwrap();
     let admin = std::env::var("BATON_TEST_PG_URL").unwrap();
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
     (store, name, url)
