@@ -43,13 +43,17 @@ impl ExactlyOnce {
 const DUPLICATE_KEY: &str = "duplicate key";
 
 /// Checks `sent` (the `To` address of every message that left, once per message) against
-/// `recipients` and the run's ledger.
+/// `recipients` and the run's ledger. Whether an address is deliverable follows the run's own
+/// job (`smtputf8`). With `sent` unknown (`None`: mail went to a provider, which keeps no copy
+/// here) only the counts are filled in and nothing is called missed.
 pub async fn exactly_once(
     engine: &Engine,
     run_id: &str,
     recipients: impl IntoIterator<Item = Recipient>,
-    sent: &[String],
+    sent: Option<&[String]>,
 ) -> Result<ExactlyOnce, EngineError> {
+    let run = engine.load_run(run_id).await?;
+    let smtputf8 = run.job_config.newsletter.as_ref().is_some_and(|n| n.smtputf8);
     let unknown: HashSet<String> =
         engine.items_in_state(run_id, "unknown", i64::MAX).await?.into_iter().map(|(k, _)| k).collect();
     let excused: HashSet<String> = engine
@@ -60,7 +64,7 @@ pub async fn exactly_once(
         .map(|(k, _)| k)
         .collect();
     let mut per_address: HashMap<&str, usize> = HashMap::new();
-    for a in sent {
+    for a in sent.unwrap_or_default() {
         *per_address.entry(a.as_str()).or_default() += 1;
     }
     let mut found = ExactlyOnce { unknown: unknown.len(), ..ExactlyOnce::default() };
@@ -68,11 +72,11 @@ pub async fn exactly_once(
     found.duplicated.sort();
     for Recipient { key, address } in recipients {
         let Some(raw) = address else { continue };
-        match crate::mail::deliverable(&raw, false) {
+        match crate::mail::deliverable(&raw, smtputf8) {
             Ok(address) => {
                 found.deliverable += 1;
                 let mailed = per_address.contains_key(address.as_str());
-                if !mailed && !unknown.contains(&key) && !excused.contains(&key) {
+                if sent.is_some() && !mailed && !unknown.contains(&key) && !excused.contains(&key) {
                     found.missed.push(key);
                 }
             }

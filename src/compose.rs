@@ -6,6 +6,8 @@
 //!   Read once: by clap with environment fallbacks for the CLI (`cli::wiring`), from the
 //!   environment alone in Lambda ([`AdapterSettings::from_env`]).
 //! - [`open_store`], [`open_mailer`]: one adapter each, from its settings.
+//! - [`build`]: settings to a running engine, for Lambda mode and every command; the demo and
+//!   the tests, which wrap adapters (faults, counting, test doubles), call the steps below.
 //! - [`Adapters`] + [`assemble`]: the engine's parts, on the local Lambda model (a
 //!   [`LocalRuntime`] running the chains in this process) or on Lambda `Invoke` (the chains run
 //!   in AWS); [`Adapters::engine_parts`] is the single mapping from adapters to parts.
@@ -88,7 +90,8 @@ pub enum ComposeError {
 
 impl AdapterSettings {
     /// Lambda mode's settings, from the environment only (README.md, "Lambda mode"):
-    /// `BATON_STORE` (`data-api`, the default, or `postgres`), `BATON_DB_CLUSTER_ARN`,
+    /// `BATON_STORE` (`data-api`, the default, or `postgres`, the default when
+    /// `BATON_DATABASE_URL` is set), `BATON_DB_CLUSTER_ARN`,
     /// `BATON_DB_SECRET_ARN`, `BATON_DB_NAME`, `BATON_DATABASE_URL`,
     /// `BATON_SES_CONFIGURATION_SET`, and Lambda's own `AWS_LAMBDA_FUNCTION_NAME` (the function
     /// a hop invokes next: itself).
@@ -100,7 +103,9 @@ impl AdapterSettings {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<AdapterSettings, ComposeError> {
         let required =
             |name: &'static str, why: &'static str| var(name).ok_or(ComposeError::Missing { setting: name, why });
-        let store = match var("BATON_STORE").as_deref().unwrap_or("data-api") {
+        // As on the command line: a database URL alone means PostgreSQL.
+        let default_store = if var("BATON_DATABASE_URL").is_some() { "postgres" } else { "data-api" };
+        let store = match var("BATON_STORE").as_deref().unwrap_or(default_store) {
             "data-api" => StoreSettings::DataApi(DataApiTarget {
                 resource_arn: required("BATON_DB_CLUSTER_ARN", "the Aurora cluster's ARN, for the Data API")?,
                 secret_arn: required("BATON_DB_SECRET_ARN", "the database secret's ARN, for the Data API")?,
@@ -259,6 +264,19 @@ impl Adapters {
             kinds: self.kinds,
         }
     }
+}
+
+/// The whole way from settings to a running engine, as Lambda mode and every command take it:
+/// the store (migrated; created only when `create`), the mailer, no faults, then [`assemble`].
+pub async fn build(
+    settings: &AdapterSettings,
+    config: Config,
+    create: bool,
+    aws: &Aws,
+) -> Result<Runtime, ComposeError> {
+    let store = open_store(settings, create, aws).await?;
+    let mailer = open_mailer(&settings.mailer, &Faults::default(), 0, aws).await?;
+    Ok(assemble(Adapters::new(store, mailer.port(), config), &settings.invoker, aws).await)
 }
 
 /// The engine on `adapters`, its chains running here (local invoker) or in Lambda.

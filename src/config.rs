@@ -264,6 +264,19 @@ pub fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A TOML error as the parser says it, which quotes the offending line, unless that line may
+/// hold a secret: then the message and the line number only.
+fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return e.to_string() };
+    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[span.end.min(text.len())..].find('\n').map_or(text.len(), |i| span.end + i);
+    if !text[start..end].to_ascii_lowercase().contains("secret") {
+        return e.to_string();
+    }
+    let line = text[..start].matches('\n').count() + 1;
+    format!("line {line}: {} (the line is not shown: it may hold a secret)", e.message().trim_end())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
@@ -273,8 +286,8 @@ impl Config {
 
     /// Parses and validates; template files are resolved relative to `path`'s folder.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: parse_error(text, &e) })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for (name, job) in &mut config.jobs {
             if let Some(n) = &mut job.newsletter {
@@ -496,5 +509,19 @@ mod tests {
         assert!(!serde_json::to_string(job).unwrap().contains("correct-horse"), "the run snapshot holds the secret");
         let secret = job.newsletter.as_ref().unwrap().secret().unwrap();
         assert_eq!(secret.expose_secret(), "correct-horse-battery-staple");
+    }
+
+    #[test]
+    fn a_parse_error_on_a_secret_line_does_not_quote_it() {
+        // Failed before: the TOML error quoted the line, secret and all.
+        for line in ["unsubscribe_secret = \"hunter2-not-closed", "unsubscribe_secret = hunter2-bare-word"] {
+            let text = format!("[jobs.news.newsletter]\n{line}\n");
+            let err = Config::parse(&text, Path::new("baton.toml")).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+        }
+        // Other lines are still quoted, which helps.
+        let err = Config::parse("[jobs.news]\nkind = newsletter\n", Path::new("baton.toml")).unwrap_err().to_string();
+        assert!(err.contains("kind = newsletter"), "{err}");
     }
 }

@@ -15,9 +15,9 @@ use lambda_runtime::tower::{Layer, Service};
 use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation, service_fn};
 use tokio::time::Instant;
 
-use crate::compose::{self, AdapterSettings, Adapters, Aws, ComposeError};
+use crate::compose::{self, AdapterSettings, Aws, ComposeError};
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, EngineError, ErrorClass};
+use crate::engine::{Engine, EngineError};
 
 /// Why a sandbox could not start: its settings name the fix.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +48,7 @@ pub fn main() -> ExitCode {
 pub async fn engine_from_env() -> Result<Arc<Engine>, StartupError> {
     let config_path = std::env::var("BATON_CONFIG").unwrap_or_else(|_| "/var/task/baton.toml".into());
     let config = Config::load(std::path::Path::new(&config_path))?;
-    let settings = AdapterSettings::from_env()?;
-    let aws = Aws::default();
-    let store = compose::open_store(&settings, true, &aws).await?;
-    let mailer = compose::open_mailer(&settings.mailer, &Default::default(), 0, &aws).await?;
-    let runtime = compose::assemble(Adapters::new(store, mailer.port(), config), &settings.invoker, &aws).await;
+    let runtime = compose::build(&AdapterSettings::from_env()?, config, true, &Aws::default()).await?;
     Ok(runtime.engine().clone())
 }
 
@@ -160,11 +156,9 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
             });
             let deadline = deadline_from(context_deadline, budget);
             handle(&engine, event.payload, deadline).await.map_err(|e| {
-                let (error_type, class) = (e.error_type(), e.class());
-                match class {
-                    ErrorClass::Retryable => tracing::warn!(error = %e, error_type, ?class, "invocation failed"),
-                    _ => tracing::error!(error = %e, error_type, ?class, "invocation failed"),
-                }
+                // Always at error level: a retryable failure of a scheduled `start` is retried by
+                // nobody (the on-failure queue keeps it), so it must reach the alarms too.
+                tracing::error!(error = %e, error_type = e.error_type(), class = ?e.class(), "invocation failed");
                 diagnostic(&e)
             })
         }

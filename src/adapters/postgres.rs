@@ -245,6 +245,12 @@ fn classify(e: tokio_postgres::Error) -> SqlError {
     }
 }
 
+/// PostgreSQL's "cached plan must not change result type" (SQLSTATE 0A000, which [`classify`]
+/// puts in the message).
+fn is_stale_plan(e: &SqlError) -> bool {
+    matches!(e, SqlError::Statement { message } if message.contains("(0A000)") && message.contains("cached plan"))
+}
+
 async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {
     let (sql, names) = to_positional(&stmt.sql);
     let by_name = stmt.params.by_name();
@@ -292,7 +298,16 @@ impl SqlStore for PostgresStore {
 
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError> {
         let client = self.client().await?;
-        run_one(&client, &stmt).await
+        match run_one(&client, &stmt).await {
+            // The tables under a cached statement changed shape since it was prepared (a source
+            // column renamed or dropped mid-run): PostgreSQL refuses the cached plan on every
+            // connection that holds it. Forget them all and prepare this one again.
+            Err(e) if is_stale_plan(&e) => {
+                self.pool.manager().statement_caches.clear();
+                run_one(&client, &stmt).await
+            }
+            other => other,
+        }
     }
 
     async fn transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::wiring::{InvokerKind, MailerKind, StoreKind};
@@ -16,7 +17,7 @@ use super::{Common, print_status};
 use crate::adapters::local::faults::{Faults, FaultyStore, SqlFaultCounts};
 use crate::adapters::local::lambda::LambdaCounts;
 use crate::adapters::local::outbox;
-use crate::compose::{self, Adapters, Aws, OpenedMailer};
+use crate::compose::{self, AdapterSettings, Adapters, Aws, OpenedMailer};
 use crate::config::{Config, JobConfig, NewsletterConfig, Settings};
 use crate::engine::Outcome;
 use crate::engine::run::RunStatus;
@@ -120,9 +121,11 @@ fn foreign_contents(db: &std::path::Path) -> Result<Option<String>> {
     if !db.exists() {
         return Ok(None);
     }
-    let conn = rusqlite::Connection::open(db).with_context(|| format!("cannot read {}", db.display()))?;
+    // Read-only: a database that is not the demo's must come out of this check unchanged.
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("cannot read {}", db.display()))?;
     let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .prepare(st::SQLITE_TABLES)
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .with_context(|| format!("cannot read {}", db.display()))?;
     let mine = |t: &String| {
@@ -133,9 +136,7 @@ fn foreign_contents(db: &std::path::Path) -> Result<Option<String>> {
     }
     if tables.iter().any(|t| t == "baton_runs") {
         let other: Option<(String, String)> = conn
-            .query_row("SELECT job, run_key FROM baton_runs WHERE job <> ?1 OR run_key <> 'demo' LIMIT 1", [JOB], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(st::RUN_OTHER_THAN, [JOB, "demo"], |r| Ok((r.get(0)?, r.get(1)?)))
             .map(Some)
             .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
             .with_context(|| format!("cannot read {}", db.display()))?;
@@ -147,12 +148,12 @@ fn foreign_contents(db: &std::path::Path) -> Result<Option<String>> {
 }
 
 /// Writes the demo's config (with its secret, which guards nothing real) to `DATA_DIR/demo.toml`.
-fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &str) -> Result<()> {
+fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &SecretString) -> Result<()> {
     let mut value = toml::Value::try_from(config).context("the demo config serialises")?;
     if let Some(n) = value.get_mut("jobs").and_then(|j| j.get_mut(JOB)).and_then(|j| j.get_mut("newsletter"))
         && let Some(table) = n.as_table_mut()
     {
-        table.insert("unsubscribe_secret".into(), toml::Value::String(secret.to_owned()));
+        table.insert("unsubscribe_secret".into(), toml::Value::String(secret.expose_secret().to_owned()));
     }
     let text = format!(
         "# Written by `baton demo`: the job it ran, with a throwaway unsubscribe secret. `baton resume`,\n\
@@ -165,7 +166,7 @@ fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &str) -> Re
 }
 
 /// The demo's job: what a user's `baton.toml` would hold.
-pub fn demo_job(args: &DemoArgs, table: &str, secret: &str) -> JobConfig {
+pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfig {
     JobConfig {
         kind: "newsletter".into(),
         // Under --chaos a second table can add rows mid-run, like a source built on a join.
@@ -206,7 +207,7 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &str) -> JobConfig {
             in_flight: 32,
             max_attempts: 8,
             unsubscribe_url: "https://baton.example/unsubscribe".into(),
-            unsubscribe_secret: Some(secret.into()),
+            unsubscribe_secret: Some(secret.clone()),
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
             vars: [("month".to_owned(), toml::Value::String("December".into()))].into(),
@@ -219,8 +220,8 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &str) -> JobConfig {
 
 /// The demo's unsubscribe key, new for every demo: it signs links to `baton.example` only, and
 /// no fixed value may end up in a config someone copies.
-fn demo_secret() -> String {
-    format!("demo-{:032x}", rand::random::<u128>())
+fn demo_secret() -> SecretString {
+    format!("demo-{:032x}", rand::random::<u128>()).into()
 }
 
 /// A config error in the demo's own job, told in terms of the demo's flags.
@@ -341,6 +342,8 @@ pub struct DemoSummary {
     pub duplicated_addresses: Vec<String>,
     pub missed_users: usize,
     pub unknown_users: usize,
+    /// Addresses mailed although they are not deliverable (must be none).
+    pub undeliverable_mailed: Vec<String>,
     pub hops: LambdaCounts,
     /// What the fault injection did (with `--chaos`).
     pub injected: Injected,
@@ -357,8 +360,10 @@ struct DemoPlan {
     embedded: bool,
     table: &'static str,
     run_key: String,
-    secret: String,
+    secret: SecretString,
     config: Config,
+    /// The adapters the flags choose, checked with the rest.
+    adapters: AdapterSettings,
     faults: Faults,
 }
 
@@ -386,9 +391,10 @@ impl DemoPlan {
         };
         let config = Config { settings, jobs: [(JOB.to_owned(), demo_job(args, table, &secret))].into() };
         config.validate().map_err(|e| anyhow::anyhow!("{}", demo_flag_error(e)))?;
+        let adapters = common.adapter_settings()?;
         check_data_dir_is_the_demos(&common.data_dir, args.force)?;
         let faults = if args.chaos { Faults::chaos() } else { Faults::default() };
-        Ok(DemoPlan { embedded, table, run_key, secret, config, faults })
+        Ok(DemoPlan { embedded, table, run_key, secret, config, adapters, faults })
     }
 
     /// Marks the data dir as the demo's and clears what an earlier demo left.
@@ -417,12 +423,12 @@ struct DemoAdapters {
 
 async fn open_adapters(args: &DemoArgs, plan: &DemoPlan) -> Result<DemoAdapters> {
     let common = &args.common;
-    let settings = common.adapter_settings()?;
+    let settings = &plan.adapters;
     let aws = Aws::default();
-    let store = compose::open_store(&settings, true, &aws).await?;
+    let store = compose::open_store(settings, true, &aws).await?;
     let concurrent_migrations = if args.chaos {
         // Cold starts of a fan-out migrate at once: eight more stores, each migrating.
-        let others = futures::future::join_all((0..8).map(|_| compose::open_store(&settings, true, &aws))).await;
+        let others = futures::future::join_all((0..8).map(|_| compose::open_store(settings, true, &aws))).await;
         others.into_iter().collect::<Result<Vec<_>, _>>()?.len()
     } else {
         0
@@ -543,12 +549,9 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         let (id, email, ..) = synthetic_user(i, args.seed);
         crate::audit::Recipient { key: id.to_string(), address: email }
     });
-    let found = crate::audit::exactly_once(engine, &ran.run_id, recipients, outbox.as_deref().unwrap_or(&[])).await?;
+    let found = crate::audit::exactly_once(engine, &ran.run_id, recipients, outbox.as_deref()).await?;
     let run = ran.status;
-    let mut checks_passed = run.accounted() && run.claimed == 0;
-    if outbox.is_some() {
-        checks_passed &= found.holds();
-    }
+    let mut checks_passed = run.accounted() && run.claimed == 0 && found.holds();
     if args.chaos {
         checks_passed &= run.unknown as u64 <= injected.ambiguous_outcomes;
     }
@@ -561,6 +564,7 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         missed_users: found.missed.len(),
         unknown_users: found.unknown,
         duplicated_addresses: found.duplicated,
+        undeliverable_mailed: found.undeliverable_mailed,
         hops,
         injected,
         faults: plan.faults.clone(),
@@ -651,6 +655,11 @@ fn print_checks(s: &DemoSummary) {
             s.valid_users,
             s.missed_users,
             s.unknown_users
+        );
+        println!(
+            "  {} nobody undeliverable was mailed ({})",
+            mark(s.undeliverable_mailed.is_empty()),
+            s.undeliverable_mailed.len()
         );
     }
     println!(

@@ -77,7 +77,7 @@ pub struct Common {
     #[arg(long, env = "BATON_DB_SECRET_ARN", global = true)]
     pub db_secret_arn: Option<String>,
     /// Database name, for `--store data-api`.
-    #[arg(long, env = "BATON_DB_NAME", default_value = "baton", global = true)]
+    #[arg(long, env = "BATON_DB_NAME", default_value = crate::compose::DEFAULT_DB_NAME, global = true)]
     pub db_name: String,
     /// How mail goes out.
     #[arg(long, env = "BATON_MAILER", value_enum, default_value = "outbox", global = true)]

@@ -4,18 +4,15 @@
 //! (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_SESV2`, `AWS_ENDPOINT_URL_LAMBDA`,
 //! `AWS_ENDPOINT_URL_RDS_DATA`), so each can point at a local fake.
 
-use std::sync::Arc;
-
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 
 use super::Common;
 use crate::adapters::aws::data_api::DataApiTarget;
 use crate::adapters::aws::invoke::LambdaInvoker;
-use crate::compose::{self, AdapterSettings, Adapters, Aws, InvokerSettings, MailerSettings, StoreSettings};
+use crate::compose::{self, AdapterSettings, Aws, InvokerSettings, MailerSettings, StoreSettings};
 use crate::config::Config;
 use crate::runtime::Runtime;
-use crate::sql::SqlStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
@@ -70,16 +67,20 @@ impl Common {
                          BATON_DB_SECRET_ARN)"
                     );
                 };
+                // An empty variable means unset, as in Lambda mode.
+                let database = Some(self.db_name.clone()).filter(|d| !d.is_empty());
                 StoreSettings::DataApi(DataApiTarget {
                     resource_arn: resource_arn.clone(),
                     secret_arn: secret_arn.clone(),
-                    database: self.db_name.clone(),
+                    database: database.unwrap_or_else(|| compose::DEFAULT_DB_NAME.into()),
                 })
             }
         };
         let mailer = match self.mailer {
             MailerKind::Outbox => MailerSettings::Outbox { dir: self.data_dir.join("outbox") },
-            MailerKind::Ses => MailerSettings::Ses { configuration_set: self.ses_configuration_set.clone() },
+            MailerKind::Ses => {
+                MailerSettings::Ses { configuration_set: self.ses_configuration_set.clone().filter(|c| !c.is_empty()) }
+            }
         };
         let invoker = match (self.invoker, &self.function) {
             (InvokerKind::Local, _) => InvokerSettings::Local,
@@ -114,12 +115,6 @@ impl Use {
     fn needs_config(self) -> bool {
         matches!(self, Use::Create | Use::Preview)
     }
-}
-
-/// The state store chosen by the flags, migrated. With `create` false, a missing SQLite
-/// database is an error and nothing is created.
-pub async fn open_store(common: &Common, create: bool) -> Result<Arc<dyn SqlStore>> {
-    Ok(compose::open_store(&common.adapter_settings()?, create, &Aws::default()).await?)
 }
 
 /// One line saying where this command's mail went.
@@ -160,11 +155,7 @@ pub fn load_config(common: &Common, required: bool) -> Result<Config> {
 /// The engine on the adapters the flags choose, for a command that may do `use_`.
 pub async fn open_runtime(common: &Common, use_: Use) -> Result<Runtime> {
     let config = load_config(common, use_.needs_config())?;
-    let settings = common.adapter_settings()?;
-    let aws = Aws::default();
-    let store = compose::open_store(&settings, use_.creates(), &aws).await?;
-    let mailer = compose::open_mailer(&settings.mailer, &Default::default(), 0, &aws).await?;
-    Ok(compose::assemble(Adapters::new(store, mailer.port(), config), &settings.invoker, &aws).await)
+    Ok(compose::build(&common.adapter_settings()?, config, use_.creates(), &Aws::default()).await?)
 }
 
 /// The operator's emergency brake and its release, on `--function`.

@@ -52,6 +52,21 @@ struct ThisHop<'a> {
     deadline: Instant,
 }
 
+/// Whether a hop may run.
+enum Admission {
+    Admitted,
+    /// It may not, and this is its outcome.
+    Refused(Outcome),
+}
+
+/// How a hop's page loop ended.
+enum LoopEnd {
+    /// The budget is spent (or a page needs another hop): the next hop continues the chain.
+    HandOver,
+    /// The chain stops here: it ended, completed the run, parked or stopped.
+    ChainStops(HopNext),
+}
+
 /// Why no page was claimed, and what the hop does about it.
 enum NoPage {
     /// Pages are claimable: a concurrent claim won the race. Claim again.
@@ -63,10 +78,21 @@ enum NoPage {
 /// What processing one page amounted to.
 #[derive(Default)]
 struct PageReport {
+    /// Every item settled: the page can be done (else it is released to be claimed again).
     finished: bool,
+    /// Items failed on this page, counted against the failure threshold.
     failures: u64,
-    pause_reason: Option<String>,
-    fail_reason: Option<String>,
+    /// The page found that the whole run must stop.
+    stop: Option<RunStop>,
+}
+
+/// Why a page stops its whole run, and how.
+enum RunStop {
+    /// Pause, with the reason (the account stopped sending, the source changed): `baton
+    /// resume` continues once it is fixed.
+    Pause(String),
+    /// Fail, with the reason (a range kind's statement failed for good).
+    Fail(String),
 }
 
 /// The reason recorded for a send still in flight when the hop had to stop waiting for it.
@@ -97,8 +123,8 @@ impl Engine {
         let deadline = deadline.min(Instant::now() + self.config.settings.hop_timeout);
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
-        if let Some(refused) = self.refuse_hop(&run, chain, hop).await? {
-            return Ok(refused);
+        if let Admission::Refused(outcome) = self.admit(&run, chain, hop).await? {
+            return Ok(outcome);
         }
         // The fork guard: only one delivery of hop `hop` gets past this compare-and-set of the
         // chain's `next_hop` from `hop` to `hop + 1`. The token tells this invocation's own
@@ -119,8 +145,8 @@ impl Engine {
         }
         let soft = soft_deadline(deadline, self.config.settings.hop_margin);
         let this = ThisHop { run: &run, chain, hop, token: &token, job: &job, soft, deadline };
-        let (pages, ended) = self.page_loop(&this).await?;
-        if let Some(next) = ended {
+        let (pages, end) = self.page_loop(&this).await?;
+        if let LoopEnd::ChainStops(next) = end {
             return Ok(Outcome::Hopped { pages, next });
         }
         self.wait_for_rate(&job, soft).await;
@@ -136,27 +162,27 @@ impl Engine {
         }
     }
 
-    /// Why this hop must not run, as its outcome: the run is over (the chain ends with it),
-    /// the chain is past its hop budget (a runaway), or the run is past its deadline.
-    async fn refuse_hop(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Option<Outcome>, EngineError> {
+    /// Whether this hop may run. It may not when the run is over (the chain ends with it), the
+    /// chain is past its hop budget (a runaway), or the run is past its deadline.
+    async fn admit(&self, run: &RunRow, chain: i64, hop: i64) -> Result<Admission, EngineError> {
         if run.is_terminal() {
             // The chain was waiting for this hop: it ends with its run.
             let end = st::set_chain_status(&run.run_id, chain, Some(hop - 1), ChainState::Ended, None);
             self.sql(end).await?;
-            return Ok(Some(Outcome::Hopped { pages: 0, next: HopNext::Stopped }));
+            return Ok(Admission::Refused(Outcome::Hopped { pages: 0, next: HopNext::Stopped }));
         }
         if hop > run.max_hops {
             let reason = format!(
                 "chain {chain} reached hop {hop}, beyond its budget of {} hops: stopped as a runaway",
                 run.max_hops
             );
-            return self.fail_run(run, chain, &reason).await.map(Some);
+            return self.fail_run(run, chain, &reason).await.map(Admission::Refused);
         }
         if self.now_ms() > run.deadline_at {
             let reason = "the run passed its deadline (jobs.NAME.run_deadline)";
-            return self.fail_run(run, chain, reason).await.map(Some);
+            return self.fail_run(run, chain, reason).await.map(Admission::Refused);
         }
-        Ok(None)
+        Ok(Admission::Admitted)
     }
 
     /// This environment cannot run the job (a secret missing or too short, a kind not
@@ -180,9 +206,9 @@ impl Engine {
         Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked })
     }
 
-    /// Claims and processes pages until the budget is nearly spent. Returns the pages done and,
-    /// when the chain should not continue, how it ended.
-    async fn page_loop(&self, this: &ThisHop<'_>) -> Result<(u32, Option<HopNext>), EngineError> {
+    /// Claims and processes pages until the budget is nearly spent. Returns the pages done and
+    /// whether the chain continues.
+    async fn page_loop(&self, this: &ThisHop<'_>) -> Result<(u32, LoopEnd), EngineError> {
         let soft = this.soft;
         // Unique per invocation: a duplicate delivery that somehow got this far could not pass
         // for this hop's lease holder.
@@ -197,7 +223,7 @@ impl Engine {
             let claim = st::claim_page(&run.run_id, chain, this.hop, run.chains, &owner, self.now_ms(), lease_ms);
             let Some(page) = self.sql(claim).await?.first().map(Page::from_record).transpose()? else {
                 match self.no_page(run, chain, this.hop, this.token).await? {
-                    NoPage::Then(next) => return Ok((pages, Some(next))),
+                    NoPage::Then(next) => return Ok((pages, LoopEnd::ChainStops(next))),
                     NoPage::TryAgain if retries < CLAIM_RETRIES => {
                         retries += 1;
                         continue;
@@ -212,27 +238,28 @@ impl Engine {
             };
             let ms = page_started.elapsed().as_millis() as u64;
             tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
-            self.close_page(this, &owner, &page, &report).await?;
+            let now = self.close_page(this, &owner, &page, &report).await?;
             pages += 1;
             slowest = slowest.max(page_started.elapsed());
+            self.act_on_page(run, &report, now).await?;
             // A page that needs another invocation (budget spent mid-page, or the kind said so)
             // hands over to the next hop rather than spin on it here.
             if self.config.settings.max_pages_per_hop.is_some_and(|max| pages >= max) || !report.finished {
                 break;
             }
         }
-        Ok((pages, None))
+        Ok((pages, LoopEnd::HandOver))
     }
 
-    /// After a page: finish or release it, heartbeat (with when the chain may send next), and
-    /// act on what the page found (a fatal failure, a pause, the failure threshold).
+    /// After a page: finish or release it, and heartbeat (with when the chain may send next).
+    /// Returns the time it used.
     async fn close_page(
         &self,
         this: &ThisHop<'_>,
         owner: &str,
         page: &Page,
         report: &PageReport,
-    ) -> Result<(), EngineError> {
+    ) -> Result<i64, EngineError> {
         let (run_id, now) = (this.run.run_id.as_str(), self.now_ms());
         self.finish_page(run_id, page.page_no, owner, report.finished).await?;
         let send_after = match this.job {
@@ -240,12 +267,22 @@ impl Engine {
             Job::Ranges(_) => None,
         };
         self.sql(st::heartbeat(run_id, this.chain, this.hop, now, send_after)).await?;
-        if let Some(reason) = &report.fail_reason {
-            self.sql(st::set_run_status(run_id, RunState::Failed, Some(reason), now)).await?;
-        } else if let Some(reason) = &report.pause_reason {
-            self.sql(st::set_run_status(run_id, RunState::Pausing, Some(reason), now)).await?;
-        } else if report.failures > 0 {
-            self.check_failure_threshold(this.run).await?;
+        Ok(now)
+    }
+
+    /// Acts on what a page found: a fatal failure fails the run, a stop pauses it, failures
+    /// count against the threshold.
+    async fn act_on_page(&self, run: &RunRow, report: &PageReport, now: i64) -> Result<(), EngineError> {
+        let run_id = run.run_id.as_str();
+        match &report.stop {
+            Some(RunStop::Fail(reason)) => {
+                self.sql(st::set_run_status(run_id, RunState::Failed, Some(reason), now)).await?;
+            }
+            Some(RunStop::Pause(reason)) => {
+                self.sql(st::set_run_status(run_id, RunState::Pausing, Some(reason), now)).await?;
+            }
+            None if report.failures > 0 => self.check_failure_threshold(run).await?,
+            None => {}
         }
         Ok(())
     }
@@ -369,9 +406,13 @@ impl Engine {
         job: &Arc<dyn ItemJob>,
         (soft, deadline): (Instant, Instant),
     ) -> Result<PageReport, EngineError> {
-        let (work, decided) = match self.claim_items(run, owner, page, soft).await? {
+        let (work, decided) = match self.claim_items(run, owner, page, job, soft).await? {
             Claim::Empty => return Ok(PageReport { finished: true, ..Default::default() }),
             Claim::TooLate => return Ok(PageReport::default()),
+            Claim::SourceChanged(why) => {
+                let reason = format!("{why}; fix the source, then `baton resume`");
+                return Ok(PageReport { stop: Some(RunStop::Pause(reason)), ..Default::default() });
+            }
             Claim::Mine { work, decided } => (work, decided),
         };
         let cx = ItemContext {
@@ -381,8 +422,13 @@ impl Engine {
             soft_deadline: soft,
         };
         let outcomes = send_until_cutoff(job, work, cx, deadline, page.page_no).await;
-        let resend = resend_ambiguous(&run.job_config).then_some(page.attempts);
-        let settled = settle(outcomes, decided, resend);
+        // At-least-once: an outcome that may not have happened is sent again by a later hop, up
+        // to RESEND_CLAIMS claims of the page, never parked as `unknown`.
+        let on_unknown = match resend_ambiguous(&run.job_config) && page.attempts < RESEND_CLAIMS {
+            true => OnUnknown::SendAgain,
+            false => OnUnknown::Record,
+        };
+        let settled = settle(outcomes, decided, on_unknown);
         let now = self.now_ms();
         let id = run.run_id.as_str();
         // Results first, then releases: an item is either recorded or free again, never both.
@@ -395,23 +441,65 @@ impl Engine {
         Ok(settled.report)
     }
 
+    /// A re-offered page: settles what a dead owner left claimed (see the ambiguity policy).
+    /// Returns the keys taken over to be sent again (at-least-once).
+    async fn take_over_stale_claims(
+        &self,
+        run: &RunRow,
+        page: &Page,
+        owner: &str,
+    ) -> Result<HashSet<String>, EngineError> {
+        if page.attempts <= 1 {
+            return Ok(HashSet::new());
+        }
+        let resend = resend_ambiguous(&run.job_config);
+        let stmt = st::settle_stale_claims(&run.run_id, page.page_no, owner, resend, self.now_ms());
+        let settled = self.sql(stmt).await?;
+        Ok(if resend { item_keys(&settled)? } else { HashSet::new() })
+    }
+
+    /// The page's source rows, or why the source no longer serves the run as it was checked at
+    /// start. A source query that worked at start and fails now (a table or column renamed or
+    /// dropped) would fail every hop and restart the same way until the run's deadline.
+    async fn load_rows(
+        &self,
+        run: &RunRow,
+        page: &Page,
+        job: &Arc<dyn ItemJob>,
+    ) -> Result<Result<Rows, String>, EngineError> {
+        let cfg = &run.job_config;
+        let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
+        let hi = run.key_type.value(&page.hi);
+        let rows = match self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await {
+            Err(SqlError::Statement { message }) => return Ok(Err(format!("the job's source query fails: {message}"))),
+            other => other?,
+        };
+        Ok(match source_changed(&rows, &cfg.key_column, job.as_ref()) {
+            Some(why) => Err(why),
+            None => Ok(rows),
+        })
+    }
+
     /// Loads the page's rows and claims its items in the ledger, before any side effect. Rows
     /// that cannot be sent (a mistyped or duplicated key, a claim whose row left the source) are
     /// decided here and claimed with the rest, so they are recorded in the same statements.
-    async fn claim_items(&self, run: &RunRow, owner: &str, page: &Page, soft: Instant) -> Result<Claim, EngineError> {
+    async fn claim_items(
+        &self,
+        run: &RunRow,
+        owner: &str,
+        page: &Page,
+        job: &Arc<dyn ItemJob>,
+        soft: Instant,
+    ) -> Result<Claim, EngineError> {
         let (id, cfg) = (run.run_id.as_str(), &run.job_config);
-        let resend = resend_ambiguous(cfg);
-        let mut retaken: HashSet<String> = HashSet::new();
-        if page.attempts > 1 {
-            // A re-offered page: settle what a dead owner left claimed (see the ambiguity policy).
-            let settled = self.sql(st::settle_stale_claims(id, page.page_no, owner, resend, self.now_ms())).await?;
-            if resend {
-                retaken = item_keys(&settled)?;
+        let retaken = self.take_over_stale_claims(run, page, owner).await?;
+        let rows = match self.load_rows(run, page, job).await? {
+            Ok(rows) => rows,
+            Err(why) => {
+                tracing::error!(page = page.page_no, why, "pausing the run");
+                return Ok(Claim::SourceChanged(why));
             }
-        }
-        let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
-        let hi = run.key_type.value(&page.hi);
-        let rows = self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await?;
+        };
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
         let (loaded, mistyped) = refuse_mistyped_keys(loaded, &cfg.key_column, run.key_type);
@@ -461,7 +549,10 @@ impl Engine {
                 tracing::warn!(page = page.page_no, error = e, "page will be retried");
                 PageReport::default()
             }
-            Err(e) => PageReport { fail_reason: Some(format!("page {}: {e}", page.page_no)), ..Default::default() },
+            Err(e) => {
+                let reason = format!("page {}: {e}", page.page_no);
+                PageReport { stop: Some(RunStop::Fail(reason)), ..Default::default() }
+            }
         })
     }
 }
@@ -477,8 +568,26 @@ enum Claim {
     Empty,
     /// The page took too long to load: nothing claimed, the page is released.
     TooLate,
+    /// The source lost a column the run needs since it started: nothing claimed, the run
+    /// pauses with the reason.
+    SourceChanged(String),
     /// The items this hop holds: those to process, and those already decided (recorded as is).
     Mine { work: Vec<Item>, decided: Vec<LedgerResult> },
+}
+
+/// Why the page's rows cannot be processed as the run was checked at start: the key column or
+/// a column the kind needs is gone (renamed, dropped) from the source. Without this check every
+/// remaining item would read the missing column as NULL: skipped for good, or failed as
+/// mistyped, and the run would end "succeeded".
+fn source_changed(rows: &Rows, key_column: &str, job: &dyn ItemJob) -> Option<String> {
+    if rows.rows.is_empty() {
+        return None; // some stores name no columns for an empty result
+    }
+    if rows.column(key_column).is_none() {
+        let columns = rows.columns.join(", ");
+        return Some(format!("the job's source no longer has its key column `{key_column}` (it has: {columns})"));
+    }
+    job.check(&rows.columns, None).err().map(|e| format!("the job's source changed since the run started: {e}"))
 }
 
 /// Claims taken over from a dead owner whose row has left the source since: nothing to send,
@@ -558,17 +667,23 @@ struct Settled {
     released: Vec<String>,
 }
 
-/// Sorts outcomes into ledger results and released claims. `resend` is the page's claim
-/// count under at-least-once (`None` under at-most-once): an outcome that may not have
-/// happened is then sent again by a later hop, up to [`RESEND_CLAIMS`] claims, never parked as
-/// `unknown`.
-fn settle(outcomes: Vec<(String, ItemOutcome)>, decided: Vec<LedgerResult>, resend: Option<i64>) -> Settled {
+/// What becomes of an item whose outcome is unknown (the ambiguity policy, per page).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnUnknown {
+    /// Recorded `unknown`: never sent again (at-most-once, or at-least-once past its claims).
+    Record,
+    /// Released, so a later hop sends it again (at-least-once).
+    SendAgain,
+}
+
+/// Sorts outcomes into ledger results and released claims.
+fn settle(outcomes: Vec<(String, ItemOutcome)>, decided: Vec<LedgerResult>, on_unknown: OnUnknown) -> Settled {
     let mut report = PageReport { finished: true, ..Default::default() };
     report.failures += decided.iter().filter(|(_, state, _)| *state == ItemState::Failed).count() as u64;
     let (mut results, mut released) = (decided, Vec::new());
     for (key, outcome) in outcomes {
         let outcome = match outcome {
-            ItemOutcome::Unknown(_) if resend.is_some_and(|claims| claims < RESEND_CLAIMS) => ItemOutcome::Released,
+            ItemOutcome::Unknown(_) if on_unknown == OnUnknown::SendAgain => ItemOutcome::Released,
             other => other,
         };
         match outcome.ledger() {
@@ -578,7 +693,7 @@ fn settle(outcomes: Vec<(String, ItemOutcome)>, decided: Vec<LedgerResult>, rese
             }
             None => {
                 if let ItemOutcome::PauseRun(reason) = outcome {
-                    report.pause_reason = Some(format!("sending stopped: {reason}"));
+                    report.stop = Some(RunStop::Pause(format!("sending stopped: {reason}")));
                 }
                 released.push(key);
             }

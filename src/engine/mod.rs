@@ -62,8 +62,6 @@ pub enum EngineError {
     RunNotFound(String),
     #[error("invalid run key `{shown}`: {why}", shown = crate::text::printable_short(.0), why = .1)]
     RunKey(String, String),
-    #[error("cannot continue the chain: {0}")]
-    Invoke(#[from] InvokeError),
     #[error(
         "run {run_id} is {status}: it cannot {action} (a run that ended stays ended; start a new one with \
          `baton run JOB --run-key KEY`)"
@@ -80,8 +78,9 @@ pub enum EngineError {
 /// In Lambda every class fails the invocation, on purpose: with `MaximumRetryAttempts: 0` the
 /// event then lands in the on-failure queue and counts in `Errors`, so nothing fails quietly.
 /// What differs is who acts: a `Retryable` failure of a hop is recovered by the sweeper on its
-/// own (from the chain's checkpoint); a `Rejected` request needs fixing by its sender; `Fatal`
-/// needs an operator.
+/// own (from the chain's checkpoint), while a `start` or `control` that failed retryably waits
+/// in the on-failure queue to be sent again; a `Rejected` request needs fixing by its sender;
+/// `Fatal` needs an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
@@ -102,13 +101,13 @@ impl EngineError {
             EngineError::Event(_)
             | EngineError::RunKey(..)
             | EngineError::Config(_)
-            | EngineError::Job(_)
+            | EngineError::Job(JobError::Invalid { .. })
             | EngineError::RunNotFound(_)
             | EngineError::NotAllowed { .. } => ErrorClass::Rejected,
             EngineError::Sql(e) if e.is_transient() => ErrorClass::Retryable,
-            EngineError::Invoke(e) if !e.is_fatal() => ErrorClass::Retryable,
+            EngineError::Job(JobError::Transient(_)) => ErrorClass::Retryable,
             EngineError::Sql(_)
-            | EngineError::Invoke(_)
+            | EngineError::Job(JobError::Fatal(_))
             | EngineError::State(_)
             | EngineError::MailerUnavailable(_) => ErrorClass::Fatal,
         }
@@ -125,7 +124,6 @@ impl EngineError {
             EngineError::Sql(_) => "baton.DatabaseError",
             EngineError::RunNotFound(_) => "baton.RunNotFound",
             EngineError::NotAllowed { .. } => "baton.NotAllowed",
-            EngineError::Invoke(_) => "baton.InvokeFailed",
             EngineError::State(_) => "baton.CorruptState",
             EngineError::MailerUnavailable(_) => "baton.MailerUnavailable",
         }
@@ -344,9 +342,10 @@ mod tests {
         assert_eq!(class(EngineError::RunNotFound("r".into())), ErrorClass::Rejected);
         assert_eq!(class(EngineError::Sql(SqlError::transient("resuming"))), ErrorClass::Retryable);
         assert_eq!(class(EngineError::Sql(SqlError::statement("syntax"))), ErrorClass::Fatal);
-        assert_eq!(class(EngineError::Invoke(InvokeError::Ambiguous("timeout".into()))), ErrorClass::Retryable);
-        assert_eq!(class(EngineError::Invoke(InvokeError::Retryable("429".into()))), ErrorClass::Retryable);
-        assert_eq!(class(EngineError::Invoke(InvokeError::Fatal("recursion".into()))), ErrorClass::Fatal);
+        assert_eq!(class(EngineError::Job(JobError::Transient("resuming".into()))), ErrorClass::Retryable);
+        assert_eq!(class(EngineError::Job(JobError::Fatal("bad statement".into()))), ErrorClass::Fatal);
+        let invalid = JobError::Invalid { field: "jobs.x.source".into(), message: "no table".into() };
+        assert_eq!(class(EngineError::Job(invalid)), ErrorClass::Rejected);
         assert_eq!(class(EngineError::State("bad row".into())), ErrorClass::Fatal);
     }
 }

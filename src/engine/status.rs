@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::run::{self, ChainStatus, RunRow, RunStatus};
 use super::state::{ChainState, RunState, State};
 use super::{Engine, EngineError};
-use crate::jobs::Job;
+use crate::jobs::{Job, KindRegistry};
 use crate::sql::{Record, Rows, SqlError, statements as st};
 
 impl Engine {
@@ -63,11 +63,8 @@ impl Engine {
     /// pages). Item kinds are counted from the ledger only, so a page done with nothing recorded
     /// never counts as mail sent.
     fn is_range_kind(&self, run: &RunRow) -> bool {
-        match run.job_config.kind.as_str() {
-            "sql" => true,
-            "newsletter" => false,
-            _ => matches!(self.build_job(&run.job, &run.job_config), Ok(Job::Ranges(_))),
-        }
+        KindRegistry::builtin_works_on_ranges(&run.job_config.kind)
+            .unwrap_or_else(|| matches!(self.build_job(&run.job, &run.job_config), Ok(Job::Ranges(_))))
     }
 
     /// Progress without scanning the ledger: cheap enough to poll while the run goes.

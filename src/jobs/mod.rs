@@ -176,6 +176,16 @@ impl KindRegistry {
         self.custom.insert(kind.to_owned(), builder);
     }
 
+    /// Whether `kind` works on whole key ranges (no ledger), where that is known without
+    /// building a job: for the built-in kinds.
+    pub fn builtin_works_on_ranges(kind: &str) -> Option<bool> {
+        match kind {
+            "newsletter" => Some(false),
+            "sql" => Some(true),
+            _ => None,
+        }
+    }
+
     pub fn build(&self, name: &str, config: &JobConfig, deps: &JobDeps) -> Result<Job, JobError> {
         match config.kind.as_str() {
             "newsletter" => Ok(Job::Items(Arc::new(newsletter::Newsletter::new(name, config, deps)?))),

@@ -308,7 +308,9 @@ impl<'a> Record<'a> {
 }
 
 /// Errors of the SQL port. `Transient` errors may succeed when retried (a resuming database,
-/// a statement timeout, a dropped connection); `Statement` errors will not.
+/// a statement timeout, a dropped connection) and may or may not have committed (ambiguous:
+/// the engine only re-runs statements safe to re-run); `Statement` errors did not commit and
+/// will not on retry.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
     #[error("database statement failed: {message}")]
@@ -339,8 +341,12 @@ impl SqlError {
 
 /// The SQL port. Adapters: SQLite (embedded), PostgreSQL (direct), RDS Data API (Lambda).
 ///
-/// Error contract: a failed `query` changed nothing (each statement is atomic); a failed
-/// `transaction` changed nothing. `SqlError::Transient` marks errors worth retrying.
+/// Error contract: each statement, and each `transaction`, is atomic: it committed whole or not
+/// at all. `SqlError::Statement` means it did not commit and will not on retry. A
+/// `SqlError::Transient` error is worth retrying, but says nothing about whether the statement
+/// committed: a dropped connection, a timeout or a lost response can follow a commit. Callers
+/// therefore only re-run statements that are safe to re-run after they committed (every one in
+/// [`statements`] is; see the engine's `Engine::sql`).
 #[async_trait]
 pub trait SqlStore: Send + Sync {
     async fn query(&self, stmt: Stmt) -> Result<Rows, SqlError>;

@@ -809,6 +809,12 @@ fn in_list(params: &mut Params, prefix: &str, values: impl Iterator<Item = Value
 
 // ---- `baton demo`'s synthetic users ---------------------------------------------------------
 
+/// SQLite, read-only, before the demo replaces a data dir: the tables a `baton.db` holds.
+pub const SQLITE_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table'";
+
+/// SQLite, read-only, before the demo replaces a data dir: a run other than `(?1, ?2)`, if any.
+pub const RUN_OTHER_THAN: &str = "SELECT job, run_key FROM baton_runs WHERE job <> ?1 OR run_key <> ?2 LIMIT 1";
+
 /// One synthetic user: id, email (NULL for a few), name, city, plan.
 pub type DemoUser = (i64, Option<String>, String, &'static str, &'static str);
 

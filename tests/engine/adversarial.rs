@@ -19,6 +19,7 @@ use baton::sql::{Params, SqlStore, Stmt, migrations, statements as st};
 use tokio::time::Instant;
 
 use crate::support::*;
+use baton::compose::Adapters;
 
 /// Every statement a run issues, from start to completion (one chain, no re-offered page).
 const RUN_STATEMENTS: [&str; 16] = [
@@ -711,14 +712,10 @@ pub async fn a_hop_that_cannot_build_its_job_pauses_the_run(b: Backend) {
     let run = m.start().await;
     let mut no_secret = newsletter_job(5, 1);
     no_secret.newsletter.as_mut().unwrap().unsubscribe_secret = None;
-    let other = baton::engine::Engine::new(baton::engine::EngineParts {
-        store: m.store.clone(),
-        invoker: m.invoker.clone(),
-        mailer: m.mailer.clone(),
-        clock: Arc::new(m.clock.clone()),
-        config: baton::config::Config { settings: m.settings.clone(), jobs: [(JOB.to_owned(), no_secret)].into() },
-        kinds: KindRegistry::default(),
-    });
+    let config = baton::config::Config { settings: m.settings.clone(), jobs: [(JOB.to_owned(), no_secret)].into() };
+    let adapters =
+        Adapters { clock: Arc::new(m.clock.clone()), ..Adapters::new(m.store.clone(), m.mailer.clone(), config) };
+    let other = baton::engine::Engine::new(adapters.engine_parts(m.invoker.clone()));
     let hop = m.next_event().expect("hop 1 was invoked");
     let outcome = other.handle(hop, Instant::now() + Duration::from_secs(5)).await.unwrap();
     assert_eq!(outcome, Outcome::Hopped { pages: 0, next: HopNext::Parked });
@@ -801,4 +798,38 @@ pub async fn a_raised_rate_takes_effect_without_waiting_out_the_old_pace(b: Back
     assert_eq!(status.status, RunState::Succeeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     h.assert_exactly_once(&run, &users).await;
+}
+
+/// Failed before: with the email column of a `SELECT *` source renamed mid-run, every remaining
+/// recipient was recorded `skipped` ("no address") for good and the run ended `succeeded`; with
+/// a source that names the column, every hop and restart failed until the run's deadline.
+pub async fn a_source_column_that_disappears_mid_run_pauses_the_run(b: Backend) {
+    for (source, says) in
+        [("SELECT * FROM users", "`email`"), ("SELECT id, email, name FROM users", "source query fails")]
+    {
+        let mut job = newsletter_job(5, 1);
+        job.source = source.into();
+        renamed_mid_run(b, job, says).await;
+    }
+}
+
+async fn renamed_mid_run(b: Backend, job: baton::config::JobConfig, says: &str) {
+    let users = int_users(10);
+    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    let run = m.start().await;
+    raw(&m, "ALTER TABLE users RENAME COLUMN email TO mail").await;
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Paused, "{status:?}");
+    assert!(status.reason.as_deref().unwrap_or_default().contains(says), "{says}: {status:?}");
+    assert_eq!((status.done, status.skipped, status.failed), (0, 0, 0), "nothing recorded: {status:?}");
+    assert!(m.sent().is_empty());
+    // With the column back, resume finishes the run, everyone once.
+    raw(&m, "ALTER TABLE users RENAME COLUMN mail TO email").await;
+    m.engine.control(&run, ControlAction::Resume).await.unwrap();
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert!(duplicates(&m.sent()).is_empty());
+    assert_eq!(m.sent().len() as i64, status.done);
 }

@@ -210,6 +210,28 @@ async fn invoke_retries_throttling_and_names_the_fix_for_recursive_loops() {
     assert_eq!(recursive.num_calls(), 1);
 }
 
+/// Failed before: a missing function or a role without `lambda:InvokeFunction` was "retryable",
+/// so every hop and sweeper restart failed the same way until the run's deadline.
+#[tokio::test]
+async fn invoke_fails_the_run_at_once_when_the_function_or_its_permission_is_wrong() {
+    use aws_sdk_lambda::error::ErrorMetadata;
+    use aws_sdk_lambda::types::error::*;
+    let missing = mock!(aws_sdk_lambda::Client::invoke).then_error(|| {
+        LInvokeError::ResourceNotFoundException(
+            ResourceNotFoundException::builder().message("Function not found: baton").build(),
+        )
+    });
+    let denied = mock!(aws_sdk_lambda::Client::invoke).then_error(|| {
+        LInvokeError::generic(ErrorMetadata::builder().code("AccessDeniedException").message("not authorized").build())
+    });
+    for (rule, fix) in [(&missing, "lambda:InvokeFunction"), (&denied, "lambda:InvokeFunction")] {
+        let client = mock_client!(aws_sdk_lambda, [rule]);
+        let err = LambdaInvoker::new(client, "baton").invoke(&hop()).await.unwrap_err();
+        assert!(matches!(&err, InvokeError::Fatal(m) if m.contains(fix)), "{err:?}");
+        assert_eq!(rule.num_calls(), 1, "not retried");
+    }
+}
+
 #[tokio::test]
 async fn invoke_refuses_payloads_over_one_megabyte_without_calling() {
     let rule = mock!(aws_sdk_lambda::Client::invoke).then_output(|| InvokeOutput::builder().status_code(202).build());

@@ -11,8 +11,7 @@ use baton::adapters::aws::invoke::LambdaInvoker;
 use baton::adapters::aws::ses::SesMailer;
 use baton::adapters::postgres::PostgresStore;
 use baton::config::Config;
-use baton::engine::{Engine, EngineParts, Outcome};
-use baton::jobs::KindRegistry;
+use baton::engine::{Engine, Outcome};
 use baton::sql::{Params, SqlStore, Stmt};
 
 use crate::fakes::{FakeDataApi, FakeLambda, sdk_config, serve_data_api, serve_lambda};
@@ -47,14 +46,11 @@ async fn a_newsletter_of_2000_users_runs_entirely_through_the_aws_adapters() {
     settings.max_pages_per_hop = Some(3);
     let mut job = newsletter_job(50, 4);
     job.newsletter.as_mut().unwrap().from = "Aurora News <aurora@example.com>".into();
-    let engine = Arc::new(Engine::new(EngineParts {
-        store: data_api_store.clone(),
-        invoker: Arc::new(LambdaInvoker::new(aws_sdk_lambda::Client::new(&sdk_config(&lambda_url)), "baton")),
-        mailer: Arc::new(SesMailer::new(SesMailer::client_from(&sdk_config(&moto)), None)),
-        clock: Arc::new(baton::ports::SystemClock),
-        config: Config { settings, jobs: [(JOB.to_owned(), job)].into() },
-        kinds: KindRegistry::default(),
-    }));
+    let mailer = Arc::new(SesMailer::new(SesMailer::client_from(&sdk_config(&moto)), None));
+    let config = Config { settings, jobs: [(JOB.to_owned(), job)].into() };
+    let invoker = Arc::new(LambdaInvoker::new(aws_sdk_lambda::Client::new(&sdk_config(&lambda_url)), "baton"));
+    let adapters = baton::compose::Adapters::new(data_api_store.clone(), mailer, config);
+    let engine = Arc::new(Engine::new(adapters.engine_parts(invoker)));
     assert!(lambda.engine.set(engine.clone()).is_ok());
 
     let Outcome::Started { run_id, items, .. } = engine.start(JOB, Some("2026-12")).await.unwrap() else { panic!() };

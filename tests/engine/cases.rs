@@ -725,14 +725,12 @@ pub async fn whole_run_through_the_lambda_invoke_api_with_duplicates(b: Backend)
     let outbox_dir = dir.path().join("outbox");
     let mut settings = test_settings();
     settings.max_pages_per_hop = Some(2);
-    let engine = Arc::new(baton::engine::Engine::new(baton::engine::EngineParts {
-        store: store.clone(),
-        invoker: Arc::new(baton::adapters::aws::invoke::LambdaInvoker::new(client, "baton")),
-        mailer: Arc::new(baton::adapters::local::outbox::Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap()),
-        clock: Arc::new(baton::ports::SystemClock),
-        config: Config { settings, jobs: [(JOB.to_owned(), newsletter_job(10, 4))].into() },
-        kinds: KindRegistry::default(),
-    }));
+    let mailer =
+        Arc::new(baton::adapters::local::outbox::Outbox::new(&outbox_dir, Faults::default(), 1, None).unwrap());
+    let config = Config { settings, jobs: [(JOB.to_owned(), newsletter_job(10, 4))].into() };
+    let invoker = Arc::new(baton::adapters::aws::invoke::LambdaInvoker::new(client, "baton"));
+    let adapters = baton::compose::Adapters::new(store.clone(), mailer, config);
+    let engine = Arc::new(baton::engine::Engine::new(adapters.engine_parts(invoker)));
     assert!(fake.engine.set(engine.clone()).is_ok());
     let Outcome::Started { run_id, .. } = engine.start(JOB, Some("t")).await.unwrap() else { panic!() };
     let until = Instant::now() + Duration::from_secs(60);

@@ -97,6 +97,7 @@ on_both_backends!(
     adversarial::a_mistyped_key_that_appears_mid_run_is_failed_and_never_sent,
     adversarial::status_counts_item_kinds_from_the_ledger_only,
     adversarial::a_hop_that_cannot_build_its_job_pauses_the_run,
+    adversarial::a_source_column_that_disappears_mid_run_pauses_the_run,
     adversarial::template_builtins_are_not_undefined,
     adversarial::tune_down_then_up_brings_ended_chains_back,
     adversarial::a_raised_rate_takes_effect_without_waiting_out_the_old_pace,

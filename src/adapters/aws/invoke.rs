@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_lambda::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_lambda::config::{ConfigBag, Intercept, RuntimeComponents};
-use aws_sdk_lambda::error::{BoxError, SdkError};
+use aws_sdk_lambda::error::{BoxError, ProvideErrorMetadata, SdkError};
 use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
@@ -119,7 +119,8 @@ fn describe<E: std::error::Error + std::fmt::Debug, R: std::fmt::Debug>(e: &SdkE
         SdkError::ServiceError(s) => format!("{op} failed: {}", s.err()),
         other => format!("{op} failed: {other:?}"),
     };
-    // Read-only control calls (the brake): whatever failed, the operator sees it and retries.
+    // The brake's calls: the operator sees the failure and runs the command again (setting the
+    // same concurrency twice is harmless).
     InvokeError::Retryable(message)
 }
 
@@ -149,13 +150,28 @@ fn classify<R: std::fmt::Debug>(e: &SdkError<SdkInvokeError, R>) -> Next {
                 | SdkInvokeError::ResourceNotReadyException(_)
                 | SdkInvokeError::ResourceConflictException(_) => Next::Retry { why: described, ambiguous: false },
                 SdkInvokeError::RequestTooLargeException(_) => Next::Fail(InvokeError::Fatal(described)),
+                // The function, its permission or the request is wrong: no retry will help, and
+                // the run fails at once with the reason instead of every hop and restart
+                // failing until the run's deadline.
+                SdkInvokeError::ResourceNotFoundException(_)
+                | SdkInvokeError::InvalidParameterValueException(_)
+                | SdkInvokeError::InvalidRequestContentException(_)
+                | SdkInvokeError::UnsupportedMediaTypeException(_) => Next::Fail(InvokeError::Fatal(format!(
+                    "{described} (check the function name and the role's lambda:InvokeFunction permission on itself)"
+                ))),
+                other if matches!(other.code(), Some("AccessDeniedException" | "AccessDenied")) => {
+                    Next::Fail(InvokeError::Fatal(format!(
+                        "{described}: the function's role may not invoke it; allow lambda:InvokeFunction on the \
+                         function's own ARN"
+                    )))
+                }
                 // Not retried here; the sweeper tries the chain again later.
                 _ => Next::Fail(InvokeError::Retryable(described)),
             }
         }
         // An event invoked twice is harmless (fork-proof hops): retry transport failures too.
-        SdkError::DispatchFailure(_) => Next::Retry { why: format!("{e:?}"), ambiguous: false },
-        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+        // The SDK's own words for a dispatch failure: the request may have been sent.
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             Next::Retry { why: format!("{e:?}"), ambiguous: true }
         }
         other => Next::Fail(InvokeError::Retryable(format!("{other:?}"))),

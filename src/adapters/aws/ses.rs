@@ -163,7 +163,7 @@ fn classify_unmodelled(code: &str, message: &str, status: Option<u16>) -> MailEr
 fn classify_transport<E: std::fmt::Debug, R: std::fmt::Debug>(e: &SdkError<E, R>) -> MailError {
     match e {
         SdkError::ConstructionFailure(_) => MailError::Permanent(format!("cannot build the request: {e:?}")),
-        SdkError::DispatchFailure(d) if !d.is_timeout() && is_connect_error(&format!("{d:?}")) => {
+        SdkError::DispatchFailure(d) if !d.is_timeout() && never_connected(e) => {
             MailError::Transient(format!("could not connect to SES: {d:?}"))
         }
         SdkError::DispatchFailure(d) => MailError::Ambiguous(format!("request failed in flight: {d:?}")),
@@ -173,7 +173,24 @@ fn classify_transport<E: std::fmt::Debug, R: std::fmt::Debug>(e: &SdkError<E, R>
     }
 }
 
-/// Connection-establishment failures (refused, DNS, TLS handshake): nothing reached SES.
+/// Connection-establishment failures (refused, DNS, TLS handshake): nothing reached SES. The
+/// socket's own error is checked by type; resolver and handshake errors are types private to
+/// the HTTP client, so those are recognised by their text.
+fn never_connected<E, R>(e: &SdkError<E, R>) -> bool {
+    let SdkError::DispatchFailure(d) = e else { return false };
+    let mut source = d.as_connector_error().map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    is_connect_error(&format!("{d:?}"))
+}
+
+/// The text of a connection-establishment failure.
 fn is_connect_error(debug: &str) -> bool {
     let d = debug.to_ascii_lowercase();
     ["connection refused", "dns error", "failed to lookup", "connecterror", "connect error", "tcp connect"]
