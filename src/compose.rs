@@ -103,8 +103,19 @@ impl AdapterSettings {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<AdapterSettings, ComposeError> {
         let required =
             |name: &'static str, why: &'static str| var(name).ok_or(ComposeError::Missing { setting: name, why });
-        // As on the command line: a database URL alone means PostgreSQL.
-        let default_store = if var("BATON_DATABASE_URL").is_some() { "postgres" } else { "data-api" };
+        // As on the command line: a database URL alone means PostgreSQL. With the Data API's
+        // settings too, guessing could move a deployed function to another database (whose
+        // empty state would start this month's run again): say which.
+        let default_store = match (var("BATON_DATABASE_URL").is_some(), var("BATON_DB_CLUSTER_ARN").is_some()) {
+            (true, true) if var("BATON_STORE").is_none() => {
+                return Err(ComposeError::Missing {
+                    setting: "BATON_STORE",
+                    why: "both BATON_DATABASE_URL and BATON_DB_CLUSTER_ARN are set: say `data-api` or `postgres`",
+                });
+            }
+            (true, false) => "postgres",
+            _ => "data-api",
+        };
         let store = match var("BATON_STORE").as_deref().unwrap_or(default_store) {
             "data-api" => StoreSettings::DataApi(DataApiTarget {
                 resource_arn: required("BATON_DB_CLUSTER_ARN", "the Aurora cluster's ARN, for the Data API")?,
@@ -317,6 +328,18 @@ mod tests {
         assert!(matches!(&ok.invoker, InvokerSettings::Lambda { function } if function == "baton"));
         let err = settings(&[("AWS_LAMBDA_FUNCTION_NAME", "f"), ("BATON_STORE", "mysql")]).unwrap_err().to_string();
         assert!(err.contains("BATON_STORE") && err.contains("`data-api` or `postgres`"), "{err}");
+        // Both databases configured and none chosen: refused, never guessed.
+        let both = [
+            ("AWS_LAMBDA_FUNCTION_NAME", "f"),
+            ("BATON_DB_CLUSTER_ARN", "arn:c"),
+            ("BATON_DB_SECRET_ARN", "arn:s"),
+            ("BATON_DATABASE_URL", "postgres://db/baton"),
+        ];
+        let err = settings(&both).unwrap_err().to_string();
+        assert!(err.contains("BATON_STORE"), "{err}");
+        let url_only =
+            settings(&[("AWS_LAMBDA_FUNCTION_NAME", "f"), ("BATON_DATABASE_URL", "postgres://db/b")]).unwrap();
+        assert!(matches!(url_only.store, StoreSettings::Postgres { .. }), "{url_only:?}");
     }
 
     #[test]

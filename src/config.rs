@@ -264,17 +264,27 @@ pub fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// A TOML error as the parser says it, which quotes the offending line, unless that line may
-/// hold a secret: then the message and the line number only.
+/// A TOML error as the parser says it (which quotes the offending line, and may quote the
+/// value), unless the key-value it is in may hold a secret: then only where it is.
 fn parse_error(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else { return e.to_string() };
-    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[span.end.min(text.len())..].find('\n').map_or(text.len(), |i| span.end + i);
-    if !text[start..end].to_ascii_lowercase().contains("secret") {
+    let at = span.start.min(text.len());
+    let line_start = text.get(..at).and_then(|t| t.rfind('\n')).map_or(0, |i| i + 1);
+    let line_end = text.get(at..).and_then(|t| t.find('\n')).map_or(text.len(), |i| at + i);
+    // The key-value the error is in starts at the last line with `=` up to the error's line (a
+    // multi-line string continues on lines without one).
+    let lines: Vec<&str> = text.get(..line_end).unwrap_or(text).lines().collect();
+    let key_line = lines.iter().rposition(|l| l.contains('=')).unwrap_or(lines.len().saturating_sub(1));
+    let secret =
+        lines[key_line.min(lines.len().saturating_sub(1))..].iter().any(|l| l.to_ascii_lowercase().contains("secret"));
+    if !secret {
         return e.to_string();
     }
-    let line = text[..start].matches('\n').count() + 1;
-    format!("line {line}: {} (the line is not shown: it may hold a secret)", e.message().trim_end())
+    let line = text.get(..line_start).map_or(0, |t| t.matches('\n').count()) + 1;
+    format!(
+        "line {line}: a secret setting does not parse (neither the line nor the value is shown); write it as a quoted \
+         string, or better, name an environment variable with unsubscribe_secret_env"
+    )
 }
 
 impl Config {
@@ -514,11 +524,16 @@ mod tests {
     #[test]
     fn a_parse_error_on_a_secret_line_does_not_quote_it() {
         // Failed before: the TOML error quoted the line, secret and all.
-        for line in ["unsubscribe_secret = \"hunter2-not-closed", "unsubscribe_secret = hunter2-bare-word"] {
+        for line in [
+            "unsubscribe_secret = \"hunter2-not-closed",
+            "unsubscribe_secret = hunter2-bare-word",
+            "unsubscribe_secret = 4815162342",
+            "unsubscribe_secret = \"\"\"\nhunter2-line-two \\q\n\"\"\"",
+        ] {
             let text = format!("[jobs.news.newsletter]\n{line}\n");
             let err = Config::parse(&text, Path::new("baton.toml")).unwrap_err().to_string();
             assert!(!err.contains("hunter2"), "{err}");
-            assert!(err.contains("line 2"), "{err}");
+            assert!(err.contains("line 2") || err.contains("line 3"), "{err}");
         }
         // Other lines are still quoted, which helps.
         let err = Config::parse("[jobs.news]\nkind = newsletter\n", Path::new("baton.toml")).unwrap_err().to_string();

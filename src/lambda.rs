@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use crate::compose::{self, AdapterSettings, Aws, ComposeError};
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, EngineError};
+use crate::engine::event::Event;
+use crate::engine::metrics::{self, HopMetrics};
+use crate::engine::{Engine, EngineError, Outcome};
 
 /// Why a sandbox could not start: its settings name the fix.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +92,93 @@ pub async fn handle(
         return Err(crate::engine::event::EventError::Malformed(why.to_owned()).into());
     }
     let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
-    let outcome = engine.handle_payload(&bytes, deadline).await?;
-    Ok(serde_json::to_value(outcome).expect("outcomes serialise"))
+    let event = Event::parse(&bytes)?;
+    let hop = match &event {
+        Event::Hop { run_id, chain, hop, .. } => Some((run_id.clone(), *chain, *hop)),
+        _ => None,
+    };
+    let started = Instant::now();
+    let (outcome, metrics) = metrics::measured(engine.handle(event, deadline)).await;
+    if let Some((run_id, chain, hop)) = hop {
+        let took = started.elapsed();
+        let duplicate = matches!(outcome, Ok(Outcome::Duplicate));
+        println!(
+            "{}",
+            emf_line(&HopFigures {
+                run_id: &run_id,
+                chain,
+                hop,
+                metrics: &metrics,
+                took,
+                duplicate,
+                failed: outcome.is_err()
+            })
+        );
+    }
+    Ok(serde_json::to_value(outcome?).expect("outcomes serialise"))
+}
+
+/// One hop's figures for [`emf_line`].
+pub struct HopFigures<'a> {
+    pub run_id: &'a str,
+    pub chain: u32,
+    pub hop: u64,
+    pub metrics: &'a HopMetrics,
+    pub took: Duration,
+    /// Another delivery already ran this hop.
+    pub duplicate: bool,
+    /// The invocation failed with an error.
+    pub failed: bool,
+}
+
+/// The CloudWatch namespace of baton's metrics (`BATON_METRICS_NAMESPACE`, default `baton`).
+fn metrics_namespace() -> String {
+    std::env::var("BATON_METRICS_NAMESPACE").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "baton".into())
+}
+
+/// The names, units and values of a hop's metrics, in the order dashboards list them.
+pub fn hop_metric_values(f: &HopFigures<'_>) -> Vec<(&'static str, &'static str, f64)> {
+    let m = f.metrics;
+    let secs = f.took.as_secs_f64().max(1e-3);
+    let sent = (m.items_done + m.items_failed + m.items_unknown) as f64;
+    vec![
+        ("ItemsDone", "Count", m.items_done as f64),
+        ("ItemsFailed", "Count", m.items_failed as f64),
+        ("ItemsSkipped", "Count", m.items_skipped as f64),
+        ("ItemsUnknown", "Count", m.items_unknown as f64),
+        ("Pages", "Count", m.pages as f64),
+        ("HopDuration", "Milliseconds", f.took.as_secs_f64() * 1000.0),
+        ("SendsPerSecond", "Count/Second", sent / secs),
+        ("Throttles", "Count", m.throttles as f64),
+        ("SqlStatements", "Count", m.sql_statements as f64),
+        ("DuplicateHops", "Count", f.duplicate as u8 as f64),
+        ("HopErrors", "Count", f.failed as u8 as f64),
+    ]
+}
+
+/// One CloudWatch Embedded Metric Format line for a hop: dimensions `job` and `job, chain`
+/// (few values each); the run id and hop number are properties, searchable in Logs Insights but
+/// never dimensions (a dimension per run would be a new metric every month).
+pub fn emf_line(f: &HopFigures<'_>) -> String {
+    let values = hop_metric_values(f);
+    let mut line = serde_json::json!({
+        "_aws": {
+            "Timestamp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "CloudWatchMetrics": [{
+                "Namespace": metrics_namespace(),
+                "Dimensions": [["job"], ["job", "chain"]],
+                "Metrics": values.iter().map(|(name, unit, _)| serde_json::json!({"Name": name, "Unit": unit})).collect::<Vec<_>>(),
+            }],
+        },
+        "job": f.metrics.job.as_deref().unwrap_or("unknown"),
+        "chain": f.chain.to_string(),
+        "run_id": f.run_id,
+        "hop": f.hop,
+    });
+    for (name, _, value) in values {
+        line[name] = serde_json::json!(value);
+    }
+    line.to_string()
 }
 
 /// The error Lambda reports: a stable `errorType` (`baton.BadEvent`, `baton.RunNotFound`, ...)
@@ -173,6 +260,43 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hop_becomes_one_emf_line_with_low_cardinality_dimensions() {
+        let metrics = HopMetrics {
+            job: Some("monthly-newsletter".into()),
+            pages: 2,
+            items_done: 180,
+            items_failed: 1,
+            items_skipped: 19,
+            throttles: 3,
+            sql_statements: 14,
+            ..Default::default()
+        };
+        let figures = HopFigures {
+            run_id: "0123456789abcdef",
+            chain: 3,
+            hop: 7,
+            metrics: &metrics,
+            took: Duration::from_millis(500),
+            duplicate: false,
+            failed: false,
+        };
+        let line: serde_json::Value = serde_json::from_str(&emf_line(&figures)).unwrap();
+        let directive = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Dimensions"], serde_json::json!([["job"], ["job", "chain"]]));
+        assert!(!directive["Dimensions"].to_string().contains("run_id"), "the run id is never a dimension");
+        assert_eq!((line["job"].as_str(), line["chain"].as_str()), (Some("monthly-newsletter"), Some("3")));
+        assert_eq!((line["run_id"].as_str(), line["hop"].as_u64()), (Some("0123456789abcdef"), Some(7)));
+        // Every declared metric has a numeric value of the same name at the top level.
+        for m in directive["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(line[name].is_number(), "{name} has no value: {line}");
+        }
+        assert_eq!(line["ItemsDone"], 180.0);
+        assert_eq!(line["SendsPerSecond"], 362.0, "(done + failed + unknown) per second");
+        assert!(line["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+    }
 
     #[test]
     fn deadline_falls_back_to_the_configured_budget() {

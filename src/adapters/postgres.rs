@@ -233,22 +233,23 @@ fn classify(e: tokio_postgres::Error) -> SqlError {
     match e.as_db_error() {
         Some(db) => {
             let code = db.code().code();
-            // 40001 serialization failure, 40P01 deadlock, 57014 statement timeout, 08xxx connection.
+            // 40001 serialization failure, 40P01 deadlock, 57014 statement timeout, 57P01-03
+            // shutdown or restart (a failover), 55P03 lock timeout, 08xxx connection, 53xxx
+            // insufficient resources, 58xxx system errors: worth another try.
             let message = format!("{} ({code})", db.message());
-            if code == "40001" || code == "40P01" || code == "57014" || code.starts_with("08") {
-                SqlError::transient(message)
-            } else {
-                SqlError::statement(message)
-            }
+            let transient = ["40001", "40P01", "57014", "57P01", "57P02", "57P03", "55P03"].contains(&code)
+                || ["08", "53", "58"].iter().any(|class| code.starts_with(class));
+            if transient { SqlError::transient(message) } else { SqlError::statement_with_state(message) }
         }
         None => SqlError::statement(e),
     }
 }
 
-/// PostgreSQL's "cached plan must not change result type" (SQLSTATE 0A000, which [`classify`]
-/// puts in the message).
+/// PostgreSQL's "cached plan must not change result type": SQLSTATE 0A000 (feature not
+/// supported), which [`classify`] puts at the end of the message, whatever the server's
+/// language.
 fn is_stale_plan(e: &SqlError) -> bool {
-    matches!(e, SqlError::Statement { message } if message.contains("(0A000)") && message.contains("cached plan"))
+    matches!(e, SqlError::Statement { message } if message.ends_with("(0A000)"))
 }
 
 async fn run_one<C: deadpool_postgres::GenericClient>(client: &C, stmt: &Stmt) -> Result<Rows, SqlError> {

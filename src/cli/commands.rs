@@ -245,7 +245,7 @@ fn exit_for(status: &RunStatus) -> ExitCode {
 }
 
 fn where_is(common: &Common) -> String {
-    match &common.database_url {
+    match common.database_url() {
         Some(_) => "the PostgreSQL database".into(),
         None => common.data_dir.join("baton.db").display().to_string(),
     }

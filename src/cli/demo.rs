@@ -344,6 +344,10 @@ pub struct DemoSummary {
     pub unknown_users: usize,
     /// Addresses mailed although they are not deliverable (must be none).
     pub undeliverable_mailed: Vec<String>,
+    /// Whether the mail itself was checked (the outbox), or only the ledger (a provider such as
+    /// SES keeps no copy here): `duplicated_addresses`, `missed_users` and
+    /// `undeliverable_mailed` mean something only when this is true.
+    pub mail_checked: bool,
     pub hops: LambdaCounts,
     /// What the fault injection did (with `--chaos`).
     pub injected: Injected,
@@ -565,6 +569,7 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         unknown_users: found.unknown,
         duplicated_addresses: found.duplicated,
         undeliverable_mailed: found.undeliverable_mailed,
+        mail_checked: outbox.is_some(),
         hops,
         injected,
         faults: plan.faults.clone(),

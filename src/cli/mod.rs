@@ -299,6 +299,15 @@ pub fn print_status(s: &RunStatus, json: bool) {
             c.restarts,
             c.reason.as_deref().map(|r| format!(" ({})", printable(r))).unwrap_or_default()
         );
+        if c.stuck {
+            println!(
+                "      STUCK: no sign of life for {}s (active, silent past the stale threshold); the next sweep restarts it",
+                c.heartbeat_age_ms / 1000
+            );
+        }
+        if let Some(e) = &c.last_error {
+            println!("      last error: {}", printable(e));
+        }
         if let Some(w) = &c.warning {
             println!("      warning: {}", printable(w));
         }

@@ -10,6 +10,8 @@ use clap::ValueEnum;
 use super::Common;
 use crate::adapters::aws::data_api::DataApiTarget;
 use crate::adapters::aws::invoke::LambdaInvoker;
+use secrecy::{ExposeSecret, SecretString};
+
 use crate::compose::{self, AdapterSettings, Aws, InvokerSettings, MailerSettings, StoreSettings};
 use crate::config::Config;
 use crate::runtime::Runtime;
@@ -44,8 +46,18 @@ impl Common {
     /// The store the flags choose: `--store`, else postgres when `--database-url` is given,
     /// else the embedded SQLite file.
     pub fn store_kind(&self) -> StoreKind {
-        self.store.unwrap_or(if self.database_url.is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
+        self.store.unwrap_or(if self.database_url().is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
     }
+
+    /// `--database-url`; an empty value (`BATON_DATABASE_URL=`) counts as unset, as in Lambda.
+    pub fn database_url(&self) -> Option<&SecretString> {
+        self.database_url.as_ref().filter(|u| !u.expose_secret().is_empty())
+    }
+}
+
+/// A flag's value, where an empty one (an empty environment variable) counts as unset.
+fn given(value: &Option<String>) -> Option<&String> {
+    value.as_ref().filter(|v| !v.is_empty())
 }
 
 impl Common {
@@ -55,13 +67,14 @@ impl Common {
         let store = match self.store_kind() {
             StoreKind::Sqlite => StoreSettings::Sqlite { path: self.data_dir.join("baton.db") },
             StoreKind::Postgres => {
-                let Some(url) = &self.database_url else {
+                let Some(url) = self.database_url() else {
                     bail!("--store postgres needs --database-url (or BATON_DATABASE_URL)");
                 };
                 StoreSettings::Postgres { url: url.clone() }
             }
             StoreKind::DataApi => {
-                let (Some(resource_arn), Some(secret_arn)) = (&self.db_cluster_arn, &self.db_secret_arn) else {
+                let (Some(resource_arn), Some(secret_arn)) = (given(&self.db_cluster_arn), given(&self.db_secret_arn))
+                else {
                     bail!(
                         "--store data-api needs --db-cluster-arn and --db-secret-arn (or BATON_DB_CLUSTER_ARN, \
                          BATON_DB_SECRET_ARN)"
@@ -78,11 +91,9 @@ impl Common {
         };
         let mailer = match self.mailer {
             MailerKind::Outbox => MailerSettings::Outbox { dir: self.data_dir.join("outbox") },
-            MailerKind::Ses => {
-                MailerSettings::Ses { configuration_set: self.ses_configuration_set.clone().filter(|c| !c.is_empty()) }
-            }
+            MailerKind::Ses => MailerSettings::Ses { configuration_set: given(&self.ses_configuration_set).cloned() },
         };
-        let invoker = match (self.invoker, &self.function) {
+        let invoker = match (self.invoker, given(&self.function)) {
             (InvokerKind::Local, _) => InvokerSettings::Local,
             (InvokerKind::Lambda, Some(function)) => InvokerSettings::Lambda { function: function.clone() },
             (InvokerKind::Lambda, None) => {
@@ -126,7 +137,7 @@ pub fn where_mail_goes(common: &Common) -> String {
         ),
         MailerKind::Ses => format!(
             "  mail:    sent through SES v2{}",
-            common.ses_configuration_set.as_deref().map(|c| format!(", configuration set {c}")).unwrap_or_default()
+            given(&common.ses_configuration_set).map(|c| format!(", configuration set {c}")).unwrap_or_default()
         ),
     }
 }
@@ -160,7 +171,7 @@ pub async fn open_runtime(common: &Common, use_: Use) -> Result<Runtime> {
 
 /// The operator's emergency brake and its release, on `--function`.
 pub async fn brake_invoker(common: &Common) -> Result<LambdaInvoker> {
-    let Some(function) = &common.function else {
+    let Some(function) = given(&common.function) else {
         bail!("--function NAME (or BATON_FUNCTION) names the Lambda function to brake");
     };
     Ok(compose::lambda_invoker(function, &Aws::default()).await)

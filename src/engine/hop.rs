@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::state::{ChainState, ItemState, RunState, State};
-use super::{Engine, EngineError, HopNext, Outcome, item_of, run::RunRow, soft_deadline};
+use super::{Engine, EngineError, HopNext, Outcome, item_of, metrics, run::RunRow, soft_deadline};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::ports::InvokeError;
 use crate::sql::{KeyType, Record, Rows, SqlError, statements as st};
@@ -123,6 +123,7 @@ impl Engine {
         let deadline = deadline.min(Instant::now() + self.config.settings.hop_timeout);
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
+        metrics::job(&run.job);
         if let Admission::Refused(outcome) = self.admit(&run, chain, hop).await? {
             return Ok(outcome);
         }
@@ -138,7 +139,14 @@ impl Engine {
         tracing::debug!("hop started");
         let job = match self.build_job(&run.job, &run.job_config) {
             Ok(job) => job,
-            Err(e) => return self.pause_unrunnable(&run, chain, hop, &token, &e).await,
+            Err(e) => {
+                // This environment cannot run the job (a secret missing or too short, a kind
+                // not registered): every hop and restart would fail the same way, so the run
+                // pauses with the reason instead of looping, and resumes once it is fixed.
+                let reason = format!("this environment cannot run the job: {e}; fix it, then `baton resume`");
+                self.pause_here(&run, chain, hop, &token, &reason).await?;
+                return Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked });
+            }
         };
         if let Job::Items(j) = &job {
             j.begin_hop(run.chains as u32, send_after);
@@ -150,14 +158,27 @@ impl Engine {
             return Ok(Outcome::Hopped { pages, next });
         }
         self.wait_for_rate(&job, soft).await;
-        match self.invoke_hop(run_id, chain, hop + 1).await {
-            Ok(()) => Ok(Outcome::Hopped { pages, next: HopNext::Continued }),
-            Err(InvokeError::Fatal(why)) => self.fail_run(&run, chain, &why).await,
+        let next = self.hand_over(&this).await?;
+        Ok(Outcome::Hopped { pages, next })
+    }
+
+    /// Invokes the chain's next hop.
+    async fn hand_over(&self, this: &ThisHop<'_>) -> Result<HopNext, EngineError> {
+        match self.invoke_hop(&this.run.run_id, this.chain, this.hop + 1).await {
+            Ok(()) => Ok(HopNext::Continued),
+            // The next hop can never be invoked as things stand (the recursion stop, the role
+            // not allowed to invoke the function): pause, so that once it is fixed `baton
+            // resume` continues the run from here, rather than fail it for good.
+            Err(InvokeError::Fatal(why)) => {
+                let reason = format!("the next hop cannot be invoked: {why}; fix it, then `baton resume`");
+                self.pause_here(this.run, this.chain, this.hop, this.token, &reason).await?;
+                Ok(HopNext::Parked)
+            }
             // Not queued, or not known to be: the sweeper restarts the chain from its checkpoint
             // (a second delivery of hop + 1 loses at the fork guard).
             Err(e) => {
                 tracing::warn!(error = %e, "next hop not accepted; the sweeper will restart this chain");
-                Ok(Outcome::Hopped { pages, next: HopNext::Continued })
+                Ok(HopNext::Continued)
             }
         }
     }
@@ -185,25 +206,23 @@ impl Engine {
         Ok(Admission::Admitted)
     }
 
-    /// This environment cannot run the job (a secret missing or too short, a kind not
-    /// registered): every hop and restart would fail the same way, so the run pauses with the
-    /// reason instead of looping, and resumes once the environment is fixed.
-    async fn pause_unrunnable(
+    /// Pauses the run with `reason` and parks this chain at its checkpoint (the hop after this
+    /// one), for something no retry fixes but an operator can.
+    async fn pause_here(
         &self,
         run: &RunRow,
         chain: i64,
         hop: i64,
         token: &str,
-        e: &JobError,
-    ) -> Result<Outcome, EngineError> {
+        reason: &str,
+    ) -> Result<(), EngineError> {
         let (run_id, now) = (run.run_id.as_str(), self.now_ms());
-        let reason = format!("this environment cannot run the job: {e}; fix it, then `baton resume`");
         tracing::error!(%reason, "pausing the run");
-        self.sql(st::set_run_status(run_id, RunState::Pausing, Some(&reason), now)).await?;
+        self.sql(st::set_run_status(run_id, RunState::Pausing, Some(reason), now)).await?;
         if !self.sql(st::park_chain(run_id, chain, hop, token)).await?.rows.is_empty() {
             self.sql(st::settle_pause(run_id, now)).await?;
         }
-        Ok(Outcome::Hopped { pages: 0, next: HopNext::Parked })
+        Ok(())
     }
 
     /// Claims and processes pages until the budget is nearly spent. Returns the pages done and
@@ -240,6 +259,7 @@ impl Engine {
             tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
             let now = self.close_page(this, &owner, &page, &report).await?;
             pages += 1;
+            metrics::page();
             slowest = slowest.max(page_started.elapsed());
             self.act_on_page(run, &report, now).await?;
             // A page that needs another invocation (budget spent mid-page, or the kind said so)
@@ -434,6 +454,7 @@ impl Engine {
         // Results first, then releases: an item is either recorded or free again, never both.
         for chunk in settled.results.chunks(ITEMS_PER_STATEMENT) {
             self.sql(st::record_results(id, page.page_no, owner, now, chunk)).await?;
+            chunk.iter().for_each(|(_, state, _)| metrics::recorded(*state));
         }
         for chunk in settled.released.chunks(ITEMS_PER_STATEMENT) {
             self.sql(st::release_claims(id, page.page_no, owner, chunk)).await?;
@@ -471,7 +492,11 @@ impl Engine {
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
         let rows = match self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await {
-            Err(SqlError::Statement { message }) => return Ok(Err(format!("the job's source query fails: {message}"))),
+            // Only a table, column or function that no longer exists: any other failure (a
+            // failover, a lock timeout) fails this hop, and the sweeper restarts the chain.
+            Err(SqlError::Undefined { message }) => {
+                return Ok(Err(format!("the job's source query fails: {message}")));
+            }
             other => other?,
         };
         Ok(match source_changed(&rows, &cfg.key_column, job.as_ref()) {
@@ -587,7 +612,7 @@ fn source_changed(rows: &Rows, key_column: &str, job: &dyn ItemJob) -> Option<St
         let columns = rows.columns.join(", ");
         return Some(format!("the job's source no longer has its key column `{key_column}` (it has: {columns})"));
     }
-    job.check(&rows.columns, None).err().map(|e| format!("the job's source changed since the run started: {e}"))
+    job.check_columns(&rows.columns).err().map(|e| format!("the job's source changed since the run started: {e}"))
 }
 
 /// Claims taken over from a dead owner whose row has left the source since: nothing to send,

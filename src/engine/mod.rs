@@ -25,6 +25,7 @@ pub mod calendar;
 pub mod control;
 pub mod event;
 pub mod hop;
+pub mod metrics;
 pub mod preview;
 pub mod run;
 pub mod start;
@@ -241,7 +242,17 @@ impl Engine {
                 };
                 self.start(&job, Some(&run_key)).await
             }
-            Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
+            Event::Hop { run_id, chain, hop, .. } => {
+                let result = self.hop(&run_id, chain, hop, deadline).await;
+                if let Err(e) = &result {
+                    // For `baton status`; best effort (the database may be what failed).
+                    let note = st::note_chain_error(&run_id, chain as i64, hop as i64, &e.to_string());
+                    if let Err(also) = self.store.query(note).await {
+                        tracing::debug!(error = %also, "could not record the hop's error");
+                    }
+                }
+                result
+            }
             Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
             Event::Control { run_id, action } => self.control(&run_id, action).await,
         }
@@ -264,14 +275,22 @@ impl Engine {
     /// statement the engine issues is safe to re-run after it committed and its response was
     /// lost (see [`crate::sql::statements`]), so a re-run can only find what already happened.
     pub(crate) async fn sql(&self, stmt: Stmt) -> Result<Rows, SqlError> {
-        self.rerun_transient(stmt.name, || self.store.query(stmt.clone())).await
+        self.rerun_transient(stmt.name, || {
+            metrics::sql_statement();
+            self.store.query(stmt.clone())
+        })
+        .await
     }
 
     /// [`Self::sql`] for statements that must commit together; every one of them must be safe
     /// to re-run in the same way.
     pub(crate) async fn sql_transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         let name = stmts.first().map_or("transaction", |s| s.name);
-        self.rerun_transient(name, || self.store.transaction(stmts.clone())).await
+        self.rerun_transient(name, || {
+            stmts.iter().for_each(|_| metrics::sql_statement());
+            self.store.transaction(stmts.clone())
+        })
+        .await
     }
 
     async fn rerun_transient<T, F, Fut>(&self, name: &str, run: F) -> Result<T, SqlError>
@@ -309,6 +328,16 @@ impl Engine {
             let (chain, hop) = (r.int("chain_no")?, r.int("next_hop")?);
             match self.invoke_hop(run_id, chain, hop).await {
                 Ok(()) => invoked += 1,
+                // No retry can fix it (the recursion stop, the role not allowed to invoke the
+                // function): pause the run with the fix rather than retry until its deadline.
+                // Its active chains park at their checkpoints with the next sweep.
+                Err(InvokeError::Fatal(why)) => {
+                    let reason = format!("a chain cannot be invoked: {why}; fix it, then `baton resume`");
+                    tracing::error!(run_id, chain, reason, "pausing the run");
+                    let now = self.now_ms();
+                    self.sql(st::set_run_status(run_id, state::RunState::Pausing, Some(&reason), now)).await?;
+                    return Ok(invoked);
+                }
                 Err(e) => {
                     tracing::warn!(run_id, chain, error = %e, "invoke failed; the sweeper will retry")
                 }

@@ -108,6 +108,16 @@ pub struct ChainStatus {
     /// Set when those losses look systematic rather than chance (see [`loss_pattern`]).
     pub warning: Option<String>,
     pub heartbeat_at_ms: i64,
+    /// How long ago the chain last showed life (a heartbeat after each page, a hop's start, a
+    /// restart).
+    pub heartbeat_age_ms: i64,
+    /// An active chain silent for longer than the stale threshold (`settings.stale_after`): its
+    /// hop died or its event was lost, and the next sweep restarts it. A chain that stays stuck
+    /// after sweeps is what to look at (`last_error`, `warning`).
+    pub stuck: bool,
+    /// The last thing that went wrong with the chain: a hop that failed with an error, or a
+    /// restart by the sweeper.
+    pub last_error: Option<String>,
 }
 
 /// A chain whose hops keep being lost at the same stride (hop 17, 33, 49, ...) is not unlucky:

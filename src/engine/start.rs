@@ -290,7 +290,7 @@ struct SourceCheck {
 
 pub(super) fn source_error(job: &str, e: SqlError) -> EngineError {
     match e {
-        SqlError::Statement { message } => JobError::Invalid {
+        SqlError::Statement { message } | SqlError::Undefined { message } => JobError::Invalid {
             field: format!("jobs.{job}.source"),
             message: format!("the source query failed: {message}"),
         }

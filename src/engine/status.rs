@@ -47,7 +47,7 @@ impl Engine {
             null_keys: run.null_keys,
             pages_done: get(&pages, "done"),
             pages_total: run.total_pages,
-            chains: chains.records().map(|c| chain_status(c, run.max_hops)).collect::<Result<_, _>>()?,
+            chains: chains.records().map(|c| self.chain_status(c, run.max_hops)).collect::<Result<_, _>>()?,
             created_at_ms: run.created_at,
             finished_at_ms: run.finished_at,
             // A paused run's clock stops when it paused.
@@ -113,22 +113,32 @@ impl Engine {
     }
 }
 
-/// One chain's row, for [`RunStatus`]: its hops against the budget, and the hops at which the
-/// sweeper found it lost (a pattern of losses at one hop number is flagged).
-fn chain_status(c: Record<'_>, hop_budget: i64) -> Result<ChainStatus, SqlError> {
-    let lost_at_hops: Vec<i64> =
-        c.text("restart_hops")?.unwrap_or_default().split(',').filter_map(|h| h.trim().parse().ok()).collect();
-    Ok(ChainStatus {
-        chain: c.int("chain_no")?,
-        status: ChainState::parse(&c.text("status")?.unwrap_or_default()).unwrap_or(ChainState::Failed),
-        reason: c.text("reason")?,
-        hops: c.int("next_hop")? - 1,
-        hop_budget,
-        restarts: c.int("restarts")?,
-        warning: run::loss_pattern(&lost_at_hops),
-        lost_at_hops,
-        heartbeat_at_ms: c.int("heartbeat_at")?,
-    })
+impl Engine {
+    /// One chain's row, for [`RunStatus`]: its hops against the budget, how long it has been
+    /// silent (flagged `stuck` past the stale threshold), its last error, and the hops at which
+    /// the sweeper found it lost (a pattern of losses at one hop number is flagged).
+    fn chain_status(&self, c: Record<'_>, hop_budget: i64) -> Result<ChainStatus, SqlError> {
+        let lost_at_hops: Vec<i64> =
+            c.text("restart_hops")?.unwrap_or_default().split(',').filter_map(|h| h.trim().parse().ok()).collect();
+        let status = ChainState::parse(&c.text("status")?.unwrap_or_default()).unwrap_or(ChainState::Failed);
+        let heartbeat_at_ms = c.int("heartbeat_at")?;
+        let heartbeat_age_ms = (self.now_ms() - heartbeat_at_ms).max(0);
+        let stale_ms = self.config.settings.stale_after().as_millis() as i64;
+        Ok(ChainStatus {
+            chain: c.int("chain_no")?,
+            status,
+            reason: c.text("reason")?,
+            hops: c.int("next_hop")? - 1,
+            hop_budget,
+            restarts: c.int("restarts")?,
+            warning: run::loss_pattern(&lost_at_hops),
+            lost_at_hops,
+            heartbeat_at_ms,
+            heartbeat_age_ms,
+            stuck: status == ChainState::Active && heartbeat_age_ms > stale_ms,
+            last_error: c.text("last_error")?,
+        })
+    }
 }
 
 /// `key` column → `value` column, over every row.

@@ -97,6 +97,11 @@ pub trait ItemJob: Send + Sync {
     /// Checks the source's columns and renders a sample item before a run starts, so a bad
     /// template or column stops the run before the first side effect.
     fn check(&self, columns: &[String], sample: Option<&Item>) -> Result<(), JobError>;
+    /// Checks only that the source still has the columns the kind reads: cheap, run on every
+    /// page, so a source changed mid-run pauses the run instead of every item reading NULL.
+    fn check_columns(&self, _columns: &[String]) -> Result<(), JobError> {
+        Ok(())
+    }
     /// Items processed concurrently per hop.
     fn in_flight(&self) -> usize;
     /// Seconds one item takes at the configured rate for the whole run, if rate-limited.

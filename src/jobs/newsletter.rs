@@ -297,6 +297,15 @@ impl ItemJob for Newsletter {
     }
 
     fn check(&self, columns: &[String], sample: Option<&Item>) -> Result<(), JobError> {
+        self.check_columns(columns)?;
+        if let Some(item) = sample {
+            let address = item.get(&self.config.email_column).as_str().unwrap_or("sample@example.com").to_owned();
+            self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
+        }
+        Ok(())
+    }
+
+    fn check_columns(&self, columns: &[String]) -> Result<(), JobError> {
         let email = &self.config.email_column;
         if !columns.iter().any(|c| c.eq_ignore_ascii_case(email)) {
             return Err(invalid(
@@ -312,10 +321,6 @@ impl ItemJob for Newsletter {
                     columns.join(", ")
                 ),
             ));
-        }
-        if let Some(item) = sample {
-            let address = item.get(email).as_str().unwrap_or("sample@example.com").to_owned();
-            self.render(item, "check", &address).map_err(|(field, message)| invalid(field, message))?;
         }
         Ok(())
     }
@@ -396,6 +401,7 @@ impl ItemJob for Newsletter {
                     backoff(attempt, Duration::from_millis(20), Duration::from_secs(2))
                 }
                 Err(MailError::Throttled(r)) => {
+                    crate::engine::metrics::throttled();
                     last_error = format!("throttled: {r}");
                     backoff(attempt, Duration::from_millis(100), Duration::from_secs(5))
                 }

@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[&[&str]] = &[
         // over from hop to hop, so a rate holds over any window, not per invocation.
         "ALTER TABLE baton_chains ADD COLUMN send_after BIGINT",
     ],
+    &[
+        // The last thing that went wrong with the chain (a hop that failed with an error, a
+        // restart by the sweeper), for `baton status` to show next to a stuck chain.
+        "ALTER TABLE baton_chains ADD COLUMN last_error TEXT",
+    ],
 ];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (

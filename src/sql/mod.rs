@@ -315,6 +315,11 @@ impl<'a> Record<'a> {
 pub enum SqlError {
     #[error("database statement failed: {message}")]
     Statement { message: String },
+    /// The statement names a table, column or function the database does not have
+    /// (PostgreSQL SQLSTATE 42703, 42P01, 42883; SQLite "no such ..."): the schema is not what
+    /// the statement was written for. Never transient.
+    #[error("database statement failed: {message}")]
+    Undefined { message: String },
     #[error("database temporarily unavailable: {message}")]
     Transient { message: String },
     #[error("database configuration error: {0}")]
@@ -336,6 +341,14 @@ impl SqlError {
     }
     pub fn is_transient(&self) -> bool {
         matches!(self, SqlError::Transient { .. })
+    }
+
+    /// A statement error; [`SqlError::Undefined`] when the message carries an SQLSTATE of an
+    /// undefined column, table or function (the Data API writes `SQLState: 42703`).
+    pub fn statement_with_state(message: impl fmt::Display) -> Self {
+        let message = message.to_string();
+        let undefined = ["42703", "42P01", "42883"].iter().any(|code| message.contains(code));
+        if undefined { SqlError::Undefined { message } } else { SqlError::Statement { message } }
     }
 }
 

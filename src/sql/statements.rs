@@ -377,6 +377,9 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64, token: &str
              restart_hops = CASE WHEN restart_token = :token THEN restart_hops
                                  WHEN restart_hops IS NULL THEN CAST(next_hop AS TEXT)
                                  ELSE restart_hops || ',' || CAST(next_hop AS TEXT) END,
+             last_error = CASE WHEN restart_token = :token THEN last_error
+                               ELSE 'hop ' || CAST(next_hop - 1 AS TEXT) || ' went silent (no heartbeat): the sweeper restarted the chain at hop '
+                                    || CAST(next_hop AS TEXT) END,
              restart_token = :token
          WHERE run_id = :run_id AND status = 'active'
            AND (heartbeat_at < :stale_before OR restart_token = :token)
@@ -425,9 +428,19 @@ pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
 pub fn chains_of(run_id: &str) -> Stmt {
     Stmt::named(
         "chains_of",
-        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts, restart_hops FROM baton_chains
+        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts, restart_hops, last_error FROM baton_chains
          WHERE run_id = :run_id ORDER BY chain_no",
         Params::new().with("run_id", run_id),
+    )
+}
+
+/// Records what went wrong with a chain's hop, for `baton status`. Diagnostic only: it changes
+/// no state the protocol reads, so running it twice, late or never is harmless.
+pub fn note_chain_error(run_id: &str, chain: i64, hop: i64, error: &str) -> Stmt {
+    Stmt::named(
+        "note_chain_error",
+        "UPDATE baton_chains SET last_error = :error WHERE run_id = :run_id AND chain_no = :chain",
+        Params::new().with("run_id", run_id).with("chain", chain).with("error", format!("hop {hop} failed: {error}")),
     )
 }
 

@@ -833,3 +833,105 @@ async fn renamed_mid_run(b: Backend, job: baton::config::JobConfig, says: &str) 
     assert!(duplicates(&m.sent()).is_empty());
     assert_eq!(m.sent().len() as i64, status.done);
 }
+
+/// `baton status` points at a stuck chain: silent past the stale threshold while active, with
+/// what last went wrong (a hop's error, a restart by the sweeper), in text and in `--json`.
+pub async fn status_flags_a_stuck_chain_and_its_last_error(b: Backend) {
+    let users = int_users(10);
+    let m = Manual::new(b, &users, newsletter_job(5, 1), KindRegistry::default()).await;
+    let run = m.start().await;
+    // Hop 1's event is lost: nothing runs, and the chain falls silent.
+    let lost = m.next_event().expect("hop 1 was invoked");
+    let chain = &m.status(&run).await.chains[0];
+    assert!(!chain.stuck && chain.last_error.is_none(), "{chain:?}");
+    m.expire_leases();
+    let chain = &m.status(&run).await.chains[0];
+    assert!(chain.stuck, "silent past the stale threshold: {chain:?}");
+    assert!(chain.heartbeat_age_ms > m.settings.stale_after().as_millis() as i64, "{chain:?}");
+    // The sweep restarts it and says so.
+    m.engine.sweep().await.unwrap();
+    let chain = &m.status(&run).await.chains[0];
+    assert!(!chain.stuck && chain.restarts == 1, "{chain:?}");
+    assert!(chain.last_error.as_deref().unwrap_or_default().contains("sweeper restarted"), "{chain:?}");
+    drop(lost);
+    // A hop that fails with an error leaves the error.
+    m.store.fail_next("load_page");
+    let failed = m.deliver_next().await.expect("the restart was invoked");
+    assert!(failed.is_err(), "{failed:?}");
+    let chain = &m.status(&run).await.chains[0];
+    let error = chain.last_error.as_deref().unwrap_or_default();
+    assert!(error.starts_with("hop 1 failed:") && error.contains("temporarily unavailable"), "{chain:?}");
+    let json = serde_json::to_value(m.status(&run).await).unwrap();
+    assert_eq!(json["chains"][0]["last_error"], error);
+    assert_eq!(json["chains"][0]["stuck"], false);
+}
+
+/// The per-hop figures Lambda mode writes as CloudWatch metrics add up to the run's own counts.
+pub async fn hop_metrics_add_up_to_the_run(b: Backend) {
+    use baton::engine::metrics::{HopMetrics, measured};
+    let users = int_users(30);
+    let m = Manual::new(b, &users, newsletter_job(10, 2), KindRegistry::default()).await;
+    let run = m.start().await;
+    let mut sum = HopMetrics::default();
+    while let Some(event) = m.next_event() {
+        let (outcome, metrics) = measured(m.deliver(event)).await;
+        outcome.unwrap();
+        assert_eq!(metrics.job.as_deref(), Some(JOB));
+        assert!(metrics.sql_statements > 0, "{metrics:?}");
+        sum.pages += metrics.pages;
+        sum.items_done += metrics.items_done;
+        sum.items_skipped += metrics.items_skipped;
+        sum.items_failed += metrics.items_failed;
+        sum.items_unknown += metrics.items_unknown;
+        sum.sql_statements += metrics.sql_statements;
+    }
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert_eq!(sum.pages as i64, status.pages_total);
+    assert_eq!(
+        (sum.items_done, sum.items_skipped, sum.items_failed, sum.items_unknown),
+        (status.done as u64, status.skipped as u64, status.failed as u64, status.unknown as u64)
+    );
+    // Claim page, load rows, claim items, record results, finish page, heartbeat: six a page.
+    assert!(sum.sql_statements >= 6 * sum.pages, "{sum:?}");
+    // Outside `measured`, nothing is counted and nothing breaks.
+    assert!(m.engine.status(Some(&run)).await.unwrap().is_some());
+}
+
+/// Failed before: an Invoke that can never succeed (the role not allowed to invoke the function,
+/// Lambda's recursion stop) failed the run for good, so finishing it meant a new run key and
+/// mailing everyone again. Now the run pauses with the fix, and resumes where it stopped.
+pub async fn an_invoke_that_cannot_succeed_pauses_the_run(b: Backend) {
+    use baton::ports::InvokeError;
+    let users = int_users(20);
+    let mut settings = test_settings();
+    settings.max_pages_per_hop = Some(1);
+    let m = Manual::with_settings(b, &users, newsletter_job(5, 1), KindRegistry::default(), settings).await;
+    let run = m.start().await;
+    let denied = InvokeError::Fatal("AccessDeniedException: not authorized to perform lambda:InvokeFunction".into());
+    *m.invoker.failing.lock().unwrap() = Some(denied);
+    let outcome = m.deliver_next().await.unwrap().unwrap();
+    assert!(matches!(outcome, Outcome::Hopped { next: HopNext::Parked, .. }), "{outcome:?}");
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Paused, "{status:?}");
+    assert!(status.reason.as_deref().unwrap_or_default().contains("lambda:InvokeFunction"), "{status:?}");
+    let sent_before = m.sent().len();
+    assert!(sent_before > 0, "hop 1 sent its page before the hand-over failed");
+    // Fixed: resume finishes the run, nobody twice.
+    *m.invoker.failing.lock().unwrap() = None;
+    m.engine.control(&run, ControlAction::Resume).await.unwrap();
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, RunState::Succeeded, "{status:?}");
+    assert!(duplicates(&m.sent()).is_empty());
+    // A start that cannot invoke its chains pauses too (the sweeper parks them), instead of
+    // retrying until the run's deadline.
+    *m.invoker.failing.lock().unwrap() = Some(InvokeError::Fatal("recursion stopped".into()));
+    let Outcome::Started { run_id: again, .. } = m.engine.start(JOB, Some("t2")).await.unwrap() else { panic!() };
+    let status = m.status(&again).await;
+    assert_eq!(status.status, RunState::Pausing, "{status:?}");
+    assert!(status.reason.as_deref().unwrap_or_default().contains("recursion stopped"), "{status:?}");
+    m.expire_leases();
+    m.engine.sweep().await.unwrap();
+    assert_eq!(m.status(&again).await.status, RunState::Paused);
+}

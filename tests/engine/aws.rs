@@ -211,9 +211,10 @@ async fn invoke_retries_throttling_and_names_the_fix_for_recursive_loops() {
 }
 
 /// Failed before: a missing function or a role without `lambda:InvokeFunction` was "retryable",
-/// so every hop and sweeper restart failed the same way until the run's deadline.
+/// so every hop and sweeper restart failed the same way until the run's deadline. Now it is
+/// fatal, with the fix named, and the engine pauses the run on it.
 #[tokio::test]
-async fn invoke_fails_the_run_at_once_when_the_function_or_its_permission_is_wrong() {
+async fn invoke_calls_a_wrong_function_or_permission_fatal_and_names_the_fix() {
     use aws_sdk_lambda::error::ErrorMetadata;
     use aws_sdk_lambda::types::error::*;
     let missing = mock!(aws_sdk_lambda::Client::invoke).then_error(|| {

@@ -156,7 +156,7 @@ unsubscribe_url = "https://example.com/u"
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let _child = Killed(
+    let mut child = Killed(
         fake_aws_env(Command::new(env!("CARGO_BIN_EXE_baton")).env_clear())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
@@ -168,11 +168,21 @@ unsubscribe_url = "https://example.com/u"
             .env("BATON_STORE", "postgres")
             .env("BATON_DATABASE_URL", &database_url)
             .env("BATON_UNSUBSCRIBE_SECRET", "0123456789abcdef-lambda")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("the binary starts"),
     );
+    // Stdout is CloudWatch Logs: the per-hop metric lines land there.
+    let stdout_lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stdout = child.0.stdout.take().unwrap();
+    let collected = stdout_lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            collected.lock().unwrap().push(line);
+        }
+    });
 
     // Malformed and unknown events are answered with baton's own error (a stable errorType and
     // a message naming the problem) and change nothing. Failed before the fix: `not json` and
@@ -293,4 +303,19 @@ unsubscribe_url = "https://example.com/u"
     // feed Lambda's recursive-loop detection (failed before the fix: every Invoke carried it).
     let traced = em.trace_headers.lock().unwrap().clone();
     assert!(traced.is_empty(), "Invoke requests carried X-Amzn-Trace-Id: {traced:?}");
+
+    // One CloudWatch EMF line per hop, whose figures add up to the run.
+    let lines = stdout_lines.lock().unwrap().clone();
+    let emf: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect();
+    assert!(emf.iter().all(|v| v["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "baton"), "{emf:?}");
+    // Hops of the malformed cases above have a line too (`HopErrors`), under job `unknown`.
+    let emf: Vec<_> = emf.into_iter().filter(|v| v["job"] == "news").collect();
+    assert!(emf.len() >= 6, "one metric line per hop: {lines:?}");
+    let sum = |name: &str| emf.iter().map(|v| v[name].as_f64().unwrap()).sum::<f64>();
+    assert_eq!(sum("ItemsDone"), 116.0, "{emf:?}");
+    assert_eq!(sum("ItemsSkipped"), 4.0, "{emf:?}");
 }

@@ -391,11 +391,16 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct RecordingInvoker {
     pub events: Mutex<std::collections::VecDeque<Event>>,
+    /// When set, every invoke fails with this error (and records nothing).
+    pub failing: Mutex<Option<InvokeError>>,
 }
 
 #[async_trait]
 impl Invoker for RecordingInvoker {
     async fn invoke(&self, event: &Event) -> Result<(), InvokeError> {
+        if let Some(e) = self.failing.lock().unwrap().clone() {
+            return Err(e);
+        }
         self.events.lock().unwrap().push_back(event.clone());
         Ok(())
     }

@@ -130,7 +130,16 @@ fn classify(e: &SdkError<ExecuteStatementError, aws_sdk_rdsdata::config::http::H
                 }
                 // An unmodelled 5xx may follow a commit: transient, for the engine to re-run.
                 _ if s.raw().status().as_u16() >= 500 => Retry::Fatal(SqlError::transient(message)),
-                _ => Retry::Fatal(SqlError::statement(message)),
+                // Aurora's own errors carry their SQLSTATE: a failover or a lock timeout is
+                // worth another try; an undefined column is a schema that changed.
+                ExecuteStatementError::DatabaseErrorException(_)
+                    if ["40001", "40P01", "57014", "57P01", "57P02", "57P03", "55P03"]
+                        .iter()
+                        .any(|code| message.contains(&format!("SQLState: {code}"))) =>
+                {
+                    Retry::Fatal(SqlError::transient(message))
+                }
+                _ => Retry::Fatal(SqlError::statement_with_state(message)),
             }
         }
         other => Retry::Fatal(SqlError::transient(format!("Data API request failed: {other:?}"))),

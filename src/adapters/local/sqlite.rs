@@ -100,6 +100,10 @@ fn classify(e: rusqlite::Error) -> SqlError {
                 "the SQLite database cannot be written ({e}): check that --data-dir is writable and its disk has room"
             ))
         }
+        // SQLite has no code for these; its messages are fixed English text.
+        _ if ["no such column", "no such table", "no such function"].iter().any(|s| e.to_string().starts_with(s)) => {
+            SqlError::Undefined { message: e.to_string() }
+        }
         _ => SqlError::statement(e),
     }
 }
