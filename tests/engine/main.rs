@@ -7,6 +7,7 @@ mod aws_run;
 mod bad_input;
 mod cases;
 mod cli;
+mod dashboards;
 mod fakes;
 mod lambda_mode;
 mod layout;
