@@ -26,7 +26,7 @@ use crate::adapters::local::outbox::Outbox;
 use crate::adapters::local::sqlite::SqliteStore;
 use crate::adapters::postgres::PostgresStore;
 use crate::config::Config;
-use crate::engine::{Engine, EngineParts};
+use crate::engine::{Engine, EngineParts, Tracing};
 use crate::jobs::KindRegistry;
 use crate::ports::{Clock, Invoker, Mailer, SystemClock};
 use crate::runtime::{LocalRuntime, Runtime};
@@ -247,6 +247,9 @@ pub struct Adapters {
     /// Faults the local Lambda model injects (none outside `--chaos` and tests).
     pub faults: Faults,
     pub seed: u64,
+    /// Where spans go: the global tracer (set up by [`crate::telemetry`]) unless a test gives
+    /// its own.
+    pub tracing: Tracing,
 }
 
 impl Adapters {
@@ -260,6 +263,7 @@ impl Adapters {
             kinds: KindRegistry::default(),
             faults: Faults::default(),
             seed: 0,
+            tracing: Tracing::default(),
         }
     }
 
@@ -273,6 +277,7 @@ impl Adapters {
             clock: self.clock,
             config: self.config,
             kinds: self.kinds,
+            tracing: self.tracing,
         }
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use lambda_runtime::tower::{Layer, Service};
 use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation, service_fn};
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
 use crate::compose::{self, AdapterSettings, Aws, ComposeError};
@@ -20,6 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::engine::event::Event;
 use crate::engine::metrics::{self, HopMetrics};
 use crate::engine::{Engine, EngineError, Outcome};
+use crate::telemetry::{Telemetry, TelemetryError, TraceSettings};
 
 /// Why a sandbox could not start: its settings name the fix.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Compose(#[from] ComposeError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Lambda mode's entry: logs to stdout without timestamps (CloudWatch adds them), then the
@@ -82,11 +86,13 @@ fn check_function_timeout(lambda_deadline: Option<SystemTime>, hop_timeout: Dura
 /// The key under which [`RawPayload`] hands over a payload that is not JSON at all.
 const UNPARSABLE: &str = "__baton_unparsable_payload";
 
-/// Handles one invocation's payload.
+/// Handles one invocation's payload; `invocation` holds the attributes of its trace's root
+/// span that only Lambda knows ([`faas_attributes`]).
 pub async fn handle(
     engine: &Engine,
     payload: serde_json::Value,
     deadline: Instant,
+    mut invocation: Vec<KeyValue>,
 ) -> Result<serde_json::Value, EngineError> {
     if let Some(why) = payload.get(UNPARSABLE).and_then(|v| v.as_str()) {
         return Err(crate::engine::event::EventError::Malformed(why.to_owned()).into());
@@ -97,8 +103,11 @@ pub async fn handle(
         Event::Hop { run_id, chain, hop, .. } => Some((run_id.clone(), *chain, *hop)),
         _ => None,
     };
+    // Schedules fire `start` and `sweep`; hops and control come from Invoke.
+    let trigger = if matches!(event, Event::Start { .. } | Event::Sweep {}) { "timer" } else { "other" };
+    invocation.push(KeyValue::new("faas.trigger", trigger));
     let started = Instant::now();
-    let (outcome, metrics) = metrics::measured(engine.handle(event, deadline)).await;
+    let (outcome, metrics) = metrics::measured(engine.handle_traced(event, deadline, invocation)).await;
     if let Some((run_id, chain, hop)) = hop {
         let took = started.elapsed();
         let duplicate = matches!(outcome, Ok(Outcome::Duplicate));
@@ -116,6 +125,16 @@ pub async fn handle(
         );
     }
     Ok(serde_json::to_value(outcome?).expect("outcomes serialise"))
+}
+
+/// The FaaS attributes of an invocation's root span: its request id, whether it is the
+/// sandbox's first (a cold start) and the function's ARN.
+pub fn faas_attributes(context: &lambda_runtime::Context, cold_start: bool) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("faas.invocation_id", context.request_id.clone()),
+        KeyValue::new("faas.coldstart", cold_start),
+        KeyValue::new("cloud.resource_id", context.invoked_function_arn.clone()),
+    ]
 }
 
 /// One hop's figures for [`emf_line`].
@@ -229,25 +248,35 @@ impl<S> Layer<S> for RawPayloadLayer {
 
 /// Runs the Lambda runtime loop until the sandbox ends.
 pub async fn serve() -> Result<(), lambda_runtime::Error> {
+    // Spans per the standard `OTEL_*` variables (none set: no export); before the engine, whose
+    // tracer is the global one.
+    let telemetry = Arc::new(Telemetry::install(&TraceSettings::default())?);
     let engine = engine_from_env().await?;
     let budget = engine.config().settings.hop_timeout;
     let checked = Arc::new(std::sync::Once::new());
     let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {
-        let (engine, checked) = (engine.clone(), checked.clone());
+        let (engine, checked, telemetry) = (engine.clone(), checked.clone(), telemetry.clone());
         async move {
             let context_deadline = (event.context.deadline > 0).then(|| event.context.deadline());
+            let mut cold_start = false;
             checked.call_once(|| {
+                cold_start = true;
                 if let Some(warning) = check_function_timeout(context_deadline, budget) {
                     tracing::warn!("{warning}");
                 }
             });
             let deadline = deadline_from(context_deadline, budget);
-            handle(&engine, event.payload, deadline).await.map_err(|e| {
+            let invocation = faas_attributes(&event.context, cold_start);
+            let result = handle(&engine, event.payload, deadline, invocation).await.map_err(|e| {
                 // Always at error level: a retryable failure of a scheduled `start` is retried by
                 // nobody (the on-failure queue keeps it), so it must reach the alarms too.
                 tracing::error!(error = %e, error_type = e.error_type(), class = ?e.class(), "invocation failed");
                 diagnostic(&e)
-            })
+            });
+            // Before the response goes back: Lambda may freeze the sandbox right after it, with
+            // spans still buffered. Bounded by the export timeout, and never an error.
+            telemetry.flush().await;
+            result
         }
     });
     lambda_runtime::Runtime::new(handler)

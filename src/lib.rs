@@ -18,7 +18,9 @@
 //! - [`runtime`]: driving a run: the local runtime (the Lambda model's queue, the sweeper's
 //!   timer, progress, Ctrl-C) or watching chains that run in Lambda.
 //! - [`audit`]: the exactly-once check of a finished run, shared by the demo and the tests.
-//! - [`lambda`]: Lambda mode, the binary as a Lambda bootstrap.
+//! - [`lambda`]: Lambda mode, the binary as a Lambda bootstrap (and its per-hop EMF metrics).
+//! - [`telemetry`]: where spans go (OTLP/HTTP, an OTLP JSON lines file, or nowhere); the engine
+//!   makes them through the OpenTelemetry API ([`engine::trace`]).
 //! - [`config`]: the typed, validated `baton.toml`.
 //! - [`cli`]: the `baton` command line.
 //! - [`text`]: data made safe to show on a terminal or in a message.
@@ -35,4 +37,5 @@ pub mod mail;
 pub mod ports;
 pub mod runtime;
 pub mod sql;
+pub mod telemetry;
 pub mod text;

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 
 use crate::adapters::local::lambda::{LambdaCounts, LocalLambda};
 use crate::compose::Adapters;
-use crate::engine::event::ControlAction;
+use crate::engine::event::{ControlAction, Event};
 use crate::engine::run::{RunProgress, RunStatus};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Outcome};
 
 /// The engine on the chosen adapters: chains run here (local invoker) or in Lambda.
 pub enum Runtime {
@@ -113,8 +113,11 @@ impl LocalRuntime {
                 }
             }
             if Instant::now() >= next_sweep {
-                let report = self.engine.sweep().await?;
-                if report.restarted + report.revived + report.parked > 0 {
+                // As the schedule does in AWS: a `sweep` event, in a trace of its own.
+                let deadline = Instant::now() + self.engine.config().settings.hop_timeout;
+                if let Outcome::Swept(report) = self.engine.handle(Event::Sweep {}, deadline).await?
+                    && report.restarted + report.revived + report.parked > 0
+                {
                     tracing::info!(?report, "sweep");
                 }
                 next_sweep = Instant::now() + sweep_every;

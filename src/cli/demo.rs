@@ -72,6 +72,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
+    pub trace: super::TraceArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 

@@ -20,6 +20,7 @@ use secrecy::SecretString;
 
 use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
+use crate::telemetry::{Telemetry, TraceSettings};
 use crate::text::{printable, printable_text};
 
 /// A flag's value that must never be printed (`Debug` shows it redacted).
@@ -111,6 +112,8 @@ enum Command {
         /// continues the same run instead of mailing everyone again.
         #[arg(long)]
         run_key: Option<String>,
+        #[command(flatten)]
+        trace: TraceArgs,
         #[command(flatten)]
         common: Common,
     },
@@ -250,10 +253,42 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// Where spans go (`demo` and `run`; every command follows the `OTEL_EXPORTER_OTLP_*`
+/// variables). README.md, "Tracing a stuck chain".
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TraceArgs {
+    /// Send spans to an OpenTelemetry collector over OTLP/HTTP: its base URL, e.g.
+    /// http://localhost:4318 (`/v1/traces` is added). `OTEL_EXPORTER_OTLP_ENDPOINT` does the same.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Write spans to PATH as OTLP JSON lines (one export request per line), no collector needed.
+    #[arg(long, value_name = "PATH")]
+    pub trace_file: Option<PathBuf>,
+}
+
+impl TraceArgs {
+    fn settings(&self) -> TraceSettings {
+        TraceSettings { otlp_endpoint: self.otlp_endpoint.clone(), trace_file: self.trace_file.clone() }
+    }
+}
+
+/// Runs `command` with span export set up, and exports what is left before returning.
 async fn dispatch(command: Command) -> Result<ExitCode> {
+    let settings = match &command {
+        Command::Demo(args) => args.trace.settings(),
+        Command::Run { trace, .. } => trace.settings(),
+        _ => TraceSettings::default(),
+    };
+    let telemetry = Telemetry::install(&settings)?;
+    let code = run_command(command).await;
+    telemetry.shutdown().await;
+    code
+}
+
+async fn run_command(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
-        Command::Run { job, run_key, common } => commands::run(&job, run_key, &common).await,
+        Command::Run { job, run_key, common, .. } => commands::run(&job, run_key, &common).await,
         Command::Status { run_id, list, common } => commands::status(run_id, list, &common).await,
         Command::Pause { run_id, common } => commands::control(&common, run_id, ControlAction::Pause).await,
         Command::Cancel { run_id, common } => commands::control(&common, run_id, ControlAction::Cancel).await,
@@ -307,6 +342,9 @@ pub fn print_status(s: &RunStatus, json: bool) {
         }
         if let Some(e) = &c.last_error {
             println!("      last error: {}", printable(e));
+        }
+        if let Some(t) = &c.last_trace_id {
+            println!("      last hop's trace id: {t}");
         }
         if let Some(w) = &c.warning {
             println!("      warning: {}", printable(w));

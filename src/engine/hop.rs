@@ -10,10 +10,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt;
 use tokio::time::Instant;
 
 use super::state::{ChainState, ItemState, RunState, State};
-use super::{Engine, EngineError, HopNext, Outcome, item_of, metrics, run::RunRow, soft_deadline};
+use super::{Engine, EngineError, HopNext, Outcome, item_of, metrics, run::RunRow, soft_deadline, trace};
 use crate::jobs::{Item, ItemContext, ItemJob, ItemOutcome, Job, JobError, RangeJob, RangeOutcome, resend_ambiguous};
 use crate::ports::InvokeError;
 use crate::sql::{KeyType, Record, Rows, SqlError, statements as st};
@@ -45,6 +47,8 @@ struct ThisHop<'a> {
     chain: i64,
     hop: i64,
     token: &'a str,
+    /// This hop's W3C `traceparent`, linked from the next hop.
+    trace: Option<String>,
     job: &'a Job,
     /// Past this no page and no send starts.
     soft: Instant,
@@ -124,6 +128,11 @@ impl Engine {
         let (chain, hop) = (chain as i64, hop as i64);
         let run = self.load_run(run_id).await?;
         metrics::job(&run.job);
+        trace::annotate([
+            KeyValue::new("baton.job", run.job.clone()),
+            KeyValue::new("baton.run_key", run.run_key.clone()),
+        ]);
+        trace::link(run.start_trace.as_deref(), vec![KeyValue::new("baton.link", "run start")]);
         if let Admission::Refused(outcome) = self.admit(&run, chain, hop).await? {
             return Ok(outcome);
         }
@@ -131,11 +140,17 @@ impl Engine {
         // chain's `next_hop` from `hop` to `hop + 1`. The token tells this invocation's own
         // re-run of the statement (after a lost answer) apart from another delivery.
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let started = self.sql(st::start_hop(run_id, chain, hop, &token, self.now_ms())).await?;
-        let Some(send_after) = started.first().map(|r| r.opt_int("send_after")).transpose()? else {
+        let trace = trace::current_traceparent();
+        let started = self.sql(st::start_hop(run_id, chain, hop, &token, self.now_ms(), trace.as_deref())).await?;
+        let Some(first) = started.first() else {
             tracing::info!("duplicate or stale hop: nothing to do");
+            let cx = opentelemetry::Context::current();
+            cx.span().update_name("hop (duplicate)");
+            cx.span().set_attribute(KeyValue::new("baton.duplicate", true));
             return Ok(Outcome::Duplicate);
         };
+        let send_after = first.opt_int("send_after")?;
+        trace::annotate([KeyValue::new("baton.restart", first.int("restarts")?)]);
         tracing::debug!("hop started");
         let job = match self.build_job(&run.job, &run.job_config) {
             Ok(job) => job,
@@ -152,7 +167,7 @@ impl Engine {
             j.begin_hop(run.chains as u32, send_after);
         }
         let soft = soft_deadline(deadline, self.config.settings.hop_margin);
-        let this = ThisHop { run: &run, chain, hop, token: &token, job: &job, soft, deadline };
+        let this = ThisHop { run: &run, chain, hop, token: &token, trace, job: &job, soft, deadline };
         let (pages, end) = self.page_loop(&this).await?;
         if let LoopEnd::ChainStops(next) = end {
             return Ok(Outcome::Hopped { pages, next });
@@ -164,7 +179,7 @@ impl Engine {
 
     /// Invokes the chain's next hop.
     async fn hand_over(&self, this: &ThisHop<'_>) -> Result<HopNext, EngineError> {
-        match self.invoke_hop(&this.run.run_id, this.chain, this.hop + 1).await {
+        match self.invoke_hop(&this.run.run_id, this.chain, this.hop + 1, this.trace.clone()).await {
             Ok(()) => Ok(HopNext::Continued),
             // The next hop can never be invoked as things stand (the recursion stop, the role
             // not allowed to invoke the function): pause, so that once it is fixed `baton
@@ -251,10 +266,15 @@ impl Engine {
                 }
             };
             let page_started = Instant::now();
-            let report = match this.job {
-                Job::Items(j) => self.process_items(run, chain, &owner, &page, j, (soft, this.deadline)).await?,
-                Job::Ranges(j) => self.process_range(run, &page, j, soft).await?,
+            let attributes =
+                vec![KeyValue::new("baton.page", page.page_no), KeyValue::new("baton.page_attempt", page.attempts)];
+            let process = async {
+                match this.job {
+                    Job::Items(j) => self.process_items(run, chain, &owner, &page, j, (soft, this.deadline)).await,
+                    Job::Ranges(j) => self.process_range(run, &page, j, soft).await,
+                }
             };
+            let report = self.tracing.in_span("page", attributes, process).await?;
             let ms = page_started.elapsed().as_millis() as u64;
             tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
             let now = self.close_page(this, &owner, &page, &report).await?;
@@ -441,7 +461,12 @@ impl Engine {
             chain: chain as u32,
             soft_deadline: soft,
         };
-        let outcomes = send_until_cutoff(job, work, cx, deadline, page.page_no).await;
+        let batch = self.tracing.child("mail batch", vec![KeyValue::new("baton.items", work.len() as i64)]);
+        let send = send_until_cutoff(job, work, cx, deadline, page.page_no);
+        let outcomes = match &batch {
+            Some(batch) => trace::within(batch.clone(), send).await,
+            None => send.await,
+        };
         // At-least-once: an outcome that may not have happened is sent again by a later hop, up
         // to RESEND_CLAIMS claims of the page, never parked as `unknown`.
         let on_unknown = match resend_ambiguous(&run.job_config) && page.attempts < RESEND_CLAIMS {
@@ -449,6 +474,9 @@ impl Engine {
             false => OnUnknown::Record,
         };
         let settled = settle(outcomes, decided, on_unknown);
+        if let Some(batch) = batch {
+            describe_batch(&batch, &settled);
+        }
         let now = self.now_ms();
         let id = run.run_id.as_str();
         // Results first, then releases: an item is either recorded or free again, never both.
@@ -727,6 +755,34 @@ fn settle(outcomes: Vec<(String, ItemOutcome)>, decided: Vec<LedgerResult>, on_u
     // A page with claims released is not done: another hop claims it again.
     report.finished = released.is_empty();
     Settled { report, results, released }
+}
+
+/// Failures a mail batch span lists as events (their counts are attributes): enough to see why,
+/// bounded so a page of bounces stays one small span.
+const FAILURE_EVENTS: usize = 20;
+
+/// The mail batch span's counts, and its first failures as events with their reasons; ends it.
+fn describe_batch(batch: &opentelemetry::Context, settled: &Settled) {
+    let span = batch.span();
+    let count = |s: ItemState| settled.results.iter().filter(|(_, state, _)| *state == s).count() as i64;
+    span.set_attributes([
+        KeyValue::new("baton.items.done", count(ItemState::Done)),
+        KeyValue::new("baton.items.failed", count(ItemState::Failed)),
+        KeyValue::new("baton.items.skipped", count(ItemState::Skipped)),
+        KeyValue::new("baton.items.unknown", count(ItemState::Unknown)),
+        KeyValue::new("baton.items.released", settled.released.len() as i64),
+    ]);
+    let failures =
+        settled.results.iter().filter(|(_, state, _)| matches!(state, ItemState::Failed | ItemState::Unknown));
+    for (key, state, reason) in failures.take(FAILURE_EVENTS) {
+        let attributes = vec![
+            KeyValue::new("baton.item", key.clone()),
+            KeyValue::new("baton.item.state", state.as_str()),
+            KeyValue::new("baton.item.reason", reason.clone().unwrap_or_default()),
+        ];
+        span.add_event("item failed", attributes);
+    }
+    span.end();
 }
 
 /// A ledger result: key, state, reason.

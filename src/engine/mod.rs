@@ -32,10 +32,12 @@ pub mod start;
 pub mod state;
 pub mod status;
 pub mod sweep;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -48,6 +50,7 @@ pub use control::Tuned;
 use event::{Event, EventError};
 use run::RunRow;
 use state::RunState;
+pub use trace::Tracing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -184,6 +187,7 @@ pub struct EngineParts {
     pub clock: Arc<dyn Clock>,
     pub config: Config,
     pub kinds: KindRegistry,
+    pub tracing: Tracing,
 }
 
 pub struct Engine {
@@ -193,12 +197,13 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     config: Config,
     kinds: KindRegistry,
+    tracing: Tracing,
 }
 
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
-        let EngineParts { store, invoker, mailer, clock, config, kinds } = parts;
-        Self { store, invoker, mailer, clock, config, kinds }
+        let EngineParts { store, invoker, mailer, clock, config, kinds, tracing } = parts;
+        Self { store, invoker, mailer, clock, config, kinds, tracing }
     }
 
     pub fn store(&self) -> &Arc<dyn SqlStore> {
@@ -225,6 +230,60 @@ impl Engine {
     }
 
     pub async fn handle(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
+        self.handle_traced(event, deadline, Vec::new()).await
+    }
+
+    /// [`Self::handle`] in a new trace of its own, whose root span carries `attributes` (the
+    /// invocation's, from its environment) and links to the previous hop of the chain.
+    pub async fn handle_traced(
+        &self,
+        event: Event,
+        deadline: Instant,
+        mut attributes: Vec<KeyValue>,
+    ) -> Result<Outcome, EngineError> {
+        let (name, previous) = match &event {
+            Event::Start { job, .. } => {
+                attributes.push(KeyValue::new("baton.job", job.clone()));
+                ("start", None)
+            }
+            Event::Hop { run_id, chain, hop, traceparent } => {
+                attributes.extend([
+                    KeyValue::new("baton.run_id", run_id.clone()),
+                    KeyValue::new("baton.chain", *chain as i64),
+                    KeyValue::new("baton.hop", *hop as i64),
+                ]);
+                ("hop", traceparent.clone())
+            }
+            Event::Sweep {} => ("sweep", None),
+            Event::Control { run_id, .. } => {
+                attributes.push(KeyValue::new("baton.run_id", run_id.clone()));
+                ("control", None)
+            }
+        };
+        self.in_root(name, attributes, previous.as_deref(), self.route(event, deadline)).await
+    }
+
+    /// Runs `work` in a new trace whose root span is `name`, linked to `previous`; a failure
+    /// sets the span's status and `error.type`.
+    pub(crate) async fn in_root<T>(
+        &self,
+        name: &'static str,
+        attributes: Vec<KeyValue>,
+        previous: Option<&str>,
+        work: impl std::future::Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        use opentelemetry::trace::TraceContextExt;
+        let cx = self.tracing.root(name, attributes, &[previous]);
+        let outcome = trace::within(cx.clone(), work).await;
+        if let Err(e) = &outcome {
+            cx.span().set_status(opentelemetry::trace::Status::error(e.to_string()));
+            cx.span().set_attribute(KeyValue::new("error.type", e.error_type()));
+        }
+        cx.span().end();
+        outcome
+    }
+
+    async fn route(&self, event: Event, deadline: Instant) -> Result<Outcome, EngineError> {
         match event {
             Event::Start { job, run_key, scheduled_time } => {
                 let run_key = match (run_key, scheduled_time) {
@@ -240,7 +299,7 @@ impl Engine {
                         .into());
                     }
                 };
-                self.start(&job, Some(&run_key)).await
+                self.start_run(&job, Some(&run_key)).await
             }
             Event::Hop { run_id, chain, hop, .. } => {
                 let result = self.hop(&run_id, chain, hop, deadline).await;
@@ -275,22 +334,25 @@ impl Engine {
     /// statement the engine issues is safe to re-run after it committed and its response was
     /// lost (see [`crate::sql::statements`]), so a re-run can only find what already happened.
     pub(crate) async fn sql(&self, stmt: Stmt) -> Result<Rows, SqlError> {
-        self.rerun_transient(stmt.name, || {
+        let name = stmt.name;
+        let run = self.rerun_transient(name, || {
             metrics::sql_statement();
             self.store.query(stmt.clone())
-        })
-        .await
+        });
+        self.tracing.in_span(name, vec![KeyValue::new("db.operation.name", name)], run).await
     }
 
     /// [`Self::sql`] for statements that must commit together; every one of them must be safe
     /// to re-run in the same way.
     pub(crate) async fn sql_transaction(&self, stmts: Vec<Stmt>) -> Result<Vec<Rows>, SqlError> {
         let name = stmts.first().map_or("transaction", |s| s.name);
-        self.rerun_transient(name, || {
+        let run = self.rerun_transient(name, || {
             stmts.iter().for_each(|_| metrics::sql_statement());
             self.store.transaction(stmts.clone())
-        })
-        .await
+        });
+        let attributes =
+            vec![KeyValue::new("db.operation.name", name), KeyValue::new("db.batch.size", stmts.len() as i64)];
+        self.tracing.in_span(name, attributes, run).await
     }
 
     async fn rerun_transient<T, F, Fut>(&self, name: &str, run: F) -> Result<T, SqlError>
@@ -316,9 +378,19 @@ impl Engine {
         RunRow::first(&rows)?.ok_or_else(|| EngineError::RunNotFound(run_id.into()))
     }
 
-    pub(crate) async fn invoke_hop(&self, run_id: &str, chain: i64, hop: i64) -> Result<(), InvokeError> {
-        let event = Event::Hop { run_id: run_id.to_owned(), chain: chain as u32, hop: hop as u64, traceparent: None };
-        self.invoker.invoke(&event).await
+    /// Invokes hop `hop` of `chain`; the hop's span links to `traceparent` (the hop that
+    /// invokes it, or the chain's last known hop).
+    pub(crate) async fn invoke_hop(
+        &self,
+        run_id: &str,
+        chain: i64,
+        hop: i64,
+        traceparent: Option<String>,
+    ) -> Result<(), InvokeError> {
+        let attributes = vec![KeyValue::new("baton.chain", chain), KeyValue::new("baton.hop", hop)];
+        let traceparent = traceparent.or_else(trace::current_traceparent);
+        let event = Event::Hop { run_id: run_id.to_owned(), chain: chain as u32, hop: hop as u64, traceparent };
+        self.tracing.in_span("invoke", attributes, self.invoker.invoke(&event)).await
     }
 
     /// Invokes each `(chain, next_hop)`; a failed invoke is logged and left to the sweeper.
@@ -326,7 +398,10 @@ impl Engine {
         let mut invoked = 0;
         for r in rows.records() {
             let (chain, hop) = (r.int("chain_no")?, r.int("next_hop")?);
-            match self.invoke_hop(run_id, chain, hop).await {
+            // The chain's last known hop, so its trace links on from there.
+            let last = r.text("last_trace")?;
+            trace::link(last.as_deref(), vec![KeyValue::new("baton.chain", chain)]);
+            match self.invoke_hop(run_id, chain, hop, last).await {
                 Ok(()) => invoked += 1,
                 // No retry can fix it (the recursion stop, the role not allowed to invoke the
                 // function): pause the run with the fix rather than retry until its deadline.

@@ -26,6 +26,8 @@ pub struct RunRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
+    /// The start span's W3C `traceparent`, linked from every hop.
+    pub start_trace: Option<String>,
 }
 
 impl RunRow {
@@ -55,6 +57,7 @@ impl RunRow {
             created_at: r.int("created_at")?,
             updated_at: r.int("updated_at")?,
             finished_at: r.opt_int("finished_at")?,
+            start_trace: r.text("start_trace")?,
         })
     }
 
@@ -118,6 +121,9 @@ pub struct ChainStatus {
     /// The last thing that went wrong with the chain: a hop that failed with an error, or a
     /// restart by the sweeper.
     pub last_error: Option<String>,
+    /// The trace id of the chain's last hop that started (32 hex digits): paste it into Grafana
+    /// (Tempo, or the X-Ray data source) or X-Ray's trace search. `None` without tracing.
+    pub last_trace_id: Option<String>,
 }
 
 /// A chain whose hops keep being lost at the same stride (hop 17, 33, 49, ...) is not unlucky:

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::event::{self, EventError};
 use super::run::RunRow;
+use super::trace;
 use super::{Engine, EngineError, Outcome, SQL_ATTEMPTS, item_of, period_key};
 use crate::config::{JobConfig, Settings};
 use crate::jobs::{Job, JobError, backoff};
@@ -18,7 +19,13 @@ use crate::sql::{KeyType, SqlError, statements as st};
 
 impl Engine {
     /// Validates, plans and starts a run; returns the existing run if `(job, run_key)` exists.
+    /// Traced like a `start` event: the start span every hop of the run links to.
     pub async fn start(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
+        let attributes = vec![opentelemetry::KeyValue::new("baton.job", job_name.to_owned())];
+        self.in_root("start", attributes, None, self.start_run(job_name, run_key)).await
+    }
+
+    pub(crate) async fn start_run(&self, job_name: &str, run_key: Option<&str>) -> Result<Outcome, EngineError> {
         let mut config = self.config.job(job_name)?.clone();
         let run_key = match run_key {
             Some(k) => k.to_owned(),
@@ -76,6 +83,7 @@ impl Engine {
     ) -> Vec<crate::sql::Stmt> {
         let now = self.now_ms();
         let snapshot = serde_json::to_string(config).expect("config serialises");
+        let start_trace = trace::current_traceparent();
         let run = st::NewRun {
             run_id,
             job: job_name,
@@ -85,6 +93,7 @@ impl Engine {
             null_keys: check.null_keys,
             deadline_at: now + config.run_deadline.as_millis() as i64,
             now,
+            start_trace: start_trace.as_deref(),
         };
         st::plan_run(
             &run,

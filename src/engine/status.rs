@@ -137,6 +137,7 @@ impl Engine {
             heartbeat_age_ms,
             stuck: status == ChainState::Active && heartbeat_age_ms > stale_ms,
             last_error: c.text("last_error")?,
+            last_trace_id: c.text("last_trace")?.as_deref().and_then(super::trace::trace_id),
         })
     }
 }

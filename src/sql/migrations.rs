@@ -93,6 +93,12 @@ pub const MIGRATIONS: &[&[&str]] = &[
         // restart by the sweeper), for `baton status` to show next to a stuck chain.
         "ALTER TABLE baton_chains ADD COLUMN last_error TEXT",
     ],
+    &[
+        // W3C `traceparent`s: the run's start span, linked from every hop, and each chain's last
+        // hop, linked from the hop a restart, resume or `tune` invokes (and shown by `status`).
+        "ALTER TABLE baton_runs ADD COLUMN start_trace TEXT",
+        "ALTER TABLE baton_chains ADD COLUMN last_trace TEXT",
+    ],
 ];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (

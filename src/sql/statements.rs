@@ -20,7 +20,7 @@ fn from_list<S: Transition>(to: S) -> String {
 // ---- runs -------------------------------------------------------------------------------------
 
 pub const RUN_COLUMNS: &str = "run_id, job, run_key, status, reason, job_config, key_type, chains, \
-     total_items, total_pages, max_hops, failure_baseline, deadline_at, created_at, updated_at, finished_at, null_keys";
+     total_items, total_pages, max_hops, failure_baseline, deadline_at, created_at, updated_at, finished_at, null_keys, start_trace";
 
 pub fn run_by_id(run_id: &str) -> Stmt {
     Stmt::named(
@@ -55,6 +55,8 @@ pub struct NewRun<'a> {
     pub null_keys: i64,
     pub deadline_at: i64,
     pub now: i64,
+    /// The start span's W3C `traceparent`, linked from every hop.
+    pub start_trace: Option<&'a str>,
 }
 
 /// The planning transaction: the run row, its pages (every `page_size`-th key of the source, in
@@ -72,8 +74,8 @@ pub fn plan_run(
     let run_id = run.run_id;
     vec![
         Stmt::named("plan_run", 
-            "INSERT INTO baton_runs (run_id, job, run_key, status, job_config, key_type, null_keys, deadline_at, created_at, updated_at)
-             VALUES (:run_id, :job, :run_key, 'planning', :job_config, :key_type, :null_keys, :deadline_at, :now, :now)",
+            "INSERT INTO baton_runs (run_id, job, run_key, status, job_config, key_type, null_keys, deadline_at, created_at, updated_at, start_trace)
+             VALUES (:run_id, :job, :run_key, 'planning', :job_config, :key_type, :null_keys, :deadline_at, :now, :now, :start_trace)",
             Params::new()
                 .with("run_id", run_id)
                 .with("job", run.job)
@@ -82,7 +84,8 @@ pub fn plan_run(
                 .with("key_type", run.key_type)
                 .with("null_keys", run.null_keys)
                 .with("deadline_at", run.deadline_at)
-                .with("now", run.now),
+                .with("now", run.now)
+                .with("start_trace", run.start_trace.map(str::to_owned)),
         ),
         Stmt::named("plan_run", 
             format!(
@@ -273,19 +276,23 @@ pub fn release_dead_leases(run_id: &str, now: i64) -> Stmt {
 /// `token` is unique to this invocation and stored with the move, so a re-run of this very
 /// statement (its commit's response was lost) recognises its own move and gets the row again,
 /// while a duplicate delivery, which has another token, still loses.
-pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64) -> Stmt {
+///
+/// `trace` (this hop's `traceparent`) becomes the chain's `last_trace`, in the same statement.
+pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64, trace: Option<&str>) -> Stmt {
     Stmt::named(
         "start_hop",
-        "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now, hop_token = :token
+        "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now, hop_token = :token,
+             last_trace = COALESCE(:trace, last_trace)
          WHERE run_id = :run_id AND chain_no = :chain AND status = 'active'
            AND (next_hop = :hop OR (next_hop = :hop + 1 AND hop_token = :token))
-         RETURNING chain_no, send_after",
+         RETURNING chain_no, send_after, restarts",
         Params::new()
             .with("run_id", run_id)
             .with("chain", chain)
             .with("hop", hop)
             .with("token", token)
-            .with("now", now),
+            .with("now", now)
+            .with("trace", trace.map(str::to_owned)),
     )
 }
 
@@ -326,7 +333,7 @@ pub fn set_chain_status(run_id: &str, chain: i64, hop: Option<i64>, to: ChainSta
         format!(
             "UPDATE baton_chains SET status = :to, reason = COALESCE(:reason, reason)
              WHERE run_id = :run_id AND chain_no = :chain AND status IN ({from_list}) {hop_cond}
-             RETURNING chain_no, next_hop"
+             RETURNING chain_no, next_hop, last_trace"
         ),
         params,
     )
@@ -360,7 +367,7 @@ pub fn unpark_chains(run_id: &str, now: i64, token: &str) -> Stmt {
         "UPDATE baton_chains SET status = 'active', heartbeat_at = :now, restart_token = :token
          WHERE run_id = :run_id AND (status = 'paused' OR (status = 'active' AND restart_token = :token))
            AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
-         RETURNING chain_no, next_hop",
+         RETURNING chain_no, next_hop, last_trace",
         Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
 }
@@ -383,7 +390,7 @@ pub fn claim_stale_chains(run_id: &str, stale_before: i64, now: i64, token: &str
              restart_token = :token
          WHERE run_id = :run_id AND status = 'active'
            AND (heartbeat_at < :stale_before OR restart_token = :token)
-         RETURNING chain_no, next_hop",
+         RETURNING chain_no, next_hop, last_trace",
         Params::new().with("run_id", run_id).with("stale_before", stale_before).with("now", now).with("token", token),
     )
 }
@@ -404,7 +411,7 @@ pub fn revive_chain(run_id: &str, now: i64, token: &str) -> Stmt {
                  AND NOT EXISTS (SELECT 1 FROM baton_chains WHERE run_id = :run_id AND status = 'active')
                  AND EXISTS (SELECT 1 FROM baton_pages WHERE run_id = :run_id
                              AND (status = 'pending' OR (status = 'leased' AND lease_expires_at < :now)))))
-         RETURNING chain_no, next_hop",
+         RETURNING chain_no, next_hop, last_trace",
         Params::new().with("run_id", run_id).with("now", now).with("token", token),
     )
 }
@@ -428,7 +435,7 @@ pub fn park_stale_chains(run_id: &str, stale_before: i64) -> Stmt {
 pub fn chains_of(run_id: &str) -> Stmt {
     Stmt::named(
         "chains_of",
-        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts, restart_hops, last_error FROM baton_chains
+        "SELECT chain_no, next_hop, status, reason, heartbeat_at, restarts, restart_hops, last_error, last_trace FROM baton_chains
          WHERE run_id = :run_id ORDER BY chain_no",
         Params::new().with("run_id", run_id),
     )
@@ -520,7 +527,7 @@ pub fn add_chains(run_id: &str, to: i64, heartbeat_at: i64, send_after: i64) -> 
          FROM seq WHERE n < :to
            AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status IN ('running', 'pausing', 'paused'))
          ON CONFLICT (run_id, chain_no) DO NOTHING
-         RETURNING chain_no, next_hop",
+         RETURNING chain_no, next_hop, last_trace",
         Params::new()
             .with("run_id", run_id)
             .with("to", to)
@@ -538,7 +545,7 @@ pub fn reactivate_chains(run_id: &str, to: i64, heartbeat_at: i64) -> Stmt {
         "UPDATE baton_chains SET status = 'active', heartbeat_at = :heartbeat_at
          WHERE run_id = :run_id AND chain_no < :to AND status = 'ended'
            AND EXISTS (SELECT 1 FROM baton_runs WHERE run_id = :run_id AND status = 'running')
-         RETURNING chain_no, next_hop",
+         RETURNING chain_no, next_hop, last_trace",
         Params::new().with("run_id", run_id).with("to", to).with("heartbeat_at", heartbeat_at),
     )
 }

@@ -141,7 +141,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     let store = m.counting.clone();
     let lease = m.settings.lease().as_millis() as i64;
     let now = m.clock.now_ms();
-    assert_eq!(store.query(st::start_hop(&run, 0, 1, "token-a", now)).await.unwrap().rows.len(), 1);
+    assert_eq!(store.query(st::start_hop(&run, 0, 1, "token-a", now, None)).await.unwrap().rows.len(), 1);
     let page = store.query(st::claim_page(&run, 0, 1, 1, "A", now, lease)).await.unwrap();
     let page_no = page.first().unwrap().int("page_no").unwrap();
     let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
@@ -155,7 +155,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     assert!(claimed.rows.is_empty(), "a writer past its lease claimed {:?}", claimed.rows);
 
     // B (the restarted chain's next hop) takes the page over.
-    assert_eq!(store.query(st::start_hop(&run, 0, 2, "token-b", late)).await.unwrap().rows.len(), 1);
+    assert_eq!(store.query(st::start_hop(&run, 0, 2, "token-b", late, None)).await.unwrap().rows.len(), 1);
     let taken = store.query(st::claim_page(&run, 0, 2, 1, "B", late, lease)).await.unwrap();
     assert_eq!(taken.first().unwrap().int("page_no").unwrap(), page_no);
 

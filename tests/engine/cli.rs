@@ -10,8 +10,23 @@ fn baton(args: &[&str]) -> std::process::Output {
 fn demo_with_chaos_succeeds_and_status_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let out =
-        baton(&["demo", "--users", "1500", "--chains", "3", "--chaos", "--seed", "5", "--json", "--data-dir", data]);
+    let spans_dir = tempfile::tempdir().unwrap();
+    let trace_file = spans_dir.path().join("spans.jsonl");
+    let out = baton(&[
+        "demo",
+        "--users",
+        "1500",
+        "--chains",
+        "3",
+        "--chaos",
+        "--seed",
+        "5",
+        "--json",
+        "--data-dir",
+        data,
+        "--trace-file",
+        trace_file.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
@@ -41,6 +56,36 @@ fn demo_with_chaos_succeeds_and_status_reports_it() {
     for chain in status["chains"].as_array().unwrap() {
         assert!(chain["hops"].as_i64().unwrap() <= chain["hop_budget"].as_i64().unwrap());
     }
+
+    // --trace-file: OTLP JSON lines, one export request per line, holding every hop's trace;
+    // `status` names each chain's last one.
+    let traces = traces_in(&trace_file);
+    let hops = traces.iter().filter(|(name, _)| name == "hop").count() as u64;
+    assert!(hops >= summary["hops"]["delivered"].as_u64().unwrap() / 2, "{hops} hop spans: {summary}");
+    for chain in status["chains"].as_array().unwrap() {
+        let id = chain["last_trace_id"].as_str().unwrap_or_else(|| panic!("no last_trace_id: {chain}"));
+        assert!(traces.iter().any(|(name, trace)| name == "hop" && trace == id), "{id} is not in the trace file");
+    }
+}
+
+/// `(span name, trace id)` of every span in an OTLP JSON lines file, read with the official
+/// schema's types.
+fn traces_in(path: &std::path::Path) -> Vec<(String, String)> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    let text = std::fs::read_to_string(path).expect("--trace-file was written");
+    let mut spans = Vec::new();
+    for line in text.lines() {
+        let request: ExportTraceServiceRequest = serde_json::from_str(line).expect("an OTLP JSON export request");
+        let raw: serde_json::Value = serde_json::from_str(line).unwrap();
+        // OTLP JSON spells ids in hex, as X-Ray and Tempo search for them.
+        let first = &raw["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"];
+        assert!(first.as_str().is_some_and(|t| t.len() == 32), "{first}");
+        for span in request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+            let id: String = span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+            spans.push((span.name.clone(), id));
+        }
+    }
+    spans
 }
 
 #[test]

@@ -17,6 +17,10 @@ use axum::routing::{get, post};
 use baton::sql::{Params, Stmt};
 use tokio::sync::Notify;
 
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
 use crate::fakes::{FakeSes, ses_router};
 use crate::support::{fake_aws_env, int_users, pg_with_users};
 
@@ -30,6 +34,10 @@ struct Emulator {
     invokes: Mutex<u64>,
     /// `X-Amzn-Trace-Id` headers seen on Invoke requests.
     trace_headers: Mutex<Vec<String>>,
+    /// Invoke payloads (hop events).
+    invoked: Mutex<Vec<serde_json::Value>>,
+    /// Spans posted to `/v1/traces` (OTLP/HTTP protobuf), decoded with the official schema.
+    spans: Mutex<Vec<Span>>,
 }
 
 impl Emulator {
@@ -103,8 +111,30 @@ async fn invoke(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes
     if let Some(trace) = headers.get("x-amzn-trace-id") {
         em.trace_headers.lock().unwrap().push(trace.to_str().unwrap_or_default().to_owned());
     }
+    em.invoked.lock().unwrap().push(serde_json::from_slice(&body).expect("an Invoke payload is JSON"));
     em.enqueue(&body);
     StatusCode::ACCEPTED
+}
+
+/// An OTLP/HTTP receiver: decodes the protobuf request with the `opentelemetry-proto` types.
+async fn traces(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    assert_eq!(headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/x-protobuf"));
+    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export request");
+    let spans = request.resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+    em.spans.lock().unwrap().extend(spans);
+    StatusCode::OK
+}
+
+/// A string, int or bool attribute of a span, as text.
+pub fn attribute(span: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match value {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
 }
 
 struct Killed(Child);
@@ -150,6 +180,7 @@ unsubscribe_url = "https://example.com/u"
         .route("/2018-06-01/runtime/invocation/{id}/response", post(respond))
         .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
         .route("/2015-03-31/functions/{function}/invocations", post(invoke))
+        .route("/v1/traces", post(traces))
         .with_state(em.clone())
         .merge(ses_router(ses.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -168,6 +199,7 @@ unsubscribe_url = "https://example.com/u"
             .env("BATON_STORE", "postgres")
             .env("BATON_DATABASE_URL", &database_url)
             .env("BATON_UNSUBSCRIBE_SECRET", "0123456789abcdef-lambda")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -303,6 +335,13 @@ unsubscribe_url = "https://example.com/u"
     // feed Lambda's recursive-loop detection (failed before the fix: every Invoke carried it).
     let traced = em.trace_headers.lock().unwrap().clone();
     assert!(traced.is_empty(), "Invoke requests carried X-Amzn-Trace-Id: {traced:?}");
+    // ... and the hop's W3C trace context travels in the payload instead.
+    let invoked = em.invoked.lock().unwrap().clone();
+    for event in &invoked {
+        let traceparent = event["traceparent"].as_str().unwrap_or_else(|| panic!("no traceparent: {event}"));
+        assert!(baton::engine::trace::parse(traceparent).is_some(), "not a W3C traceparent: {traceparent}");
+    }
+    check_exported_spans(&em, &invoked).await;
 
     // One CloudWatch EMF line per hop, whose figures add up to the run.
     let lines = stdout_lines.lock().unwrap().clone();
@@ -318,4 +357,53 @@ unsubscribe_url = "https://example.com/u"
     let sum = |name: &str| emf.iter().map(|v| v[name].as_f64().unwrap()).sum::<f64>();
     assert_eq!(sum("ItemsDone"), 116.0, "{emf:?}");
     assert_eq!(sum("ItemsSkipped"), 4.0, "{emf:?}");
+}
+
+/// The spans the binary exported over OTLP/HTTP (flushed before each invocation returned): one
+/// trace per invocation, whose root carries the FaaS attributes and links to the hop that
+/// invoked it, and per-statement spans by name.
+async fn check_exported_spans(em: &Emulator, invoked: &[serde_json::Value]) {
+    // The last hop's flush may land just after the run's row says `succeeded`.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let hop_spans = || em.spans.lock().unwrap().iter().filter(|s| s.name == "hop").count();
+    while hop_spans() < invoked.len() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = em.spans.lock().unwrap().clone();
+    let roots: Vec<&Span> = spans.iter().filter(|s| s.parent_span_id.is_empty()).collect();
+    let hops: Vec<&Span> = roots.iter().copied().filter(|s| s.name == "hop").collect();
+    let failed = |s: &Span| s.status.as_ref().is_some_and(|st| st.code == 2);
+    let start = roots.iter().find(|s| s.name == "start" && !failed(s)).expect("the start's span was exported");
+    assert!(hops.len() >= invoked.len(), "{} hop spans for {} invokes", hops.len(), invoked.len());
+    for root in &roots {
+        for key in ["faas.invocation_id", "faas.trigger", "cloud.resource_id", "faas.coldstart"] {
+            assert!(attribute(root, key).is_some(), "root span {} has no {key}", root.name);
+        }
+        assert_eq!(
+            attribute(root, "cloud.resource_id").unwrap(),
+            "arn:aws:lambda:eu-west-1:123456789012:function:baton"
+        );
+    }
+    // Every hop that ran is linked to the span whose traceparent its event carried, and to the
+    // run's start; its trace is its own.
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for hop in hops.iter().filter(|h| attribute(h, "baton.job").is_some()) {
+        let linked: Vec<String> = hop.links.iter().map(|l| hex(&l.span_id)).collect();
+        assert!(linked.contains(&hex(&start.span_id)), "hop {:?} not linked to the start", attribute(hop, "baton.hop"));
+        assert_ne!(hop.trace_id, start.trace_id, "a hop is its own trace");
+        let number: i64 = attribute(hop, "baton.hop").unwrap().parse().unwrap();
+        let chain = attribute(hop, "baton.chain").unwrap();
+        let previous = invoked
+            .iter()
+            .find(|e| e["hop"] == number && e["chain"].as_i64() == chain.parse::<i64>().ok())
+            .and_then(|e| e["traceparent"].as_str())
+            .expect("an Invoke for every hop");
+        let previous = baton::engine::trace::parse(previous).unwrap().span_id().to_string();
+        assert!(linked.contains(&previous), "hop {number} of chain {chain}: {linked:?} lacks {previous}");
+    }
+    // Statements are child spans, by name.
+    for name in ["start_hop", "claim_page", "record_results"] {
+        assert!(spans.iter().any(|s| s.name == name && !s.parent_span_id.is_empty()), "no `{name}` span");
+    }
+    assert!(spans.iter().any(|s| s.name == "mail batch" && attribute(s, "baton.items.done").is_some()));
 }

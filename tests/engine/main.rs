@@ -14,6 +14,7 @@ mod layout;
 mod mime;
 mod moto;
 mod support;
+mod traces;
 
 /// Instantiates each case (`module::case`) once per backend, as `sqlite::case` and
 /// `postgres::case`.
@@ -40,6 +41,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     cases::migrations_apply_once_and_are_safe_twice,
+    traces::every_chain_links_from_its_first_hop_to_its_last_under_chaos,
     cases::run_sends_each_valid_user_exactly_once,
     cases::duplicated_hop_does_not_fork_its_chain,
     cases::duplicate_deliveries_throughout_a_run_send_nothing_twice,

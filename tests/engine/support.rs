@@ -16,7 +16,7 @@ use baton::adapters::postgres::PostgresStore;
 use baton::compose::Adapters;
 use baton::config::{Config, JobConfig, NewsletterConfig, Settings};
 use baton::engine::run::RunStatus;
-use baton::engine::{Engine, Outcome};
+use baton::engine::{Engine, Outcome, Tracing};
 use baton::jobs::KindRegistry;
 use baton::ports::{MailError, Mailer, ManualClock, OutgoingMail};
 use baton::runtime::LocalRuntime;
@@ -232,6 +232,8 @@ pub struct Setup {
     pub kinds: KindRegistry,
     pub reject_suffix: Option<String>,
     pub ambiguous_suffix: Option<String>,
+    /// Where the engine's spans go (nowhere unless a test collects them).
+    pub tracing: Tracing,
 }
 
 impl Setup {
@@ -244,6 +246,7 @@ impl Setup {
             kinds: KindRegistry::default(),
             reject_suffix: None,
             ambiguous_suffix: None,
+            tracing: Tracing::default(),
         }
     }
 }
@@ -290,6 +293,7 @@ impl Harness {
             kinds: setup.kinds,
             faults: setup.faults,
             seed: setup.seed,
+            tracing: setup.tracing,
             ..Adapters::new(faulty.clone(), mailer.clone(), config)
         });
         Harness { backend, store, faulty, local, mailer, outbox_dir, _dir: dir }
