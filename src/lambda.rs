@@ -83,6 +83,9 @@ fn check_function_timeout(lambda_deadline: Option<SystemTime>, hop_timeout: Dura
     })
 }
 
+/// Time kept between the end of a span flush and the invocation's deadline.
+const FLUSH_MARGIN: Duration = Duration::from_millis(100);
+
 /// The key under which [`RawPayload`] hands over a payload that is not JSON at all.
 const UNPARSABLE: &str = "__baton_unparsable_payload";
 
@@ -274,8 +277,10 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
                 diagnostic(&e)
             });
             // Before the response goes back: Lambda may freeze the sandbox right after it, with
-            // spans still buffered. Bounded by the export timeout, and never an error.
-            telemetry.flush().await;
+            // spans still buffered. Never an error, and never past the invocation's deadline
+            // (less a safety margin), nor longer than one export's timeout.
+            let until = (deadline - FLUSH_MARGIN).min(Instant::now() + crate::telemetry::DEFAULT_EXPORT_TIMEOUT);
+            telemetry.flush(until.max(Instant::now())).await;
             result
         }
     });

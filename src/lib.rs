@@ -17,6 +17,7 @@
 //!   adapters and assembles the engine (Lambda mode, the CLI, the demo and the tests use it).
 //! - [`runtime`]: driving a run: the local runtime (the Lambda model's queue, the sweeper's
 //!   timer, progress, Ctrl-C) or watching chains that run in Lambda.
+//! - [`report`]: `baton report`, a run pictured as one self-contained HTML page.
 //! - [`audit`]: the exactly-once check of a finished run, shared by the demo and the tests.
 //! - [`lambda`]: Lambda mode, the binary as a Lambda bootstrap (and its per-hop EMF metrics).
 //! - [`telemetry`]: where spans go (OTLP/HTTP, an OTLP JSON lines file, or nowhere); the engine
@@ -35,6 +36,7 @@ pub mod jobs;
 pub mod lambda;
 pub mod mail;
 pub mod ports;
+pub mod report;
 pub mod runtime;
 pub mod sql;
 pub mod telemetry;

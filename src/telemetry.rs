@@ -94,8 +94,20 @@ impl Telemetry {
 
     /// Sets up export per `settings` and the environment, and makes it the global tracer
     /// provider (what [`Tracing::default`] uses). Call before the engine is built.
+    ///
+    /// Settings given on the command line that cannot work are an error (the user asked for
+    /// them); settings from the environment that cannot work (a malformed
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, a compression this build lacks) are logged and tracing is
+    /// off: tracing must never stop a hop, a sweep, or the operator's brake.
     pub fn install(settings: &TraceSettings) -> Result<Telemetry, TelemetryError> {
-        let telemetry = Telemetry::build(settings)?;
+        let telemetry = match Telemetry::build(settings) {
+            Ok(t) => t,
+            Err(e) if settings.otlp_endpoint.is_none() && settings.trace_file.is_none() => {
+                tracing::error!(error = %e, "tracing is off: the OTEL_* settings cannot work");
+                Telemetry::disabled()
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(provider) = &telemetry.provider {
             opentelemetry::global::set_tracer_provider(provider.clone());
         }
@@ -127,13 +139,15 @@ impl Telemetry {
         }
     }
 
-    /// Exports what is buffered; waits at most the export timeout. Errors are logged, never
-    /// returned: tracing must not fail a hop.
-    pub async fn flush(&self) {
+    /// Exports what is buffered, waiting until `until` at most (the export goes on in the
+    /// background past it). Errors are logged, never returned: tracing must not fail a hop.
+    pub async fn flush(&self, until: tokio::time::Instant) {
         let Some(provider) = self.provider.clone() else { return };
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::debug!(error = %e, "spans not exported");
+        let flushed = tokio::task::spawn_blocking(move || provider.force_flush());
+        match tokio::time::timeout_at(until, flushed).await {
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "spans not exported"),
+            Err(_) => tracing::debug!("spans still exporting at the invocation's end"),
+            _ => {}
         }
     }
 
@@ -172,6 +186,20 @@ fn resource() -> Resource {
 }
 
 fn otlp_exporter(url: Option<String>) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    let protocol =
+        std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"));
+    if let Ok(p) = protocol.as_deref().map(str::trim)
+        && !p.is_empty()
+        && p != "http/protobuf"
+    {
+        return Err(TelemetryError::Setting {
+            field: "OTEL_EXPORTER_OTLP_PROTOCOL",
+            why: format!(
+                "baton exports OTLP over HTTP with protobuf only (`http/protobuf`), not `{}`",
+                crate::text::printable_short(p)
+            ),
+        });
+    }
     // No retries: Lambda mode flushes before each invocation returns, and a collector that is
     // down would otherwise add the retries' backoff (about 0.8 s) to every hop. A lost batch of
     // spans costs a gap in a trace, never a hop.

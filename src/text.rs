@@ -7,14 +7,18 @@
 /// overrides and line separators too (`\u{202e}`): they reorder or break what the terminal
 /// shows (CVE-2021-42574, "Trojan Source").
 pub fn printable(s: &str) -> String {
-    let reorders = |c: char| matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}');
     s.chars()
         .flat_map(|c| match c {
             c if c.is_control() => c.escape_default().collect::<Vec<_>>(),
-            c if reorders(c) => c.escape_unicode().collect(),
+            c if is_bidi_control(c) => c.escape_unicode().collect(),
             c => vec![c],
         })
         .collect()
+}
+
+/// Bidirectional overrides and line separators: they reorder or break what is shown.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
 }
 
 /// [`printable`] for multi-line text: line breaks and tabs kept, every other control character

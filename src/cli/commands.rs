@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::wiring::{self, InvokerKind, Use};
 use super::{Common, print_status};
@@ -68,6 +68,32 @@ pub async fn status(run_id: Option<String>, list: Option<String>, common: &Commo
             }
         }
         None => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `baton report`: writes the run's page to `out` (through a temporary file, so a failed
+/// write leaves no half page) and says where it is.
+pub async fn report(run_id: Option<String>, out: &std::path::Path, common: &Common) -> Result<ExitCode> {
+    let rt = wiring::open_runtime(common, Use::Inspect).await?;
+    let Some(timeline) = rt.engine().timeline(run_id.as_deref()).await? else {
+        bail!("no runs yet in {}; start one with `baton run JOB` or `baton demo`", where_is(common));
+    };
+    let page = crate::report::html(&timeline);
+    let partial = out.with_extension("html.partial");
+    std::fs::write(&partial, &page)
+        .and_then(|()| std::fs::rename(&partial, out))
+        .with_context(|| format!("--out {}: cannot write the report", out.display()))?;
+    if common.json {
+        let summary = serde_json::json!({ "run_id": timeline.status.run_id, "out": out, "hops": timeline.hops.len(), "bytes": page.len() });
+        println!("{summary}");
+    } else {
+        println!(
+            "wrote {} (run {}, {} hops): open it in a browser",
+            out.display(),
+            timeline.status.run_id,
+            timeline.hops.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -129,6 +129,18 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Picture a run as one self-contained HTML page (no network needed to view it): a lane per
+    /// chain with its hops and pages over time, coloured by outcome, restarts and duplicate
+    /// deliveries marked, stuck chains and failures highlighted, the send rate, the counts.
+    Report {
+        /// A run id; defaults to the latest run.
+        run_id: Option<String>,
+        /// Where to write the page.
+        #[arg(long, default_value = "report.html", value_name = "PATH")]
+        out: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Pause a run: each chain stops after its current page and parks at its checkpoint.
     Pause {
         run_id: Option<String>,
@@ -216,6 +228,7 @@ pub fn main() -> ExitCode {
         Command::Demo(a) => a.common.verbose,
         Command::Run { common, .. }
         | Command::Status { common, .. }
+        | Command::Report { common, .. }
         | Command::Pause { common, .. }
         | Command::Resume { common, .. }
         | Command::Cancel { common, .. }
@@ -290,6 +303,7 @@ async fn run_command(command: Command) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(args).await,
         Command::Run { job, run_key, common, .. } => commands::run(&job, run_key, &common).await,
         Command::Status { run_id, list, common } => commands::status(run_id, list, &common).await,
+        Command::Report { run_id, out, common } => commands::report(run_id, &out, &common).await,
         Command::Pause { run_id, common } => commands::control(&common, run_id, ControlAction::Pause).await,
         Command::Cancel { run_id, common } => commands::control(&common, run_id, ControlAction::Cancel).await,
         Command::Resume { run_id, common } => commands::resume(run_id, &common).await,

@@ -116,10 +116,38 @@ const ITEMS_PER_STATEMENT: usize = 1000;
 const RESEND_CLAIMS: i64 = 4;
 
 impl Engine {
+    /// Runs hop `hop` of `chain` ([`Self::run_hop`]), then records how it ended (for `status`
+    /// and `report`).
+    pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
+        // Unique to this invocation: see `start_hop`.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let result = self.run_hop(run_id, chain, hop, deadline, &token).await;
+        let (chain, hop) = (chain as i64, hop as i64);
+        let ended = match &result {
+            Ok(Outcome::Hopped { pages, next }) => Some((next.label(), *pages as i64)),
+            Ok(_) => None,
+            Err(e) => {
+                self.note(st::note_chain_error(run_id, chain, hop, &e.to_string())).await;
+                Some(("error", 0))
+            }
+        };
+        if let Some((outcome, pages)) = ended {
+            self.note(st::end_hop(run_id, chain, hop, &token, outcome, pages, self.now_ms())).await;
+        }
+        result
+    }
+
     /// Runs hop `hop` of `chain`, top to bottom: admit (run live, within its budgets), the
     /// fork guard, the job, the page loop under the time budget, the hand-over.
-    #[tracing::instrument(skip(self, deadline), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
-    pub async fn hop(&self, run_id: &str, chain: u32, hop: u64, deadline: Instant) -> Result<Outcome, EngineError> {
+    #[tracing::instrument(skip(self, deadline, token), fields(baton.run_id = run_id, baton.chain = chain, baton.hop = hop))]
+    async fn run_hop(
+        &self,
+        run_id: &str,
+        chain: u32,
+        hop: u64,
+        deadline: Instant,
+        token: &str,
+    ) -> Result<Outcome, EngineError> {
         // Fencing starts here: leases and staleness derive from `hop_timeout`, so no hop may
         // live longer than that, whatever deadline its environment gives it (a Lambda function
         // timeout longer than `hop_timeout` would otherwise let a hop send after its lease
@@ -136,21 +164,11 @@ impl Engine {
         if let Admission::Refused(outcome) = self.admit(&run, chain, hop).await? {
             return Ok(outcome);
         }
-        // The fork guard: only one delivery of hop `hop` gets past this compare-and-set of the
-        // chain's `next_hop` from `hop` to `hop + 1`. The token tells this invocation's own
-        // re-run of the statement (after a lost answer) apart from another delivery.
-        let token = uuid::Uuid::new_v4().simple().to_string();
         let trace = trace::current_traceparent();
-        let started = self.sql(st::start_hop(run_id, chain, hop, &token, self.now_ms(), trace.as_deref())).await?;
-        let Some(first) = started.first() else {
-            tracing::info!("duplicate or stale hop: nothing to do");
-            let cx = opentelemetry::Context::current();
-            cx.span().update_name("hop (duplicate)");
-            cx.span().set_attribute(KeyValue::new("baton.duplicate", true));
+        let Some(send_after) = self.fork_guard(run_id, chain, hop, token, trace.as_deref()).await? else {
             return Ok(Outcome::Duplicate);
         };
-        let send_after = first.opt_int("send_after")?;
-        trace::annotate([KeyValue::new("baton.restart", first.int("restarts")?)]);
+        let token = token.to_owned();
         tracing::debug!("hop started");
         let job = match self.build_job(&run.job, &run.job_config) {
             Ok(job) => job,
@@ -175,6 +193,36 @@ impl Engine {
         self.wait_for_rate(&job, soft).await;
         let next = self.hand_over(&this).await?;
         Ok(Outcome::Hopped { pages, next })
+    }
+
+    /// The fork guard: only one delivery of hop `hop` gets past this compare-and-set of the
+    /// chain's `next_hop` from `hop` to `hop + 1`; it returns when the chain may send next. The
+    /// token tells this invocation's own re-run of the statement (after a lost answer) apart
+    /// from another delivery, which gets `None`: a duplicate, marked in its span and the hop
+    /// table, and nothing else.
+    async fn fork_guard(
+        &self,
+        run_id: &str,
+        chain: i64,
+        hop: i64,
+        token: &str,
+        trace: Option<&str>,
+    ) -> Result<Option<Option<i64>>, EngineError> {
+        let started = self.sql(st::start_hop(run_id, chain, hop, token, self.now_ms(), trace)).await?;
+        let record = |restarts| st::HopRecord { run_id, chain, hop, token, now: self.now_ms(), restarts, trace };
+        let Some(first) = started.first() else {
+            tracing::info!("duplicate or stale hop: nothing to do");
+            let cx = opentelemetry::Context::current();
+            cx.span().update_name("hop (duplicate)");
+            cx.span().set_attribute(KeyValue::new("baton.duplicate", true));
+            self.note(st::record_hop(&record(0), Some("duplicate"))).await;
+            return Ok(None);
+        };
+        // `restarts` is only for traces and the report: never a reason to fail a hop that won.
+        let (send_after, restarts) = (first.opt_int("send_after")?, first.int("restarts").unwrap_or(0));
+        trace::annotate([KeyValue::new("baton.restart", restarts)]);
+        self.note(st::record_hop(&record(restarts), None)).await;
+        Ok(Some(send_after))
     }
 
     /// Invokes the chain's next hop.
@@ -391,13 +439,14 @@ impl Engine {
     /// `claimed`; otherwise, or if claims remain, released to be claimed again (whoever claims it
     /// settles what is left). A hop that lost the lease changes nothing.
     async fn finish_page(&self, run_id: &str, page_no: i64, owner: &str, finished: bool) -> Result<(), EngineError> {
-        if finished && !self.sql(st::finish_page(run_id, page_no, owner, true)).await?.rows.is_empty() {
+        let now = self.now_ms();
+        if finished && !self.sql(st::finish_page(run_id, page_no, owner, true, now)).await?.rows.is_empty() {
             return Ok(());
         }
         if finished {
             tracing::warn!(page = page_no, "page still has claimed items: released instead of finished");
         }
-        self.sql(st::finish_page(run_id, page_no, owner, false)).await?;
+        self.sql(st::finish_page(run_id, page_no, owner, false, now)).await?;
         Ok(())
     }
 
@@ -776,9 +825,9 @@ fn describe_batch(batch: &opentelemetry::Context, settled: &Settled) {
         settled.results.iter().filter(|(_, state, _)| matches!(state, ItemState::Failed | ItemState::Unknown));
     for (key, state, reason) in failures.take(FAILURE_EVENTS) {
         let attributes = vec![
-            KeyValue::new("baton.item", key.clone()),
+            KeyValue::new("baton.item", trace::bounded(key, 64)),
             KeyValue::new("baton.item.state", state.as_str()),
-            KeyValue::new("baton.item.reason", reason.clone().unwrap_or_default()),
+            KeyValue::new("baton.item.reason", trace::bounded(reason.as_deref().unwrap_or_default(), 300)),
         ];
         span.add_event("item failed", attributes);
     }

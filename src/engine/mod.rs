@@ -32,6 +32,7 @@ pub mod start;
 pub mod state;
 pub mod status;
 pub mod sweep;
+pub mod timeline;
 pub mod trace;
 
 use std::sync::Arc;
@@ -179,6 +180,20 @@ pub enum HopNext {
     Failed(String),
 }
 
+impl HopNext {
+    /// The outcome's name, as `baton report` and the hop table record it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HopNext::Continued => "continued",
+            HopNext::Ended => "ended",
+            HopNext::Completed => "completed",
+            HopNext::Parked => "parked",
+            HopNext::Stopped => "stopped",
+            HopNext::Failed(_) => "failed",
+        }
+    }
+}
+
 /// Everything the engine needs: ports, config, kinds.
 pub struct EngineParts {
     pub store: Arc<dyn SqlStore>,
@@ -251,6 +266,7 @@ impl Engine {
                     KeyValue::new("baton.run_id", run_id.clone()),
                     KeyValue::new("baton.chain", *chain as i64),
                     KeyValue::new("baton.hop", *hop as i64),
+                    trace::xray_annotations(),
                 ]);
                 ("hop", traceparent.clone())
             }
@@ -276,7 +292,7 @@ impl Engine {
         let cx = self.tracing.root(name, attributes, &[previous]);
         let outcome = trace::within(cx.clone(), work).await;
         if let Err(e) = &outcome {
-            cx.span().set_status(opentelemetry::trace::Status::error(e.to_string()));
+            cx.span().set_status(opentelemetry::trace::Status::error(trace::bounded(&e.to_string(), 500)));
             cx.span().set_attribute(KeyValue::new("error.type", e.error_type()));
         }
         cx.span().end();
@@ -301,17 +317,7 @@ impl Engine {
                 };
                 self.start_run(&job, Some(&run_key)).await
             }
-            Event::Hop { run_id, chain, hop, .. } => {
-                let result = self.hop(&run_id, chain, hop, deadline).await;
-                if let Err(e) = &result {
-                    // For `baton status`; best effort (the database may be what failed).
-                    let note = st::note_chain_error(&run_id, chain as i64, hop as i64, &e.to_string());
-                    if let Err(also) = self.store.query(note).await {
-                        tracing::debug!(error = %also, "could not record the hop's error");
-                    }
-                }
-                result
-            }
+            Event::Hop { run_id, chain, hop, .. } => self.hop(&run_id, chain, hop, deadline).await,
             Event::Sweep {} => Ok(Outcome::Swept(self.sweep().await?)),
             Event::Control { run_id, action } => self.control(&run_id, action).await,
         }
@@ -370,6 +376,15 @@ impl Engine {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// A diagnostic statement (for `status` and `report`), best effort: the database may be
+    /// what failed, and a diagnostic never fails the work it describes.
+    pub(crate) async fn note(&self, stmt: Stmt) {
+        let name = stmt.name;
+        if let Err(e) = self.store.query(stmt).await {
+            tracing::debug!(statement = name, error = %e, "could not record a diagnostic");
         }
     }
 

@@ -130,9 +130,19 @@ pub struct ChainStatus {
 /// something stops it every N hops, and Lambda's recursive-loop detection does exactly that
 /// after about 16 hops when the function does not allow recursion. Two or more restarts at an
 /// equal stride of at most 20 hops (counted from hop 1) say so.
+///
+/// A chain restarted at the same hop number again and again is stuck there: every delivery of
+/// that hop dies (or errs) before it starts its work.
 pub fn loss_pattern(lost_at: &[i64]) -> Option<String> {
     if lost_at.len() < 2 {
         return None;
+    }
+    let last = lost_at[lost_at.len() - 1];
+    let again = lost_at.iter().rev().take_while(|h| **h == last).count();
+    if again >= 2 {
+        return Some(format!(
+            "hop {last} was lost {again} times in a row: every delivery of it dies or fails before its work              starts; its trace (`last_trace_id`, the hop before) and `last_error` say where"
+        ));
     }
     let stride = lost_at[0] - 1;
     let regular = (1..=20).contains(&stride) && lost_at.windows(2).all(|w| w[1] - w[0] == stride);
@@ -186,5 +196,12 @@ mod tests {
         assert!(loss_pattern(&[17]).is_none(), "one loss is chance");
         assert!(loss_pattern(&[5, 40]).is_none(), "irregular losses are chance");
         assert!(loss_pattern(&[101, 201]).is_none(), "a stride far beyond 16 is not loop detection");
+    }
+
+    #[test]
+    fn a_hop_lost_again_and_again_at_the_same_number_is_flagged() {
+        let flagged = loss_pattern(&[3, 9, 9, 9]).unwrap();
+        assert!(flagged.contains("hop 9 was lost 3 times in a row"), "{flagged}");
+        assert!(loss_pattern(&[9, 9, 12]).is_none(), "the chain got past it");
     }
 }

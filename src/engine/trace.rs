@@ -62,7 +62,7 @@ impl Tracing {
         };
         let out = within(cx.clone(), work).await;
         if let Err(e) = &out {
-            cx.span().set_status(Status::error(e.to_string()));
+            cx.span().set_status(Status::error(bounded(&e.to_string(), 500)));
         }
         cx.span().end();
         out
@@ -80,6 +80,15 @@ impl Tracing {
     }
 }
 
+/// X-Ray indexes the attributes this lists as annotations (as `baton_run_id`, ...), so its
+/// console and Grafana's X-Ray data source can search hops by run, chain and hop; Tempo indexes
+/// every attribute anyway.
+pub(crate) fn xray_annotations() -> KeyValue {
+    let keys: Vec<opentelemetry::StringValue> =
+        ["baton.run_id", "baton.chain", "baton.hop", "baton.job"].into_iter().map(Into::into).collect();
+    KeyValue::new("aws.xray.annotations", opentelemetry::Value::Array(keys.into()))
+}
+
 /// The current span's W3C `traceparent`, if it is a sampled, valid span.
 pub(crate) fn current_traceparent() -> Option<String> {
     traceparent_of(&Context::current())
@@ -87,7 +96,8 @@ pub(crate) fn current_traceparent() -> Option<String> {
 
 /// `cx`'s W3C `traceparent`.
 pub(crate) fn traceparent_of(cx: &Context) -> Option<String> {
-    if !cx.span().span_context().is_valid() {
+    // An unsampled span is never exported: a link or a trace id to it would lead nowhere.
+    if !cx.span().span_context().is_valid() || !cx.span().span_context().is_sampled() {
         return None;
     }
     let mut carrier = HashMap::new();
@@ -101,6 +111,15 @@ pub fn parse(traceparent: &str) -> Option<SpanContext> {
     let cx = TraceContextPropagator::new().extract(&carrier);
     let span_context = cx.span().span_context().clone();
     span_context.is_valid().then_some(span_context)
+}
+
+/// `text` for a span attribute: at most `max` characters, control characters escaped. Spans are
+/// structured, but values from data (provider messages, keys) must not make them grow without
+/// bound.
+pub(crate) fn bounded(text: &str, max: usize) -> String {
+    let cut: String = text.chars().take(max).collect();
+    let more = if cut.len() < text.len() { "…" } else { "" };
+    format!("{}{more}", crate::text::printable(&cut))
 }
 
 /// The trace id of a `traceparent`, as X-Ray and Tempo search for it (32 hex digits).

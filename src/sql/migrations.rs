@@ -99,6 +99,27 @@ pub const MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE baton_runs ADD COLUMN start_trace TEXT",
         "ALTER TABLE baton_chains ADD COLUMN last_trace TEXT",
     ],
+    &[
+        // One row per hop that started (and per duplicate delivery), for `baton report`: when it
+        // ran, how it ended (NULL: it was killed, or its end could not be written), its pages.
+        "CREATE TABLE IF NOT EXISTS baton_hops (
+        run_id TEXT NOT NULL,
+        chain_no BIGINT NOT NULL,
+        hop BIGINT NOT NULL,
+        token TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        ended_at BIGINT,
+        outcome TEXT,
+        pages BIGINT NOT NULL DEFAULT 0,
+        restarts BIGINT NOT NULL DEFAULT 0,
+        trace TEXT,
+        PRIMARY KEY (run_id, chain_no, hop, token)
+    )",
+        // When each page's last claim began and ended, written by the claim and finish
+        // statements a page already makes.
+        "ALTER TABLE baton_pages ADD COLUMN claimed_at BIGINT",
+        "ALTER TABLE baton_pages ADD COLUMN finished_at BIGINT",
+    ],
 ];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (

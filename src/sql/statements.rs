@@ -277,12 +277,14 @@ pub fn release_dead_leases(run_id: &str, now: i64) -> Stmt {
 /// statement (its commit's response was lost) recognises its own move and gets the row again,
 /// while a duplicate delivery, which has another token, still loses.
 ///
-/// `trace` (this hop's `traceparent`) becomes the chain's `last_trace`, in the same statement.
+/// `trace` (this hop's `traceparent`, `None` when it is not traced) becomes the chain's
+/// `last_trace`, in the same statement: a stale id would send a restart's link and `status`'s
+/// trace id to an older hop.
 pub fn start_hop(run_id: &str, chain: i64, hop: i64, token: &str, now: i64, trace: Option<&str>) -> Stmt {
     Stmt::named(
         "start_hop",
         "UPDATE baton_chains SET next_hop = :hop + 1, heartbeat_at = :now, hop_token = :token,
-             last_trace = COALESCE(:trace, last_trace)
+             last_trace = :trace
          WHERE run_id = :run_id AND chain_no = :chain AND status = 'active'
            AND (next_hop = :hop OR (next_hop = :hop + 1 AND hop_token = :token))
          RETURNING chain_no, send_after, restarts",
@@ -472,7 +474,7 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
         "claim_page",
         format!(
             "UPDATE baton_pages SET status = 'leased', lease_owner = :owner,
-                 lease_expires_at = :lease_expires_at, attempts = attempts + 1
+                 lease_expires_at = :lease_expires_at, attempts = attempts + 1, claimed_at = :now
              WHERE run_id = :run_id
                AND page_no = (
                    SELECT page_no FROM baton_pages
@@ -569,18 +571,101 @@ pub fn page_summary(run_id: &str, now: i64) -> Stmt {
 /// Finishes (`done`) or releases (`pending`) a page, only while the caller holds its lease. A
 /// page is `done` only when none of its items is left `claimed`; the row comes back when it is
 /// (also on a re-run after a lost response: the last owner stays recorded).
-pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool) -> Stmt {
+pub fn finish_page(run_id: &str, page_no: i64, owner: &str, done: bool, now: i64) -> Stmt {
     let sql = if done {
-        "UPDATE baton_pages SET status = 'done', lease_expires_at = NULL
+        "UPDATE baton_pages SET status = 'done', lease_expires_at = NULL, finished_at = :now
          WHERE run_id = :run_id AND page_no = :page_no AND lease_owner = :owner AND status IN ('leased', 'done')
            AND NOT EXISTS (SELECT 1 FROM baton_ledger WHERE run_id = :run_id AND page_no = :page_no AND state = 'claimed')
          RETURNING page_no"
     } else {
-        "UPDATE baton_pages SET status = 'pending', lease_expires_at = NULL
+        "UPDATE baton_pages SET status = 'pending', lease_expires_at = NULL, finished_at = :now
          WHERE run_id = :run_id AND page_no = :page_no AND lease_owner = :owner AND status = 'leased'
          RETURNING page_no"
     };
-    Stmt::named("finish_page", sql, Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner))
+    let params = Params::new().with("run_id", run_id).with("page_no", page_no).with("owner", owner).with("now", now);
+    Stmt::named("finish_page", sql, params)
+}
+
+/// A hop started (or, with `outcome = Some("duplicate")`, a duplicate delivery was turned
+/// away), for `baton report`. Diagnostic only, and safe to re-run: a second insert of the same
+/// hop and token changes nothing.
+pub fn record_hop(hop: &HopRecord<'_>, outcome: Option<&str>) -> Stmt {
+    Stmt::named(
+        "record_hop",
+        "INSERT INTO baton_hops (run_id, chain_no, hop, token, started_at, ended_at, outcome, restarts, trace)
+         VALUES (:run_id, :chain, :hop, :token, :now, CASE WHEN CAST(:outcome AS TEXT) IS NULL THEN NULL ELSE :now END, :outcome,
+                 :restarts, :trace)
+         ON CONFLICT (run_id, chain_no, hop, token) DO NOTHING",
+        Params::new()
+            .with("run_id", hop.run_id)
+            .with("chain", hop.chain)
+            .with("hop", hop.hop)
+            .with("token", hop.token)
+            .with("now", hop.now)
+            .with("outcome", outcome.map(str::to_owned))
+            .with("restarts", hop.restarts)
+            .with("trace", hop.trace.map(str::to_owned)),
+    )
+}
+
+/// What [`record_hop`] records.
+pub struct HopRecord<'a> {
+    pub run_id: &'a str,
+    pub chain: i64,
+    pub hop: i64,
+    pub token: &'a str,
+    pub now: i64,
+    pub restarts: i64,
+    pub trace: Option<&'a str>,
+}
+
+/// How the invocation `token` of hop `hop` ended. Diagnostic only; a re-run finds the outcome
+/// set and changes nothing.
+pub fn end_hop(run_id: &str, chain: i64, hop: i64, token: &str, outcome: &str, pages: i64, now: i64) -> Stmt {
+    Stmt::named(
+        "end_hop",
+        "UPDATE baton_hops SET ended_at = :now, outcome = :outcome, pages = :pages
+         WHERE run_id = :run_id AND chain_no = :chain AND hop = :hop AND token = :token AND outcome IS NULL",
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("token", token)
+            .with("outcome", outcome)
+            .with("pages", pages)
+            .with("now", now),
+    )
+}
+
+/// Every hop of a run, for `baton report`.
+pub fn hop_timeline(run_id: &str) -> Stmt {
+    Stmt::named(
+        "hop_timeline",
+        "SELECT chain_no, hop, started_at, ended_at, outcome, pages, restarts, trace FROM baton_hops
+         WHERE run_id = :run_id ORDER BY chain_no, started_at, hop",
+        Params::new().with("run_id", run_id),
+    )
+}
+
+/// Every page's last claim, for `baton report`.
+pub fn page_timeline(run_id: &str) -> Stmt {
+    Stmt::named(
+        "page_timeline",
+        "SELECT page_no, lease_owner, claimed_at, finished_at, status, attempts, items FROM baton_pages
+         WHERE run_id = :run_id AND claimed_at IS NOT NULL ORDER BY claimed_at",
+        Params::new().with("run_id", run_id),
+    )
+}
+
+/// Items settled per `bucket_ms` of time, by state, for `baton report`'s send rate.
+pub fn settled_over_time(run_id: &str, bucket_ms: i64) -> Stmt {
+    Stmt::named(
+        "settled_over_time",
+        "SELECT CAST(updated_at / :bucket AS BIGINT) AS bucket, state, COUNT(*) AS n FROM baton_ledger
+         WHERE run_id = :run_id AND state <> 'claimed'
+         GROUP BY CAST(updated_at / :bucket AS BIGINT), state ORDER BY bucket",
+        Params::new().with("run_id", run_id).with("bucket", bucket_ms.max(1)),
+    )
 }
 
 pub fn page_progress(run_id: &str) -> Stmt {

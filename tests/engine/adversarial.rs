@@ -171,7 +171,7 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
         .await
         .unwrap();
     store.query(st::release_claims(&run, page_no, "A", &keys(&["18"]))).await.unwrap();
-    assert!(store.query(st::finish_page(&run, page_no, "A", true)).await.unwrap().rows.is_empty());
+    assert!(store.query(st::finish_page(&run, page_no, "A", true, 0)).await.unwrap().rows.is_empty());
     assert!(store.query(st::settle_stale_claims(&run, page_no, "A", true, late)).await.unwrap().rows.is_empty());
     let ledger = raw(&m, "SELECT item_key, state, claimed_by FROM baton_ledger ORDER BY item_key").await;
     let rows: Vec<(String, String, String)> = ledger

@@ -60,8 +60,10 @@ fn demo_with_chaos_succeeds_and_status_reports_it() {
     // --trace-file: OTLP JSON lines, one export request per line, holding every hop's trace;
     // `status` names each chain's last one.
     let traces = traces_in(&trace_file);
-    let hops = traces.iter().filter(|(name, _)| name == "hop").count() as u64;
-    assert!(hops >= summary["hops"]["delivered"].as_u64().unwrap() / 2, "{hops} hop spans: {summary}");
+    // Every delivered hop event is a trace, killed hops included (their spans end as they are
+    // dropped), and exported before the process exits.
+    let hops = traces.iter().filter(|(name, _)| name.starts_with("hop")).count() as u64;
+    assert_eq!(hops, summary["hops"]["delivered"].as_u64().unwrap(), "{summary}");
     for chain in status["chains"].as_array().unwrap() {
         let id = chain["last_trace_id"].as_str().unwrap_or_else(|| panic!("no last_trace_id: {chain}"));
         assert!(traces.iter().any(|(name, trace)| name == "hop" && trace == id), "{id} is not in the trace file");

@@ -84,15 +84,22 @@ async fn the_grafana_dashboard_asks_only_for_what_baton_has() {
     let dashboard = load("dashboards/grafana/baton.json");
     let variables: Vec<&str> =
         dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
-    for needed in ["cloudwatch", "postgres", "region", "function", "job", "run"] {
+    for needed in ["cloudwatch", "postgres", "tempo", "xray", "region", "function", "job", "run", "chain"] {
         assert!(variables.contains(&needed), "no `{needed}` variable: {variables:?}");
     }
     let emitted = emitted();
-    let h = Harness::with_users(b, &int_users(30), Setup::new(newsletter_job(10, 2))).await;
+    let (tracing, exporter, _provider) = crate::traces::collected();
+    let mut setup = Setup::new(newsletter_job(10, 2));
+    setup.tracing = tracing;
+    let h = Harness::with_users(b, &int_users(30), setup).await;
     let run = h.start().await;
     h.drive(&run).await;
-    let fill =
-        |sql: &str| sql.replace("$run", &run).replace("$job", crate::support::JOB).replace("$stale_after_s", "300");
+    let fill = |sql: &str| {
+        sql.replace("$run", &run)
+            .replace("$job", crate::support::JOB)
+            .replace("$stale_after_s", "300")
+            .replace("$chain", "0")
+    };
     let mut queries: Vec<(String, String)> = dashboard["templating"]["list"]
         .as_array()
         .unwrap()
@@ -111,6 +118,7 @@ async fn the_grafana_dashboard_asks_only_for_what_baton_has() {
             }
         }
     }
+    check_trace_searches(&dashboard, &exporter.get_finished_spans().unwrap());
     assert!(queries.len() >= 5, "{queries:?}");
     for (title, sql) in queries {
         let rows = h.store.query(Stmt::new(sql.clone(), Params::new())).await;
@@ -131,8 +139,47 @@ async fn the_grafana_dashboard_asks_only_for_what_baton_has() {
             }
             "Heartbeat age per chain (seconds)" => assert_eq!(count, 2, "one row per chain: {rows:?}"),
             // A finished run has no active chain, so none is stuck.
-            t if t.starts_with("Stuck chains") => assert_eq!(count, 0, "{rows:?}"),
+            t if t.starts_with("Stuck chains") => {
+                assert_eq!(count, 0, "{rows:?}");
+                assert!(rows.columns.contains(&"last_trace_id".to_owned()), "{rows:?}");
+            }
             other => panic!("a query this test does not know: {other}"),
         }
     }
+}
+
+/// The trace searches (Tempo's TraceQL, X-Ray's filter expressions) ask only for attributes the
+/// hop spans of a real run carry, and X-Ray's only for those the spans list as annotations.
+fn check_trace_searches(dashboard: &Value, spans: &[opentelemetry_sdk::trace::SpanData]) {
+    let hop = spans.iter().find(|s| s.name == "hop").expect("the run's hop spans were collected");
+    let has = |key: &str| hop.attributes.iter().any(|kv| kv.key.as_str() == key);
+    let annotations = crate::traces::attr(hop, "aws.xray.annotations").map(|v| v.to_string()).unwrap_or_default();
+    let (mut tempo, mut xray) = (0, 0);
+    for target in
+        dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().into_iter().flatten())
+    {
+        let query = target["query"].as_str().unwrap_or_default();
+        match target["datasource"]["type"].as_str() {
+            Some("tempo") => {
+                tempo += 1;
+                for word in query.split(|c: char| !(c.is_alphanumeric() || c == '.' || c == '_')) {
+                    if let Some(attribute) = word.strip_prefix("span.") {
+                        assert!(has(attribute), "{attribute} is not an attribute of a hop span: {query}");
+                    }
+                }
+            }
+            Some("grafana-x-ray-datasource") => {
+                xray += 1;
+                for word in query.split_whitespace() {
+                    if let Some(annotation) = word.strip_prefix("annotation.") {
+                        let attribute = annotation.replacen('_', ".", 1);
+                        assert!(has(&attribute), "{attribute} is not an attribute of a hop span");
+                        assert!(annotations.contains(&attribute), "{attribute} is not indexed by X-Ray: {annotations}");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(tempo >= 1 && xray >= 1, "a trace search in Tempo and in X-Ray");
 }

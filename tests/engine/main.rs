@@ -13,6 +13,7 @@ mod lambda_mode;
 mod layout;
 mod mime;
 mod moto;
+mod report;
 mod support;
 mod traces;
 
@@ -42,6 +43,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     cases::migrations_apply_once_and_are_safe_twice,
     traces::every_chain_links_from_its_first_hop_to_its_last_under_chaos,
+    report::the_timeline_of_a_chaotic_run_adds_up,
     cases::run_sends_each_valid_user_exactly_once,
     cases::duplicated_hop_does_not_fork_its_chain,
     cases::duplicate_deliveries_throughout_a_run_send_nothing_twice,

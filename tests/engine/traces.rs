@@ -116,6 +116,19 @@ fn check_links(run: &str, spans: &[SpanData]) {
             previous = hop.span_context.span_id();
         }
     }
+    // Every child span is in the trace of an exported root, under an exported parent of the
+    // same trace: no context leaks from one invocation's trace into another's.
+    let roots: HashMap<_, &SpanData> =
+        spans.iter().filter(|s| s.parent_span_id == SpanId::INVALID).map(|s| (s.span_context.trace_id(), s)).collect();
+    for child in spans.iter().filter(|s| s.parent_span_id != SpanId::INVALID) {
+        let root = roots.get(&child.span_context.trace_id()).unwrap_or_else(|| panic!("{} has no root", child.name));
+        let parent =
+            by_id.get(&child.parent_span_id).unwrap_or_else(|| panic!("{}'s parent was not exported", child.name));
+        assert_eq!(parent.span_context.trace_id(), child.span_context.trace_id(), "{} crosses traces", child.name);
+        if ["page", "mail batch", "claim_page", "record_results"].contains(&child.name.as_ref()) {
+            assert!(root.name.starts_with("hop"), "{} under a `{}` root", child.name, root.name);
+        }
+    }
     // Pages, statements, mail batches and invokes are children in the hop's trace.
     for name in ["page", "claim_page", "record_results", "mail batch", "invoke"] {
         let child = spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no `{name}` span"));
@@ -141,15 +154,43 @@ async fn a_missing_collector_costs_a_hop_little_and_never_fails_it() {
     let mut slowest = Duration::ZERO;
     for _ in 0..5 {
         let started = std::time::Instant::now();
-        telemetry.flush().await;
+        telemetry.flush(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         slowest = slowest.max(started.elapsed());
     }
     let status = h.drive(&run).await;
     assert_eq!(status.status, "succeeded", "{status:?}");
     h.assert_exactly_once(&run, &users).await;
     let started = std::time::Instant::now();
-    telemetry.flush().await;
+    telemetry.flush(tokio::time::Instant::now() + Duration::from_secs(5)).await;
     slowest = slowest.max(started.elapsed());
     assert!(slowest < Duration::from_millis(50), "a flush to a missing collector took {slowest:?}");
     telemetry.shutdown().await;
+}
+
+/// A collector that accepts the connection and never answers (a black hole, as a VPC without a
+/// route to it looks): the flush gives up at the invocation's deadline, whatever the export's
+/// own timeout; the export goes on in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_cannot_hold_an_invocation_past_its_deadline() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        // Accept, then hold the connections open without a word.
+        let held: Vec<_> = silent.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(held);
+    });
+    let settings = TraceSettings { otlp_endpoint: Some(endpoint), trace_file: None };
+    let telemetry = Telemetry::build(&settings).unwrap();
+    let mut s = Setup::new(newsletter_job(10, 1));
+    s.tracing = telemetry.tracing();
+    let users = int_users(20);
+    let h = Harness::with_users(Backend::Sqlite, &users, s).await;
+    let run = h.start().await;
+    assert_eq!(h.drive(&run).await.status, "succeeded");
+    let started = std::time::Instant::now();
+    telemetry.flush(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(600), "the flush held the invocation for {took:?}");
+    held.join().unwrap();
 }
