@@ -279,7 +279,8 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
             // Before the response goes back: Lambda may freeze the sandbox right after it, with
             // spans still buffered. Never an error, and never past the invocation's deadline
             // (less a safety margin), nor longer than one export's timeout.
-            let until = (deadline - FLUSH_MARGIN).min(Instant::now() + crate::telemetry::DEFAULT_EXPORT_TIMEOUT);
+            let until =
+                deadline.checked_sub(FLUSH_MARGIN).unwrap_or(deadline).min(Instant::now() + telemetry.export_timeout());
             telemetry.flush(until.max(Instant::now())).await;
             result
         }

@@ -84,12 +84,14 @@ impl TraceSettings {
 /// The installed provider; flush it before an invocation returns, shut it down at exit.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// How long one export may take (the `OTEL_EXPORTER_OTLP_*TIMEOUT` or the default).
+    export_timeout: Duration,
 }
 
 impl Telemetry {
     /// No export: spans are no-ops.
     pub fn disabled() -> Telemetry {
-        Telemetry { provider: None }
+        Telemetry { provider: None, export_timeout: DEFAULT_EXPORT_TIMEOUT }
     }
 
     /// Sets up export per `settings` and the environment, and makes it the global tracer
@@ -128,7 +130,7 @@ impl Telemetry {
         if let Some(path) = &settings.trace_file {
             builder = builder.with_batch_exporter(JsonLinesExporter::create(path)?);
         }
-        Ok(Telemetry { provider: Some(builder.build()) })
+        Ok(Telemetry { provider: Some(builder.build()), export_timeout: export_timeout() })
     }
 
     /// A tracer on this provider (the no-op one when disabled), for an engine of its own.
@@ -137,6 +139,11 @@ impl Telemetry {
             Some(p) => Tracing::new(opentelemetry::global::BoxedTracer::new(Box::new(p.tracer("baton")))),
             None => Tracing::default(),
         }
+    }
+
+    /// How long one export may take.
+    pub fn export_timeout(&self) -> Duration {
+        self.export_timeout
     }
 
     /// Exports what is buffered, waiting until `until` at most (the export goes on in the
@@ -208,13 +215,22 @@ fn otlp_exporter(url: Option<String>) -> Result<opentelemetry_otlp::SpanExporter
     if let Some(url) = url {
         builder = builder.with_endpoint(url);
     }
-    let timeout_set = ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|t| t.trim().parse::<u64>().is_ok()));
-    if !timeout_set {
+    if configured_timeout().is_none() {
         builder = builder.with_timeout(DEFAULT_EXPORT_TIMEOUT);
     }
     builder.build().map_err(|e| TelemetryError::Setting { field: "OTEL_EXPORTER_OTLP_ENDPOINT", why: e.to_string() })
+}
+
+/// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), when set.
+fn configured_timeout() -> Option<Duration> {
+    ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+fn export_timeout() -> Duration {
+    configured_timeout().unwrap_or(DEFAULT_EXPORT_TIMEOUT)
 }
 
 /// Trace ids whose first 32 bits are the Unix time in seconds (X-Ray's format, which Tempo and

@@ -84,16 +84,14 @@ pub async fn report(run_id: Option<String>, out: &std::path::Path, common: &Comm
     std::fs::write(&partial, &page)
         .and_then(|()| std::fs::rename(&partial, out))
         .with_context(|| format!("--out {}: cannot write the report", out.display()))?;
+    // Hops that ran (duplicate deliveries turned away are drawn, not counted).
+    let hops = timeline.hops.iter().filter(|h| h.outcome.as_deref() != Some("duplicate")).count();
     if common.json {
-        let summary = serde_json::json!({ "run_id": timeline.status.run_id, "out": out, "hops": timeline.hops.len(), "bytes": page.len() });
+        let summary =
+            serde_json::json!({ "run_id": timeline.status.run_id, "out": out, "hops": hops, "bytes": page.len() });
         println!("{summary}");
     } else {
-        println!(
-            "wrote {} (run {}, {} hops): open it in a browser",
-            out.display(),
-            timeline.status.run_id,
-            timeline.hops.len()
-        );
+        println!("wrote {} (run {}, {} hops): open it in a browser", out.display(), timeline.status.run_id, hops);
     }
     Ok(ExitCode::SUCCESS)
 }

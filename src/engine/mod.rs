@@ -383,7 +383,7 @@ impl Engine {
     /// what failed, and a diagnostic never fails the work it describes.
     pub(crate) async fn note(&self, stmt: Stmt) {
         let name = stmt.name;
-        if let Err(e) = self.store.query(stmt).await {
+        if let Err(e) = self.sql(stmt).await {
             tracing::debug!(statement = name, error = %e, "could not record a diagnostic");
         }
     }

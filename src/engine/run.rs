@@ -141,7 +141,7 @@ pub fn loss_pattern(lost_at: &[i64]) -> Option<String> {
     let again = lost_at.iter().rev().take_while(|h| **h == last).count();
     if again >= 2 {
         return Some(format!(
-            "hop {last} was lost {again} times in a row: every delivery of it dies or fails before its work              starts; its trace (`last_trace_id`, the hop before) and `last_error` say where"
+            "hop {last} was lost {again} times in a row: every delivery of it dies or fails before its work starts; its trace (`last_trace_id`, the hop before) and `last_error` say where"
         ));
     }
     let stride = lost_at[0] - 1;

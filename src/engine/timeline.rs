@@ -69,36 +69,65 @@ impl Engine {
         let end = status.finished_at_ms.unwrap_or(now_ms);
         // About 80 buckets over the run (rounded to 10 ms), so a short run has a shape too.
         let bucket_ms = ((end - status.created_at_ms) / 80 / 10 * 10).max(10);
-        let mut hops = Vec::new();
-        for r in self.sql(st::hop_timeline(&id)).await?.records() {
-            hops.push(HopSpan {
-                chain: r.int("chain_no")?,
-                hop: r.int("hop")?,
-                started_at_ms: r.int("started_at")?,
-                ended_at_ms: r.opt_int("ended_at")?,
-                outcome: r.text("outcome")?,
-                pages: r.int("pages")?,
-                restarts: r.int("restarts")?,
-                trace_id: r.text("trace")?.as_deref().and_then(super::trace::trace_id),
-            });
-        }
-        let mut pages = Vec::new();
-        for r in self.sql(st::page_timeline(&id)).await?.records() {
-            let owner = r.text("lease_owner")?.unwrap_or_default();
-            let (chain, hop) = owner_of(&owner);
-            pages.push(PageSpan {
-                page: r.int("page_no")?,
-                chain,
-                hop,
-                claimed_at_ms: r.int("claimed_at")?,
-                finished_at_ms: r.opt_int("finished_at")?,
-                status: r.text("status")?.unwrap_or_default(),
-                attempts: r.int("attempts")?,
-                items: r.int("items")?,
-            });
-        }
+        let hops = self.hop_spans(&id).await?;
+        let pages = self.page_spans(&id).await?;
         let settled = self.settled(&id, bucket_ms).await?;
         Ok(Some(Timeline { status, hops, pages, settled, bucket_ms, now_ms }))
+    }
+
+    /// Every hop of the run, read in keyset pages (one answer stays small on the Data API),
+    /// in time order per chain.
+    async fn hop_spans(&self, run_id: &str) -> Result<Vec<HopSpan>, SqlError> {
+        let (mut hops, mut after) = (Vec::new(), None::<(i64, i64, String)>);
+        loop {
+            let key = after.as_ref().map(|(c, h, t)| (*c, *h, t.as_str()));
+            let rows = self.sql(st::hop_timeline(run_id, key)).await?;
+            for r in rows.records() {
+                after = Some((r.int("chain_no")?, r.int("hop")?, r.text("token")?.unwrap_or_default()));
+                hops.push(HopSpan {
+                    chain: r.int("chain_no")?,
+                    hop: r.int("hop")?,
+                    started_at_ms: r.int("started_at")?,
+                    ended_at_ms: r.opt_int("ended_at")?,
+                    outcome: r.text("outcome")?,
+                    pages: r.int("pages")?,
+                    restarts: r.int("restarts")?,
+                    trace_id: r.text("trace")?.as_deref().and_then(super::trace::trace_id),
+                });
+            }
+            if (rows.rows.len() as i64) < st::TIMELINE_ROWS {
+                break;
+            }
+        }
+        hops.sort_by_key(|h| (h.chain, h.started_at_ms, h.hop));
+        Ok(hops)
+    }
+
+    /// Every page's last claim, read in keyset pages.
+    async fn page_spans(&self, run_id: &str) -> Result<Vec<PageSpan>, SqlError> {
+        let (mut pages, mut after) = (Vec::new(), 0);
+        loop {
+            let rows = self.sql(st::page_timeline(run_id, after)).await?;
+            for r in rows.records() {
+                let owner = r.text("lease_owner")?.unwrap_or_default();
+                let (chain, hop) = owner_of(&owner);
+                after = r.int("page_no")?;
+                pages.push(PageSpan {
+                    page: after,
+                    chain,
+                    hop,
+                    claimed_at_ms: r.int("claimed_at")?,
+                    finished_at_ms: r.opt_int("finished_at")?,
+                    status: r.text("status")?.unwrap_or_default(),
+                    attempts: r.int("attempts")?,
+                    items: r.int("items")?,
+                });
+            }
+            if (rows.rows.len() as i64) < st::TIMELINE_ROWS {
+                break;
+            }
+        }
+        Ok(pages)
     }
 
     async fn settled(&self, run_id: &str, bucket_ms: i64) -> Result<Vec<SettledBucket>, SqlError> {

@@ -474,7 +474,8 @@ pub fn claim_page(run_id: &str, chain: i64, hop: i64, chains: i64, owner: &str, 
         "claim_page",
         format!(
             "UPDATE baton_pages SET status = 'leased', lease_owner = :owner,
-                 lease_expires_at = :lease_expires_at, attempts = attempts + 1, claimed_at = :now
+                 lease_expires_at = :lease_expires_at, attempts = attempts + 1, claimed_at = :now,
+                 finished_at = NULL
              WHERE run_id = :run_id
                AND page_no = (
                    SELECT page_no FROM baton_pages
@@ -637,23 +638,36 @@ pub fn end_hop(run_id: &str, chain: i64, hop: i64, token: &str, outcome: &str, p
     )
 }
 
-/// Every hop of a run, for `baton report`.
-pub fn hop_timeline(run_id: &str) -> Stmt {
+/// Rows per answer of the report's reads: far below the Data API's 1 MiB per answer.
+pub const TIMELINE_ROWS: i64 = 2000;
+
+/// The hops of a run after `after` (chain, hop, token; keyset order), [`TIMELINE_ROWS`] at a
+/// time, for `baton report`.
+pub fn hop_timeline(run_id: &str, after: Option<(i64, i64, &str)>) -> Stmt {
+    let (chain, hop, token) = after.unwrap_or((-1, 0, ""));
     Stmt::named(
         "hop_timeline",
-        "SELECT chain_no, hop, started_at, ended_at, outcome, pages, restarts, trace FROM baton_hops
-         WHERE run_id = :run_id ORDER BY chain_no, started_at, hop",
-        Params::new().with("run_id", run_id),
+        "SELECT chain_no, hop, token, started_at, ended_at, outcome, pages, restarts, trace FROM baton_hops
+         WHERE run_id = :run_id
+           AND (chain_no > :chain OR (chain_no = :chain AND (hop > :hop OR (hop = :hop AND token > :token))))
+         ORDER BY chain_no, hop, token LIMIT :limit",
+        Params::new()
+            .with("run_id", run_id)
+            .with("chain", chain)
+            .with("hop", hop)
+            .with("token", token)
+            .with("limit", TIMELINE_ROWS),
     )
 }
 
-/// Every page's last claim, for `baton report`.
-pub fn page_timeline(run_id: &str) -> Stmt {
+/// The last claim of each page after page `after`, [`TIMELINE_ROWS`] at a time, for `baton
+/// report`.
+pub fn page_timeline(run_id: &str, after: i64) -> Stmt {
     Stmt::named(
         "page_timeline",
         "SELECT page_no, lease_owner, claimed_at, finished_at, status, attempts, items FROM baton_pages
-         WHERE run_id = :run_id AND claimed_at IS NOT NULL ORDER BY claimed_at",
-        Params::new().with("run_id", run_id),
+         WHERE run_id = :run_id AND page_no > :after AND claimed_at IS NOT NULL ORDER BY page_no LIMIT :limit",
+        Params::new().with("run_id", run_id).with("after", after).with("limit", TIMELINE_ROWS),
     )
 }
 
@@ -663,7 +677,7 @@ pub fn settled_over_time(run_id: &str, bucket_ms: i64) -> Stmt {
         "settled_over_time",
         "SELECT CAST(updated_at / :bucket AS BIGINT) AS bucket, state, COUNT(*) AS n FROM baton_ledger
          WHERE run_id = :run_id AND state <> 'claimed'
-         GROUP BY CAST(updated_at / :bucket AS BIGINT), state ORDER BY bucket",
+         GROUP BY 1, 2 ORDER BY 1",
         Params::new().with("run_id", run_id).with("bucket", bucket_ms.max(1)),
     )
 }
