@@ -32,7 +32,12 @@ pub fn printable_text(s: &str) -> String {
 
 /// At most 40 characters of `s`, [`printable`]: a value quoted inside a message.
 pub fn printable_short(s: &str) -> String {
-    let cut: String = s.chars().take(40).collect();
+    printable_at_most(s, 40)
+}
+
+/// At most `max` characters of `s` (an ellipsis says when it was cut), [`printable`].
+pub fn printable_at_most(s: &str, max: usize) -> String {
+    let cut: String = s.chars().take(max).collect();
     let more = if cut.len() < s.len() { "…" } else { "" };
     format!("{}{more}", printable(&cut))
 }

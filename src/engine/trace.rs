@@ -117,9 +117,7 @@ pub fn parse(traceparent: &str) -> Option<SpanContext> {
 /// structured, but values from data (provider messages, keys) must not make them grow without
 /// bound.
 pub(crate) fn bounded(text: &str, max: usize) -> String {
-    let cut: String = text.chars().take(max).collect();
-    let more = if cut.len() < text.len() { "…" } else { "" };
-    format!("{}{more}", crate::text::printable(&cut))
+    crate::text::printable_at_most(text, max)
 }
 
 /// The trace id of a `traceparent`, as X-Ray and Tempo search for it (32 hex digits).
