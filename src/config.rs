@@ -55,6 +55,9 @@ pub struct Settings {
     /// Hand over to the next hop after this many pages even with time left (none: hops run
     /// until their time budget is nearly spent). Bounds each invocation's work.
     pub max_pages_per_hop: Option<u32>,
+    /// Transient SES bounces (since the last delivery) after which an address is suppressed for
+    /// every job, like a permanent bounce.
+    pub soft_bounce_limit: u32,
 }
 
 impl Default for Settings {
@@ -65,6 +68,7 @@ impl Default for Settings {
             sweep_interval: Duration::from_secs(120),
             reserved_concurrency: 100,
             max_pages_per_hop: None,
+            soft_bounce_limit: 3,
         }
     }
 }
@@ -93,6 +97,12 @@ impl Settings {
         }
         if self.reserved_concurrency == 0 {
             return Err(invalid("settings.reserved_concurrency", "must be at least 1"));
+        }
+        if self.soft_bounce_limit == 0 {
+            return Err(invalid(
+                "settings.soft_bounce_limit",
+                "must be at least 1 (the transient bounces after which an address is suppressed)",
+            ));
         }
         if self.max_pages_per_hop == Some(0) {
             return Err(invalid("settings.max_pages_per_hop", "must be at least 1 (or left out for no cap)"));
@@ -258,6 +268,12 @@ pub struct SqlJobConfig {
 
 /// A plain SQL identifier: letters, digits and `_`, not starting with a digit. Key and email
 /// columns are spliced into statements, so nothing else is accepted.
+/// Whether `name` can name a job: letters, digits, `-` and `_` (it goes into unsubscribe links,
+/// SES message tags and metric dimensions as it is).
+pub fn is_job_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -343,7 +359,7 @@ impl Config {
 impl JobConfig {
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let f = |field: &str| format!("jobs.{name}.{field}");
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !is_job_name(name) {
             return Err(invalid(format!("jobs.{name}"), "job names use letters, digits, `-` and `_` only"));
         }
         if self.source.trim().is_empty() {

@@ -18,9 +18,11 @@ use tokio::time::Instant;
 
 use crate::compose::{self, AdapterSettings, Aws, ComposeError};
 use crate::config::{Config, ConfigError};
-use crate::engine::event::Event;
+use crate::engine::event::{Event, EventError};
 use crate::engine::metrics::{self, HopMetrics};
+use crate::engine::suppression::MailEvent;
 use crate::engine::{Engine, EngineError, Outcome};
+use crate::inbound::{self, Inbound};
 use crate::telemetry::{Telemetry, TelemetryError, TraceSettings};
 
 /// Why a sandbox could not start: its settings name the fix.
@@ -98,7 +100,12 @@ pub async fn handle(
     mut invocation: Vec<KeyValue>,
 ) -> Result<serde_json::Value, EngineError> {
     if let Some(why) = payload.get(UNPARSABLE).and_then(|v| v.as_str()) {
-        return Err(crate::engine::event::EventError::Malformed(why.to_owned()).into());
+        return Err(EventError::Malformed(why.to_owned()).into());
+    }
+    match Inbound::classify(&payload) {
+        Inbound::FunctionUrl(request) => return Ok(function_url_answer(engine, request, invocation).await),
+        Inbound::Ses(event) => return ses_event(engine, event, invocation).await,
+        Inbound::Baton => {}
     }
     let bytes = serde_json::to_vec(&payload).expect("JSON values serialise");
     let event = Event::parse(&bytes)?;
@@ -132,6 +139,49 @@ pub async fn handle(
 
 /// The FaaS attributes of an invocation's root span: its request id, whether it is the
 /// sandbox's first (a cold start) and the function's ARN.
+/// A Function URL request: the one-click unsubscribe endpoint. Always an HTTP answer (a
+/// Lambda error would show the caller a bare 502).
+async fn function_url_answer(
+    engine: &Engine,
+    request: Result<inbound::HttpRequest, String>,
+    mut invocation: Vec<KeyValue>,
+) -> serde_json::Value {
+    let request = match request {
+        Ok(r) => r,
+        Err(why) => return inbound::function_url::bad_request(&why),
+    };
+    invocation.push(KeyValue::new("faas.trigger", "http"));
+    invocation.push(KeyValue::new("http.request.method", crate::engine::trace::bounded(&request.method, 16)));
+    let answer = engine
+        .in_root("unsubscribe", invocation, None, async {
+            Ok::<_, EngineError>(inbound::unsubscribe::handle(engine, &request).await)
+        })
+        .await;
+    let response = answer.unwrap_or_else(|_| unreachable!("the handler answers every request"));
+    inbound::function_url::response(&response)
+}
+
+/// An SES event from EventBridge: recorded (and applied) once per recipient; a malformed one
+/// fails the invocation with the reason (it goes to the on-failure destination) and changes
+/// nothing.
+async fn ses_event(
+    engine: &Engine,
+    event: Result<Option<MailEvent>, String>,
+    mut invocation: Vec<KeyValue>,
+) -> Result<serde_json::Value, EngineError> {
+    let event = event.map_err(|why| EventError::Malformed(format!("SES event: {why}")))?;
+    let Some(event) = event else {
+        return Ok(serde_json::json!({ "outcome": "ignored", "why": "an SES event type baton does not act on" }));
+    };
+    invocation.push(KeyValue::new("faas.trigger", "pubsub"));
+    invocation.push(KeyValue::new("baton.mail_event", event.kind.as_str()));
+    let report = engine.in_root("mail_event", invocation, None, engine.record_mail_event(&event)).await?;
+    tracing::info!(kind = event.kind.as_str(), key = event.key, ?report, "SES event recorded");
+    let mut answer = serde_json::to_value(&report).expect("reports serialise");
+    answer["outcome"] = "mail_event".into();
+    Ok(answer)
+}
+
 pub fn faas_attributes(context: &lambda_runtime::Context, cold_start: bool) -> Vec<KeyValue> {
     vec![
         KeyValue::new("faas.invocation_id", context.request_id.clone()),

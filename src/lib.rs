@@ -11,6 +11,9 @@
 //! - [`jobs`]: job kinds: `newsletter` (render + send mail) and `sql` (one statement per page).
 //!   A kind owns its specifics: its secrets, its checks, its preview.
 //! - [`mail`]: message building and signed one-click unsubscribe links.
+//! - [`inbound`]: what comes from outside the chains, served by the same binary: the one-click
+//!   unsubscribe endpoint (Function URL, `baton serve`) and SES events from EventBridge; the
+//!   suppression list they feed is [`engine::suppression`].
 //! - [`adapters`]: one folder per environment, as peers: `local` (SQLite, the `.eml` outbox,
 //!   the in-process Lambda model), `postgres`, `aws` (RDS Data API, SES v2, Lambda `Invoke`).
 //! - [`compose`]: the composition root: typed adapter settings, and the one place that builds
@@ -32,6 +35,7 @@ pub mod cli;
 pub mod compose;
 pub mod config;
 pub mod engine;
+pub mod inbound;
 pub mod jobs;
 pub mod lambda;
 pub mod mail;

@@ -111,7 +111,7 @@ fn summary(t: &Timeline) -> String {
         esc(s.status.as_str()),
         s.reason.as_deref().map(|r| format!(": {}", esc(r))).unwrap_or_default()
     );
-    let cells: [(&str, i64); 13] = [
+    let cells: [(&str, i64); 16] = [
         ("items", s.total),
         ("done", s.done),
         ("failed", s.failed),
@@ -125,13 +125,17 @@ fn summary(t: &Timeline) -> String {
         ("no end", unended as i64),
         ("hop errors", errors as i64),
         ("stuck chains", stuck as i64),
+        ("SES delivered", s.mail.delivered),
+        ("SES bounced", s.mail.hard_bounced + s.mail.soft_bounced),
+        ("SES complaints", s.mail.complained),
     ];
     for (name, _) in &cells {
         let _ = write!(out, "<th>{name}</th>");
     }
     out.push_str("<th>elapsed</th></tr><tr>");
     for (name, value) in &cells {
-        let bad = *value > 0 && matches!(*name, "failed" | "unknown" | "hop errors" | "stuck chains");
+        let bad =
+            *value > 0 && matches!(*name, "failed" | "unknown" | "hop errors" | "stuck chains" | "SES complaints");
         let _ = write!(out, "<td class=\"num{}\">{value}</td>", if bad { " bad" } else { "" });
     }
     let _ = writeln!(out, "<td class=\"num\">{:.1} s</td></tr></table>", s.elapsed_ms as f64 / 1000.0);

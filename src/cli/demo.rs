@@ -208,7 +208,8 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfi
             send_rate: args.send_rate,
             in_flight: 32,
             max_attempts: 8,
-            unsubscribe_url: "https://baton.example/unsubscribe".into(),
+            // `baton serve` (which listens here by default) answers these links.
+            unsubscribe_url: format!("http://{}/unsubscribe", super::serve::DEFAULT_LISTEN),
             unsubscribe_secret: Some(secret.clone()),
             unsubscribe_secret_env: "BATON_UNSUBSCRIBE_SECRET".into(),
             configuration_set: None,
@@ -220,8 +221,8 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfi
     }
 }
 
-/// The demo's unsubscribe key, new for every demo: it signs links to `baton.example` only, and
-/// no fixed value may end up in a config someone copies.
+/// The demo's unsubscribe key, new for every demo (kept in `DATA_DIR/demo.toml`, where `baton
+/// serve` finds it): no fixed value may end up in a config someone copies.
 fn demo_secret() -> SecretString {
     format!("demo-{:032x}", rand::random::<u128>()).into()
 }
@@ -394,6 +395,7 @@ impl DemoPlan {
             sweep_interval: (args.hop_timeout / 2).max(Duration::from_millis(100)),
             reserved_concurrency: args.chains.saturating_mul(2).saturating_add(2).min(10_000),
             max_pages_per_hop: Some(args.pages_per_hop),
+            ..Settings::default()
         };
         let config = Config { settings, jobs: [(JOB.to_owned(), demo_job(args, table, &secret))].into() };
         config.validate().map_err(|e| anyhow::anyhow!("{}", demo_flag_error(e)))?;

@@ -9,6 +9,8 @@
 
 mod commands;
 pub mod demo;
+pub mod serve;
+mod suppress;
 pub mod wiring;
 
 use std::path::PathBuf;
@@ -213,6 +215,23 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// The suppression list every newsletter run honours: unsubscribes, bounces, complaints and
+    /// your own additions. `baton suppress add a@example.com`, `list`, `import FILE`, `export`.
+    Suppress {
+        #[command(subcommand)]
+        action: suppress::SuppressCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Serve the one-click unsubscribe links (RFC 8058) over HTTP here, as the Function URL does
+    /// in AWS: GET shows a confirmation button, POST `List-Unsubscribe=One-Click` records it.
+    Serve {
+        /// Address and port to listen on (`127.0.0.1:0` picks a free port, printed first).
+        #[arg(long, default_value = serve::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -237,7 +256,9 @@ pub fn main() -> ExitCode {
         | Command::Start { common, .. }
         | Command::Brake { common }
         | Command::Release { common, .. }
-        | Command::Preview { common, .. } => common.verbose,
+        | Command::Preview { common, .. }
+        | Command::Suppress { common, .. }
+        | Command::Serve { common, .. } => common.verbose,
     };
     init_logging(verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -313,6 +334,12 @@ async fn run_command(command: Command) -> Result<ExitCode> {
         Command::Brake { common } => commands::brake(&common).await,
         Command::Release { concurrency, common } => commands::release(concurrency, &common).await,
         Command::Preview { job, key, common } => commands::preview(&job, key, &common).await,
+        Command::Suppress { action, common } => suppress::run(action, &common).await,
+        Command::Serve { listen, common } => {
+            let rt = wiring::open_runtime(&common, wiring::Use::Record).await?;
+            serve::serve(rt.engine().clone(), listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -338,6 +365,16 @@ pub fn print_status(s: &RunStatus, json: bool) {
         println!("  left out: {} source rows with a NULL key (not part of the run)", s.null_keys);
     }
     println!("  pages:   {}/{} done   elapsed {:.1}s", s.pages_done, s.pages_total, s.elapsed_ms as f64 / 1000.0);
+    let m = &s.mail;
+    if m != &Default::default() {
+        println!(
+            "  SES:     {} delivered | {} bounced ({} permanent) | {} complaints",
+            m.delivered,
+            m.hard_bounced + m.soft_bounced,
+            m.hard_bounced,
+            m.complained
+        );
+    }
     for c in &s.chains {
         println!(
             "  chain {:>3}: {:<7} {:>4} hops of {} budget, {} restarts{}",

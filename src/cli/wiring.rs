@@ -116,11 +116,14 @@ pub enum Use {
     Preview,
     /// `run`, `start`: may create the state; the job's config is required.
     Create,
+    /// `suppress`, `serve`: may create the state (a suppression list can come before the first
+    /// run); a config file if there is one (`serve` verifies links with its jobs' secrets).
+    Record,
 }
 
 impl Use {
     fn creates(self) -> bool {
-        self == Use::Create
+        matches!(self, Use::Create | Use::Record)
     }
 
     fn needs_config(self) -> bool {

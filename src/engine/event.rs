@@ -48,7 +48,8 @@ pub enum ControlAction {
 pub enum EventError {
     #[error(
         "malformed event: {0}. Expected JSON with \"type\" one of start, hop, sweep, control, \
-         e.g. {{\"type\":\"start\",\"job\":\"monthly-newsletter\"}}"
+         e.g. {{\"type\":\"start\",\"job\":\"monthly-newsletter\"}} (or a Function URL request, or an SES \
+         event from EventBridge)"
     )]
     Malformed(String),
     #[error("event is {size} bytes, over the 1 MB ({MAX_ASYNC_PAYLOAD} bytes) limit of an asynchronous invocation")]

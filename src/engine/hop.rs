@@ -568,7 +568,8 @@ impl Engine {
         let cfg = &run.job_config;
         let lo = page.lo.as_deref().map(|l| run.key_type.value(l));
         let hi = run.key_type.value(&page.hi);
-        let rows = match self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi)).await {
+        let check = job.suppression_column().map(|email_column| st::SuppressionCheck { email_column, job: &run.job });
+        let rows = match self.sql(st::load_page(&cfg.source, &cfg.key_column, lo, hi, check)).await {
             // Only a table, column or function that no longer exists: any other failure (a
             // failover, a lock timeout) fails this hop, and the sweeper restarts the chain.
             Err(SqlError::Undefined { message }) => {
@@ -602,11 +603,16 @@ impl Engine {
                 return Ok(Claim::SourceChanged(why));
             }
         };
+        let (rows, reasons) = split_suppressed(rows, job.suppression_column().is_some());
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
+        let suppressed: HashMap<String, String> =
+            loaded.iter().zip(reasons).filter_map(|(item, reason)| Some((item.key.clone(), reason?))).collect();
         let (loaded, mistyped) = refuse_mistyped_keys(loaded, &cfg.key_column, run.key_type);
         let (items, mut decided) = dedupe_by_key(loaded, &cfg.key_column);
+        let (items, suppressed) = skip_suppressed(items, suppressed);
         decided.extend(mistyped);
+        decided.extend(suppressed);
         decided.extend(vanished(&retaken, &items, &decided));
         if items.is_empty() && decided.is_empty() {
             return Ok(Claim::Empty);
@@ -836,6 +842,41 @@ fn describe_batch(batch: &opentelemetry::Context, settled: &Settled) {
 
 /// A ledger result: key, state, reason.
 type LedgerResult = (String, ItemState, Option<String>);
+
+/// Takes the suppression column the page load added (last) off the rows, if it did: the rows as
+/// the source has them, and each row's suppression reason.
+fn split_suppressed(mut rows: Rows, checked: bool) -> (Rows, Vec<Option<String>>) {
+    let added = checked && rows.columns.last().is_some_and(|c| c.eq_ignore_ascii_case(st::SUPPRESSED_COLUMN));
+    if !added {
+        return (rows, Vec::new());
+    }
+    rows.columns.pop();
+    let reasons = rows
+        .rows
+        .iter_mut()
+        .map(|row| match row.pop() {
+            Some(v) if !v.is_null() => Some(v.to_string()),
+            _ => None,
+        })
+        .collect();
+    (rows, reasons)
+}
+
+/// Items whose address is on the suppression list are `skipped` with the reason, never sent.
+fn skip_suppressed(items: Vec<Item>, suppressed: HashMap<String, String>) -> (Vec<Item>, Vec<LedgerResult>) {
+    if suppressed.is_empty() {
+        return (items, Vec::new());
+    }
+    let (skipped, kept): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| suppressed.contains_key(&i.key));
+    let decided = skipped
+        .into_iter()
+        .map(|i| {
+            let reason = format!("suppressed: {}", suppressed[&i.key]);
+            (i.key, ItemState::Skipped, Some(reason))
+        })
+        .collect();
+    (kept, decided)
+}
 
 /// Rows whose key is not of the run's key type (a row added mid-run to a SQLite column of
 /// mixed types; start refuses such a source) are `failed` with the reason, never sent: their

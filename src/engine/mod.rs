@@ -31,6 +31,7 @@ pub mod run;
 pub mod start;
 pub mod state;
 pub mod status;
+pub mod suppression;
 pub mod sweep;
 pub mod timeline;
 pub mod trace;
@@ -76,6 +77,9 @@ pub enum EngineError {
     State(String),
     #[error("the mail provider cannot send: {0}")]
     MailerUnavailable(String),
+    /// A value refused by the suppression list (not an address, or not a scope).
+    #[error("`{address}`: {why}")]
+    BadAddress { address: String, why: String },
 }
 
 /// What kind of failure an [`EngineError`] is, which says what happens next.
@@ -108,6 +112,7 @@ impl EngineError {
             | EngineError::Config(_)
             | EngineError::Job(JobError::Invalid { .. })
             | EngineError::RunNotFound(_)
+            | EngineError::BadAddress { .. }
             | EngineError::NotAllowed { .. } => ErrorClass::Rejected,
             EngineError::Sql(e) if e.is_transient() => ErrorClass::Retryable,
             EngineError::Job(JobError::Transient(_)) => ErrorClass::Retryable,
@@ -131,6 +136,7 @@ impl EngineError {
             EngineError::NotAllowed { .. } => "baton.NotAllowed",
             EngineError::State(_) => "baton.CorruptState",
             EngineError::MailerUnavailable(_) => "baton.MailerUnavailable",
+            EngineError::BadAddress { .. } => "baton.BadAddress",
         }
     }
 }

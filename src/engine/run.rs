@@ -91,6 +91,8 @@ pub struct RunStatus {
     pub pages_done: i64,
     pub pages_total: i64,
     pub chains: Vec<ChainStatus>,
+    /// What SES reported back for this run's messages (deliveries, bounces, complaints).
+    pub mail: super::suppression::MailCounts,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
     pub elapsed_ms: i64,

@@ -48,6 +48,7 @@ impl Engine {
             pages_done: get(&pages, "done"),
             pages_total: run.total_pages,
             chains: chains.records().map(|c| self.chain_status(c, run.max_hops)).collect::<Result<_, _>>()?,
+            mail: self.mail_counts(id).await?,
             created_at_ms: run.created_at,
             finished_at_ms: run.finished_at,
             // A paused run's clock stops when it paused.

@@ -102,6 +102,11 @@ pub trait ItemJob: Send + Sync {
     fn check_columns(&self, _columns: &[String]) -> Result<(), JobError> {
         Ok(())
     }
+    /// The source column holding each item's mail address, if the kind honours the suppression
+    /// list: the page load then marks suppressed rows, which are `skipped`, never processed.
+    fn suppression_column(&self) -> Option<&str> {
+        None
+    }
     /// Items processed concurrently per hop.
     fn in_flight(&self) -> usize;
     /// Seconds one item takes at the configured rate for the whole run, if rate-limited.

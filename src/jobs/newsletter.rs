@@ -205,7 +205,12 @@ impl Newsletter {
             to: address.to_owned(),
             message_id,
             raw,
-            tags: vec![("job".into(), self.job.clone()), ("run".into(), cx.run_key.clone())],
+            // SES events carry these back: `baton_mail_events` counts them per run.
+            tags: vec![
+                ("job".into(), self.job.clone()),
+                ("run_id".into(), cx.run_id.clone()),
+                ("run_key".into(), cx.run_key.clone()),
+            ],
         })
     }
 }
@@ -323,6 +328,10 @@ impl ItemJob for Newsletter {
             ));
         }
         Ok(())
+    }
+
+    fn suppression_column(&self) -> Option<&str> {
+        Some(&self.config.email_column)
     }
 
     fn in_flight(&self) -> usize {

@@ -98,6 +98,25 @@ pub fn deliverable(addr: &str, smtputf8: bool) -> Result<String, String> {
     Ok(format!("{local}@{domain}"))
 }
 
+/// The forms under which an address goes on the suppression list, or why it cannot: trimmed
+/// and lower-cased (as the page load compares, `LOWER(TRIM(email))`), and for an
+/// internationalised domain both its Unicode and its ASCII (`xn--`) form, so a source holding
+/// either form matches. The first form is the address as SES reports it (ASCII domain).
+pub fn suppression_keys(addr: &str) -> Result<Vec<String>, String> {
+    let addr = addr.trim();
+    check_address(addr)?;
+    let (local, domain) = addr.rsplit_once('@').ok_or_else(|| format!("`{addr}` has no @"))?;
+    let local = local.to_lowercase();
+    let ascii = idna::domain_to_ascii(domain).map_err(|e| format!("the domain of `{addr}` is not valid IDNA: {e}"))?;
+    let (unicode, _) = idna::domain_to_unicode(&ascii);
+    let mut keys = vec![format!("{local}@{ascii}")];
+    let unicode = format!("{local}@{}", unicode.to_lowercase());
+    if unicode != keys[0] {
+        keys.push(unicode);
+    }
+    Ok(keys)
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
 fn unsubscribe_signature(secret: &str, job: &str, address: &str) -> String {
@@ -208,6 +227,17 @@ mod tests {
         assert_eq!(parse_mailbox("a@b.co").unwrap(), (None, "a@b.co".into()));
         for bad in ["", "  ", "nobody", "a@b", "a b@c.com", "@example.com", "x@", "\"a>,b\"@x.com", "a(c)@x.com"] {
             assert!(check_address(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn suppression_keys_fold_case_and_keep_both_forms_of_a_domain() {
+        assert_eq!(suppression_keys("  Ann.Lee@Example.COM ").unwrap(), vec!["ann.lee@example.com"]);
+        let both = vec!["zoë@xn--bcher-kva.de".to_owned(), "zoë@bücher.de".to_owned()];
+        assert_eq!(suppression_keys("Zoë@Bücher.de").unwrap(), both);
+        assert_eq!(suppression_keys("zoë@xn--bcher-kva.de").unwrap(), both);
+        for bad in ["", "no-at-sign", "a@b\r\nBcc: x@y", "two@@example.com"] {
+            assert!(suppression_keys(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -120,6 +120,33 @@ pub const MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE baton_pages ADD COLUMN claimed_at BIGINT",
         "ALTER TABLE baton_pages ADD COLUMN finished_at BIGINT",
     ],
+    &[
+        // The suppression list every newsletter run honours in the statement that loads a page:
+        // one row per normalised address and scope (a job's name, or `*` for every job).
+        "CREATE TABLE IF NOT EXISTS baton_suppressions (
+        address TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (address, scope)
+    )",
+        // SES events (deliveries, bounces, complaints), one row per event and recipient: replays
+        // insert nothing, per-run counts and transient-bounce thresholds are counted from here.
+        "CREATE TABLE IF NOT EXISTS baton_mail_events (
+        event_key TEXT NOT NULL,
+        address TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        run_id TEXT,
+        job TEXT,
+        detail TEXT,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (event_key, address)
+    )",
+        "CREATE INDEX IF NOT EXISTS baton_mail_events_by_run ON baton_mail_events (run_id, kind)",
+        "CREATE INDEX IF NOT EXISTS baton_mail_events_by_address ON baton_mail_events (address, kind, at)",
+    ],
 ];
 
 const CREATE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS baton_schema_migrations (

@@ -761,10 +761,42 @@ pub fn range_condition(key: &str, lo: Option<Value>, hi: Value) -> (String, Para
     }
 }
 
-/// All rows of one page, in key order.
-pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value) -> Stmt {
-    let (cond, params) = range_condition(key, lo, hi);
-    Stmt::named("load_page", format!("SELECT * FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"), params)
+/// What a page load checks against the suppression list: the source's address column (a plain
+/// identifier, validated in config) and the job, whose own suppressions and those of every job
+/// (`*`) apply.
+#[derive(Debug, Clone, Copy)]
+pub struct SuppressionCheck<'a> {
+    pub email_column: &'a str,
+    pub job: &'a str,
+}
+
+/// The column a suppression-checked page load adds after the source's own: the reason the
+/// row's address is suppressed, or NULL.
+pub const SUPPRESSED_COLUMN: &str = "baton_suppressed";
+
+/// All rows of one page, in key order; with `check`, each row also says whether its address is
+/// suppressed ([`SUPPRESSED_COLUMN`], last), decided in this one statement (an index lookup per
+/// row on the suppression list's key, never a statement per item). Addresses are compared
+/// trimmed and lower-cased, as [`crate::mail::suppression_keys`] stores them.
+pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value, check: Option<SuppressionCheck<'_>>) -> Stmt {
+    let (cond, mut params) = range_condition(key, lo, hi);
+    let suppressed = match check {
+        None => String::new(),
+        Some(c) => {
+            params.push("scope", c.job);
+            format!(
+                ", (SELECT MIN(sup.reason) FROM baton_suppressions sup
+                    WHERE sup.address = LOWER(TRIM(CAST(src.{col} AS TEXT))) AND sup.scope IN ('*', :scope))
+                   AS {SUPPRESSED_COLUMN}",
+                col = c.email_column
+            )
+        }
+    };
+    Stmt::named(
+        "load_page",
+        format!("SELECT src.*{suppressed} FROM ({source}) AS src WHERE {cond} ORDER BY src.{key}"),
+        params,
+    )
 }
 
 // ---- the delivery ledger ----------------------------------------------------------------------
@@ -908,6 +940,145 @@ pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
         "SELECT item_key, state, reason FROM baton_ledger
          WHERE run_id = :run_id AND state = :state ORDER BY item_key LIMIT :limit",
         Params::new().with("run_id", run_id).with("state", state).with("limit", limit),
+    )
+}
+
+// ---- the suppression list and SES events -------------------------------------------------------
+
+/// Suppresses `address` (normalised) for `scope` (a job, or `*`). The first suppression of an
+/// address and scope is kept (its reason and time); adding it again changes nothing, so a
+/// replayed event or a re-run after a lost response is harmless. Returns the row if it is new.
+pub fn suppress(address: &str, scope: &str, reason: &str, source: &str, detail: Option<&str>, now: i64) -> Stmt {
+    suppress_many(&[address.to_owned()], scope, reason, source, detail, now)
+}
+
+/// [`suppress`] for many addresses in one statement (the engine sends at most
+/// [`SUPPRESSIONS_PER_STATEMENT`]).
+/// Returns the rows that are new.
+pub fn suppress_many(
+    addresses: &[String],
+    scope: &str,
+    reason: &str,
+    source: &str,
+    detail: Option<&str>,
+    now: i64,
+) -> Stmt {
+    let mut params = Params::new()
+        .with("scope", scope)
+        .with("reason", reason)
+        .with("source", source)
+        .with("detail", detail)
+        .with("now", now);
+    let rows: Vec<String> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            params.push(format!("a{i}"), a.as_str());
+            format!("(:a{i}, :scope, :reason, :source, :detail, :now)")
+        })
+        .collect();
+    Stmt::named(
+        "suppress",
+        format!(
+            "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
+             VALUES {}
+             ON CONFLICT (address, scope) DO NOTHING
+             RETURNING address",
+            rows.join(", ")
+        ),
+        params,
+    )
+}
+
+/// Lifts a suppression; returns the rows removed.
+pub fn unsuppress(address: &str, scope: &str) -> Stmt {
+    Stmt::named(
+        "unsuppress",
+        "DELETE FROM baton_suppressions WHERE address = :address AND scope = :scope RETURNING address",
+        Params::new().with("address", address).with("scope", scope),
+    )
+}
+
+pub const SUPPRESSIONS_PER_STATEMENT: usize = 500;
+
+pub const SUPPRESSION_COLUMNS: &str = "address, scope, reason, source, detail, created_at";
+
+/// The suppression list in `(address, scope)` order, `limit` rows after `after` (keyset pages,
+/// so a long list is read in bounded answers).
+pub fn suppressions(after: Option<(&str, &str)>, limit: i64) -> Stmt {
+    let mut params = Params::new().with("limit", limit);
+    let cond = match after {
+        Some((address, scope)) => {
+            params.push("address", address);
+            params.push("scope", scope);
+            "WHERE address > :address OR (address = :address AND scope > :scope)"
+        }
+        None => "",
+    };
+    Stmt::named(
+        "suppressions",
+        format!("SELECT {SUPPRESSION_COLUMNS} FROM baton_suppressions {cond} ORDER BY address, scope LIMIT :limit"),
+        params,
+    )
+}
+
+/// One SES event for one recipient, once: a replay (same event key and address) inserts
+/// nothing. Returns the row if it is new.
+pub fn record_mail_event(
+    event_key: &str,
+    address: &str,
+    kind: &str,
+    run: (Option<&str>, Option<&str>),
+    detail: Option<&str>,
+    at: i64,
+) -> Stmt {
+    Stmt::named(
+        "record_mail_event",
+        "INSERT INTO baton_mail_events (event_key, address, kind, run_id, job, detail, at)
+         VALUES (:event_key, :address, :kind, :run_id, :job, :detail, :at)
+         ON CONFLICT (event_key, address) DO NOTHING
+         RETURNING address",
+        Params::new()
+            .with("event_key", event_key)
+            .with("address", address)
+            .with("kind", kind)
+            .with("run_id", run.0)
+            .with("job", run.1)
+            .with("detail", detail)
+            .with("at", at),
+    )
+}
+
+/// Suppresses `address` (one of the forms of `counted`, the address its events are recorded
+/// under) for every job once `counted` has `threshold` transient bounces since its last
+/// delivery. Decided from the recorded events in the one statement, so it is idempotent: a
+/// replay, or a re-run after a lost response, reaches the same answer.
+pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64, now: i64) -> Stmt {
+    Stmt::named(
+        "suppress_after_soft_bounces",
+        "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
+         SELECT :address, '*', 'soft_bounces', 'ses', :detail, :now
+         WHERE (SELECT COUNT(*) FROM baton_mail_events b
+                WHERE b.address = :counted AND b.kind = 'soft_bounce'
+                  AND b.at > COALESCE((SELECT MAX(d.at) FROM baton_mail_events d
+                                       WHERE d.address = :counted AND d.kind = 'delivery'), -1)) >= :threshold
+         ON CONFLICT (address, scope) DO NOTHING
+         RETURNING address",
+        Params::new()
+            .with("counted", counted)
+            .with("address", address)
+            .with("threshold", threshold)
+            .with("detail", format!("{threshold} transient bounces since the last delivery"))
+            .with("now", now),
+    )
+}
+
+/// A run's SES events by kind (`delivery`, `hard_bounce`, `soft_bounce`, `complaint`).
+pub fn mail_event_counts(run_id: &str) -> Stmt {
+    Stmt::named(
+        "mail_event_counts",
+        "SELECT kind, COUNT(*) AS n FROM baton_mail_events WHERE run_id = :run_id GROUP BY kind",
+        Params::new().with("run_id", run_id),
     )
 }
 

@@ -80,6 +80,12 @@ fn config_cases() -> Vec<Case> {
     vec![
         c("page_size 0", "page_size = 50", "page_size = 0", &["jobs.news.page_size", "between 1 and 10000"]),
         c("chains 0", "chains = 2", "chains = 0", &["jobs.news.chains"]),
+        c(
+            "soft_bounce_limit 0",
+            "hop_margin = \"500ms\"",
+            "hop_margin = \"500ms\"\nsoft_bounce_limit = 0",
+            &["settings.soft_bounce_limit", "at least 1"],
+        ),
         c("chains 5000", "chains = 2", "chains = 5000", &["jobs.news.chains", "5000"]),
         c(
             "run_deadline of 300000000 years",
@@ -523,6 +529,34 @@ fn cli_cases() -> Vec<Case> {
             &["preview", "news", "--key=-1", "--data-dir", "{data}", "--config", "{config}"],
             2,
             &["no recipient found with key -1"],
+        ),
+        cli(
+            "suppress add with a header injection",
+            Start::Demo,
+            &["suppress", "add", "ok@example.com", "x@example.com\r\nBcc: all@example.com", "--data-dir", "{data}"],
+            2,
+            &["control characters"],
+        ),
+        cli(
+            "suppress add for a scope that is no job name",
+            Start::Demo,
+            &["suppress", "add", "ok@example.com", "--job", "news; DROP TABLE users", "--data-dir", "{data}"],
+            2,
+            &["scope", "job name"],
+        ),
+        cli(
+            "suppress add with an unknown reason",
+            Start::Demo,
+            &["suppress", "add", "ok@example.com", "--reason", "bored", "--data-dir", "{data}"],
+            2,
+            &["bored", "manual"],
+        ),
+        cli(
+            "suppress import of a missing file",
+            Start::Demo,
+            &["suppress", "import", "{data}/nope.csv", "--data-dir", "{data}"],
+            2,
+            &["nope.csv"],
         ),
         cli(
             "run with no config file",

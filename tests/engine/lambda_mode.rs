@@ -357,6 +357,44 @@ unsubscribe_url = "https://example.com/u"
     let sum = |name: &str| emf.iter().map(|v| v[name].as_f64().unwrap()).sum::<f64>();
     assert_eq!(sum("ItemsDone"), 116.0, "{emf:?}");
     assert_eq!(sum("ItemsSkipped"), 4.0, "{emf:?}");
+
+    // The same binary answers the unsubscribe link (a Function URL request: an HTTP answer,
+    // never a Lambda error) and SES events from EventBridge (a malformed one is an error).
+    use crate::suppression::{complaint, link_query, one_click};
+    let query = link_query("user18@example.com", "0123456789abcdef-lambda", "news");
+    let (ok, body) = em.result(&em.enqueue(one_click(&query).to_string().as_bytes())).await;
+    assert!(ok, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let forged = query.replace("sig=", "sig=x");
+    let (ok, body) = em.result(&em.enqueue(one_click(&forged).to_string().as_bytes())).await;
+    assert!(ok && body.contains("\"statusCode\":400"), "{body}");
+    let run_id = started["run_id"].as_str().unwrap();
+    let (ok, body) =
+        em.result(&em.enqueue(complaint("user31@example.com", "f-1", Some(run_id)).to_string().as_bytes())).await;
+    assert!(ok, "{body}");
+    let mut broken = complaint("user44@example.com", "f-2", Some(run_id));
+    broken["detail"].as_object_mut().unwrap().remove("complaint");
+    let (ok, body) = em.result(&em.enqueue(broken.to_string().as_bytes())).await;
+    assert!(!ok && body.contains("baton.BadEvent"), "{body}");
+    let rows = store
+        .query(Stmt::new("SELECT address, scope, reason FROM baton_suppressions ORDER BY address", Params::new()))
+        .await
+        .unwrap();
+    let rows: Vec<String> = rows.records().map(|r| r.text("address").unwrap().unwrap()).collect();
+    assert_eq!(rows, vec!["user18@example.com", "user31@example.com"]);
+    // SES events map back to the run through the message tags baton sets.
+    let tags = ses.tags.lock().unwrap().clone();
+    let expected = serde_json::json!({"Name": "run_id", "Value": run_id});
+    assert!(tags.iter().all(|t| t.as_array().is_some_and(|t| t.contains(&expected))), "{tags:?}");
+    let counted = store
+        .query(Stmt::new(
+            "SELECT COUNT(*) AS n FROM baton_mail_events WHERE run_id = :r",
+            Params::new().with("r", run_id),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(counted.first().unwrap().int("n").unwrap(), 1);
 }
 
 /// The spans the binary exported over OTLP/HTTP (flushed before each invocation returned): one

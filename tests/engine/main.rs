@@ -15,6 +15,7 @@ mod mime;
 mod moto;
 mod report;
 mod support;
+mod suppression;
 mod traces;
 
 /// Instantiates each case (`module::case`) once per backend, as `sqlite::case` and
@@ -42,6 +43,11 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     cases::migrations_apply_once_and_are_safe_twice,
+    suppression::a_one_click_unsubscribe_is_honoured_by_the_next_run,
+    suppression::bad_tokens_and_gets_change_nothing,
+    suppression::ses_events_suppress_count_and_replay_harmlessly,
+    suppression::malformed_ses_events_change_nothing,
+    suppression::a_bounce_whose_first_answer_was_lost_still_suppresses,
     traces::every_chain_links_from_its_first_hop_to_its_last_under_chaos,
     report::the_timeline_of_a_chaotic_run_adds_up,
     cases::run_sends_each_valid_user_exactly_once,

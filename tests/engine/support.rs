@@ -169,6 +169,7 @@ pub fn test_settings() -> Settings {
         sweep_interval: Duration::from_millis(100),
         reserved_concurrency: 16,
         max_pages_per_hop: None,
+        soft_bounce_limit: 3,
     }
 }
 

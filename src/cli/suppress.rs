@@ -1,0 +1,244 @@
+//! `baton suppress`: the operator's view of the suppression list (add, remove, list, import,
+//! export), and `baton serve`'s wiring. Every address is checked before anything is written.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use super::Common;
+use super::wiring::{self, Use};
+use crate::engine::Engine;
+use crate::engine::suppression::{EVERY_JOB, Reason, Suppression};
+use crate::text::printable;
+
+#[derive(Subcommand, Debug)]
+pub enum SuppressCommand {
+    /// Suppress addresses: no newsletter run mails them again (for every job unless --job).
+    Add {
+        #[arg(required = true, value_name = "ADDRESS")]
+        addresses: Vec<String>,
+        /// Only for this job (the list a one-click unsubscribe names); default: every job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Why (shown by `list`, kept with the row).
+        #[arg(long, default_value = "manual", value_parser = reasons())]
+        reason: String,
+        /// A note kept with the suppression (a ticket number, ...).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Lift suppressions (the --job one, or the every-job one by default).
+    Remove {
+        #[arg(required = true, value_name = "ADDRESS")]
+        addresses: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Show the suppression list: `ADDRESS<TAB>SCOPE<TAB>REASON<TAB>SOURCE<TAB>WHEN<TAB>DETAIL`
+    /// per line (`--json`: one array).
+    List,
+    /// Suppress every address in FILE: one per line, or CSV whose first column is the address
+    /// (a header line, blank lines and `#` comments are skipped). A bad line refuses the whole
+    /// file, naming the line, and nothing changes.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value = "manual", value_parser = reasons())]
+        reason: String,
+    },
+    /// Write the suppression list as CSV (address,scope,reason,source,created_at,detail).
+    Export {
+        /// Where to write it; default: stdout.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+}
+
+fn reasons() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(Reason::ALL.map(Reason::as_str))
+}
+
+/// Rows read per statement while listing.
+const PAGE: i64 = 1000;
+
+pub async fn run(command: SuppressCommand, common: &Common) -> Result<ExitCode> {
+    let rt = wiring::open_runtime(common, Use::Record).await?;
+    let engine = rt.engine().as_ref();
+    match command {
+        SuppressCommand::Add { addresses, job, reason, note } => {
+            let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+            let added = add(engine, &refs, job.as_deref(), &reason, "cli", note.as_deref()).await?;
+            report(common, "added", added, addresses.len());
+        }
+        SuppressCommand::Remove { addresses, job } => {
+            let scope = job.as_deref().unwrap_or(EVERY_JOB);
+            for a in &addresses {
+                crate::engine::suppression::suppression_keys(a)?;
+            }
+            let mut removed = 0;
+            for a in &addresses {
+                removed += engine.unsuppress(a, scope).await?;
+            }
+            report(common, "removed", removed, addresses.len());
+        }
+        SuppressCommand::List => list(engine, common.json).await?,
+        SuppressCommand::Import { file, job, reason } => {
+            let addresses = read_import(&file)?;
+            let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+            let added = add(engine, &refs, job.as_deref(), &reason, "import", None).await?;
+            report(common, "added", added, addresses.len());
+        }
+        SuppressCommand::Export { out } => export(engine, out.as_deref()).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn add(
+    engine: &Engine,
+    addresses: &[&str],
+    job: Option<&str>,
+    reason: &str,
+    source: &str,
+    note: Option<&str>,
+) -> Result<u32> {
+    let reason = Reason::parse(reason).expect("clap checked it");
+    if let Some(job) = job
+        && !engine.config().jobs.contains_key(job)
+    {
+        eprintln!(
+            "note: `{}` is not a job in the config file; the suppression applies if one is named so",
+            printable(job)
+        );
+    }
+    Ok(engine.suppress_all(addresses, job.unwrap_or(EVERY_JOB), reason, source, note).await?)
+}
+
+fn report(common: &Common, what: &str, rows: u32, given: usize) {
+    if common.json {
+        println!("{}", serde_json::json!({ what: rows, "addresses": given }));
+    } else {
+        println!("{what} {rows} suppression row(s) for {given} address(es) (an internationalised domain counts twice)");
+    }
+}
+
+/// The addresses of an import file, or every bad line (up to 10) with its number.
+fn read_import(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut addresses = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let first = line.split(',').next().unwrap_or("").trim().trim_matches('"');
+        if i == 0 && !first.contains('@') {
+            continue; // a CSV header
+        }
+        match crate::mail::suppression_keys(first) {
+            Ok(_) => addresses.push(first.to_owned()),
+            Err(why) => bad.push(format!("line {}: {}", i + 1, printable(&why))),
+        }
+    }
+    if !bad.is_empty() {
+        let more = if bad.len() > 10 { format!("\n  ... and {} more", bad.len() - 10) } else { String::new() };
+        bail!(
+            "{} has {} line(s) that are not addresses; nothing was imported:\n  {}{more}",
+            file.display(),
+            bad.len(),
+            bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    Ok(addresses)
+}
+
+/// Every suppression, in keyset pages.
+async fn each_suppression(engine: &Engine, mut visit: impl FnMut(&Suppression) -> Result<()>) -> Result<()> {
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), PAGE).await?;
+        for s in &page {
+            visit(s)?;
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 == PAGE => after = Some((last.address.clone(), last.scope.clone())),
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn list(engine: &Engine, json: bool) -> Result<()> {
+    let mut all = Vec::new();
+    let mut out = std::io::stdout().lock();
+    each_suppression(engine, |s| {
+        if json {
+            all.push(s.clone());
+        } else {
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                printable(&s.address),
+                printable(&s.scope),
+                s.reason,
+                printable(&s.source),
+                when(s.created_at_ms),
+                printable(s.detail.as_deref().unwrap_or(""))
+            )?;
+        }
+        Ok(())
+    })
+    .await?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+    }
+    Ok(())
+}
+
+fn when(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
+}
+
+/// A CSV field, quoted when it must be (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\r', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
+}
+
+async fn export(engine: &Engine, out: Option<&Path>) -> Result<()> {
+    let mut sink: Box<dyn Write> = match out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    writeln!(sink, "address,scope,reason,source,created_at,detail")?;
+    let mut rows = 0u64;
+    each_suppression(engine, |s| {
+        rows += 1;
+        let fields =
+            [&s.address, &s.scope, &s.reason, &s.source, &when(s.created_at_ms), s.detail.as_deref().unwrap_or("")]
+                .map(csv_field);
+        writeln!(sink, "{}", fields.join(","))?;
+        Ok(())
+    })
+    .await?;
+    sink.flush()?;
+    if let Some(path) = out {
+        eprintln!("wrote {rows} suppression(s) to {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("a@b.c"), "a@b.c");
+        assert_eq!(csv_field("x, \"y\""), "\"x, \"\"y\"\"\"");
+    }
+}
