@@ -606,8 +606,7 @@ impl Engine {
         let (rows, reasons) = split_suppressed(rows, job.suppression_column().is_some());
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
-        let suppressed: HashMap<String, String> =
-            loaded.iter().zip(reasons).filter_map(|(item, reason)| Some((item.key.clone(), reason?))).collect();
+        let suppressed = self.suppressed_items(&run.job, job.as_ref(), &loaded, reasons).await?;
         let (loaded, mistyped) = refuse_mistyped_keys(loaded, &cfg.key_column, run.key_type);
         let (items, mut decided) = dedupe_by_key(loaded, &cfg.key_column);
         let (items, suppressed) = skip_suppressed(items, suppressed);
@@ -639,6 +638,47 @@ impl Engine {
         decided.retain(|(k, _, _)| mine.contains(k));
         let work = items.into_iter().filter(|i| mine.contains(&i.key)).collect();
         Ok(Claim::Mine { work, decided })
+    }
+
+    /// Each loaded item's suppression reason, by key: as the page load found it, plus (in one
+    /// statement, and only when a page has such rows) rows whose address SQL's
+    /// `LOWER(TRIM(..))` does not fold as [`crate::mail::suppression_keys`] does: capitals
+    /// outside ASCII (SQLite folds ASCII only), tabs and other white space around it.
+    async fn suppressed_items(
+        &self,
+        job_name: &str,
+        job: &dyn ItemJob,
+        loaded: &[Item],
+        reasons: Vec<Option<String>>,
+    ) -> Result<HashMap<String, String>, EngineError> {
+        let mut suppressed: HashMap<String, String> =
+            loaded.iter().zip(reasons).filter_map(|(item, reason)| Some((item.key.clone(), reason?))).collect();
+        let Some(column) = job.suppression_column() else { return Ok(suppressed) };
+        let recheck: Vec<(&str, Vec<String>)> = loaded
+            .iter()
+            .filter(|item| !suppressed.contains_key(&item.key) && !item.get(column).is_null())
+            .filter_map(|item| {
+                let raw = item.get(column).to_string();
+                let keys = crate::mail::suppression_keys(&raw).ok()?;
+                let sql_folded = raw.trim_matches(' ').to_ascii_lowercase();
+                (!keys.contains(&sql_folded)).then_some((item.key.as_str(), keys))
+            })
+            .collect();
+        let all: Vec<String> = recheck.iter().flat_map(|(_, keys)| keys.iter().cloned()).collect();
+        let mut found: HashMap<String, String> = HashMap::new();
+        for chunk in all.chunks(st::SUPPRESSIONS_PER_STATEMENT) {
+            for r in self.sql(st::suppressed_among(chunk, job_name)).await?.records() {
+                if let (Some(address), Some(reason)) = (r.text("address")?, r.text("reason")?) {
+                    found.insert(address, reason);
+                }
+            }
+        }
+        for (key, keys) in recheck {
+            if let Some(reason) = keys.iter().find_map(|k| found.get(k)) {
+                suppressed.insert(key.to_owned(), reason.clone());
+            }
+        }
+        Ok(suppressed)
     }
 
     async fn process_range(

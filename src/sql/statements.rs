@@ -990,6 +990,22 @@ pub fn suppress_many(
     )
 }
 
+/// Which of `addresses` (normalised, at most [`SUPPRESSIONS_PER_STATEMENT`]) are suppressed for
+/// `job` or every job, with a reason each: the page load's check for the few addresses SQL
+/// cannot fold alike on every store.
+pub fn suppressed_among(addresses: &[String], job: &str) -> Stmt {
+    let mut params = Params::new().with("scope", job);
+    let list = in_list(&mut params, "a", addresses.iter().map(|a| Value::from(a.as_str())));
+    Stmt::named(
+        "suppressed_among",
+        format!(
+            "SELECT address, MIN(reason) AS reason FROM baton_suppressions
+             WHERE scope IN ('*', :scope) AND address IN ({list}) GROUP BY address"
+        ),
+        params,
+    )
+}
+
 /// Lifts a suppression; returns the rows removed.
 pub fn unsuppress(address: &str, scope: &str) -> Stmt {
     Stmt::named(

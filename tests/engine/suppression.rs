@@ -222,6 +222,11 @@ async fn event_rows(h: &Harness) -> i64 {
 pub async fn a_one_click_unsubscribe_is_honoured_by_the_next_run(b: Backend) {
     let mut users = int_users(60);
     users[3].1 = Some("Mixed.Case@Example.COM".into());
+    // Addresses SQL cannot fold as Rust does on every store (a tab around it; capitals outside
+    // ASCII, which SQLite's LOWER keeps): mailed despite their suppression before the page load
+    // re-checked them.
+    users[9].1 = Some("\tTab@Example.com".into());
+    users[11].1 = Some("zoe@BÜCHER.de".into());
     let h = Harness::with_users(b, &users, Setup::new(newsletter_job(10, 2))).await;
     let engine = h.engine();
 
@@ -236,7 +241,12 @@ pub async fn a_one_click_unsubscribe_is_honoured_by_the_next_run(b: Backend) {
         .suppress(users[7].1.as_deref().unwrap(), "other-job", baton::engine::suppression::Reason::Manual, "cli", None)
         .await
         .unwrap();
-    assert_eq!(suppressed(&h).await.len(), 3);
+    engine.suppress("tab@example.com", JOB, baton::engine::suppression::Reason::Manual, "cli", None).await.unwrap();
+    // SES reports the domain in its ASCII form.
+    call(engine, bounce("Permanent", "zoe@xn--bcher-kva.de", "feedback-2", "2017-08-05T00:41:02.669Z", None))
+        .await
+        .unwrap();
+    assert_eq!(suppressed(&h).await.len(), 6, "{:?}", suppressed(&h).await);
 
     let run = h.start().await;
     let status = h.drive(&run).await;
@@ -245,13 +255,14 @@ pub async fn a_one_click_unsubscribe_is_honoured_by_the_next_run(b: Backend) {
     assert!(!sent.iter().any(|a| a.eq_ignore_ascii_case(unsubscriber)), "an unsubscriber was mailed");
     assert!(!sent.contains(&complainer), "a complainer was mailed");
     assert!(sent.contains(users[7].1.as_ref().unwrap()), "another job's suppression applied here");
+    assert!(!sent.iter().any(|a| a.eq_ignore_ascii_case("tab@example.com") || a.contains("bcher")), "{sent:?}");
     let invalid = users.iter().filter(|u| u.1.as_deref() == Some("not-an-address")).count() as i64;
-    assert_eq!(status.skipped, invalid + 2, "{status:?}");
+    assert_eq!(status.skipped, invalid + 4, "{status:?}");
     assert_eq!(sent.len() as i64, status.done);
     let reasons = h.engine().items_in_state(&run, "skipped", 100).await.unwrap();
     let reasons: Vec<String> =
         reasons.into_iter().filter_map(|i| i.1).filter(|r| r.starts_with("suppressed")).collect();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(
         reasons.contains(&"suppressed: unsubscribed".to_owned())
             && reasons.contains(&"suppressed: complaint".to_owned())
