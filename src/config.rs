@@ -266,14 +266,14 @@ pub struct SqlJobConfig {
     pub statement: String,
 }
 
-/// A plain SQL identifier: letters, digits and `_`, not starting with a digit. Key and email
-/// columns are spliced into statements, so nothing else is accepted.
 /// Whether `name` can name a job: letters, digits, `-` and `_` (it goes into unsubscribe links,
 /// SES message tags and metric dimensions as it is).
 pub fn is_job_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// A plain SQL identifier: letters, digits and `_`, not starting with a digit. Key and email
+/// columns are spliced into statements, so nothing else is accepted.
 pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')

@@ -137,8 +137,6 @@ pub async fn handle(
     Ok(serde_json::to_value(outcome?).expect("outcomes serialise"))
 }
 
-/// The FaaS attributes of an invocation's root span: its request id, whether it is the
-/// sandbox's first (a cold start) and the function's ARN.
 /// A Function URL request: the one-click unsubscribe endpoint. Always an HTTP answer (a
 /// Lambda error would show the caller a bare 502).
 async fn function_url_answer(
@@ -182,6 +180,8 @@ async fn ses_event(
     Ok(answer)
 }
 
+/// The FaaS attributes of an invocation's root span: its request id, whether it is the
+/// sandbox's first (a cold start) and the function's ARN.
 pub fn faas_attributes(context: &lambda_runtime::Context, cold_start: bool) -> Vec<KeyValue> {
     vec![
         KeyValue::new("faas.invocation_id", context.request_id.clone()),

@@ -21,6 +21,12 @@ pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
 }
 
+/// Characters that show as nothing (zero-width spaces and joiners, the byte-order mark, the
+/// soft hyphen, word joiners) or reorder text: an address holding one is not what it looks like.
+pub fn is_invisible(c: char) -> bool {
+    is_bidi_control(c) || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+}
+
 /// [`printable`] for multi-line text: line breaks and tabs kept, every other control character
 /// and bidirectional override escaped.
 pub fn printable_text(s: &str) -> String {

@@ -1,6 +1,7 @@
 //! `baton suppress`: the operator's view of the suppression list (add, remove, list, import,
 //! export), and `baton serve`'s wiring. Every address is checked before anything is written.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,7 +31,8 @@ pub enum SuppressCommand {
         #[arg(long)]
         note: Option<String>,
     },
-    /// Lift suppressions (the --job one, or the every-job one by default).
+    /// Lift suppressions: every one the address has, or only --job's (`*` for the every-job
+    /// one). A lifted one comes back only for a new unsubscribe, bounce or complaint.
     Remove {
         #[arg(required = true, value_name = "ADDRESS")]
         addresses: Vec<String>,
@@ -41,8 +43,9 @@ pub enum SuppressCommand {
     /// per line (`--json`: one array).
     List,
     /// Suppress every address in FILE: one per line, or CSV whose first column is the address
-    /// (a header line, blank lines and `#` comments are skipped). A bad line refuses the whole
-    /// file, naming the line, and nothing changes.
+    /// (a header line, blank lines and `#` comments are skipped). A file `export` wrote keeps
+    /// each row's scope and reason. A bad line refuses the whole file, naming the line, and
+    /// nothing changes.
     Import {
         file: PathBuf,
         #[arg(long)]
@@ -66,55 +69,81 @@ fn reasons() -> clap::builder::PossibleValuesParser {
 const PAGE: i64 = 1000;
 
 pub async fn run(command: SuppressCommand, common: &Common) -> Result<ExitCode> {
-    let rt = wiring::open_runtime(common, Use::Record).await?;
+    // Input is checked before the state is opened; only commands that add may create it.
+    let use_ = match &command {
+        SuppressCommand::Add { .. } | SuppressCommand::Import { .. } => Use::Record,
+        SuppressCommand::Remove { .. } | SuppressCommand::List | SuppressCommand::Export { .. } => Use::Inspect,
+    };
+    match &command {
+        SuppressCommand::Add { addresses, job, .. } | SuppressCommand::Remove { addresses, job } => {
+            check(addresses.iter().map(String::as_str), job.as_deref())?
+        }
+        _ => {}
+    }
+    let import = match &command {
+        SuppressCommand::Import { file, job, reason } => Some(read_import(file, job.as_deref(), reason)?),
+        _ => None,
+    };
+    let rt = wiring::open_runtime(common, use_).await?;
     let engine = rt.engine().as_ref();
     match command {
         SuppressCommand::Add { addresses, job, reason, note } => {
             let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
-            let added = add(engine, &refs, job.as_deref(), &reason, "cli", note.as_deref()).await?;
+            let reason = Reason::parse(&reason).expect("clap checked it");
+            let added = add(engine, &refs, job.as_deref().unwrap_or(EVERY_JOB), reason, "cli", note.as_deref()).await?;
             report(common, "added", added, addresses.len());
         }
         SuppressCommand::Remove { addresses, job } => {
-            let scope = job.as_deref().unwrap_or(EVERY_JOB);
-            for a in &addresses {
-                crate::engine::suppression::suppression_keys(a)?;
-            }
             let mut removed = 0;
             for a in &addresses {
-                removed += engine.unsuppress(a, scope).await?;
+                removed += engine.unsuppress(a, job.as_deref()).await?;
             }
             report(common, "removed", removed, addresses.len());
         }
         SuppressCommand::List => list(engine, common.json).await?,
-        SuppressCommand::Import { file, job, reason } => {
-            let addresses = read_import(&file)?;
-            let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
-            let added = add(engine, &refs, job.as_deref(), &reason, "import", None).await?;
-            report(common, "added", added, addresses.len());
+        SuppressCommand::Import { .. } => {
+            let rows = import.expect("read above");
+            let mut added = 0;
+            for ((scope, reason), addresses) in &rows {
+                let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+                added += add(engine, &refs, scope, *reason, "import", None).await?;
+            }
+            report(common, "added", added, rows.values().map(Vec::len).sum());
         }
         SuppressCommand::Export { out } => export(engine, out.as_deref()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every address, and the scope, are fit for the list (nothing is opened otherwise).
+fn check<'a>(addresses: impl Iterator<Item = &'a str>, job: Option<&str>) -> Result<()> {
+    for a in addresses {
+        crate::engine::suppression::suppression_keys(a)?;
+    }
+    if let Some(job) = job
+        && job != EVERY_JOB
+        && !crate::config::is_job_name(job)
+    {
+        bail!("--job `{}`: a job name has letters, digits, `-` and `_` only (or `*` for every job)", printable(job));
+    }
+    Ok(())
+}
+
 async fn add(
     engine: &Engine,
     addresses: &[&str],
-    job: Option<&str>,
-    reason: &str,
+    scope: &str,
+    reason: Reason,
     source: &str,
     note: Option<&str>,
 ) -> Result<u32> {
-    let reason = Reason::parse(reason).expect("clap checked it");
-    if let Some(job) = job
-        && !engine.config().jobs.contains_key(job)
-    {
+    if scope != EVERY_JOB && !engine.config().jobs.is_empty() && !engine.config().jobs.contains_key(scope) {
         eprintln!(
             "note: `{}` is not a job in the config file; the suppression applies if one is named so",
-            printable(job)
+            printable(scope)
         );
     }
-    Ok(engine.suppress_all(addresses, job.unwrap_or(EVERY_JOB), reason, source, note).await?)
+    Ok(engine.suppress_all(addresses, scope, reason, source, note).await?)
 }
 
 fn report(common: &Common, what: &str, rows: u32, given: usize) {
@@ -125,35 +154,52 @@ fn report(common: &Common, what: &str, rows: u32, given: usize) {
     }
 }
 
-/// The addresses of an import file, or every bad line (up to 10) with its number.
-fn read_import(file: &Path) -> Result<Vec<String>> {
+/// The header `export` writes; an import file that starts with it keeps each row's scope and reason.
+const EXPORT_HEADER: &str = "address,scope,reason,source,created_at,detail";
+
+/// An import file's addresses by (scope, reason), or every bad line (up to 10) with its number.
+fn read_import(file: &Path, job: Option<&str>, reason: &str) -> Result<BTreeMap<(String, Reason), Vec<String>>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let mut addresses = Vec::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a spreadsheet's byte-order mark
+    let default = (job.unwrap_or(EVERY_JOB).to_owned(), Reason::parse(reason).expect("clap checked it"));
+    check(std::iter::empty(), job)?;
+    let exported = text.lines().next().is_some_and(|l| l.trim() == EXPORT_HEADER);
+    let mut rows: BTreeMap<(String, Reason), Vec<String>> = BTreeMap::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+        if line.is_empty() || line.starts_with('#') || (i == 0 && !line.split(',').next().unwrap_or("").contains('@')) {
+            continue; // blank, a comment, or a CSV header
         }
-        let first = line.split(',').next().unwrap_or("").trim().trim_matches('"');
-        if i == 0 && !first.contains('@') {
-            continue; // a CSV header
-        }
-        match crate::mail::suppression_keys(first) {
-            Ok(_) => addresses.push(first.to_owned()),
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim().trim_matches('"')).collect();
+        let key = if exported {
+            match (fields.get(1), fields.get(2).and_then(|r| Reason::parse(r))) {
+                (Some(scope), Some(reason)) if *scope == EVERY_JOB || crate::config::is_job_name(scope) => {
+                    ((*scope).to_owned(), reason)
+                }
+                _ => {
+                    bad.push(format!("line {}: not `address,scope,reason,...` as `export` writes it", i + 1));
+                    continue;
+                }
+            }
+        } else {
+            default.clone()
+        };
+        match crate::mail::suppression_keys(fields[0]) {
+            Ok(_) => rows.entry(key).or_default().push(fields[0].to_owned()),
             Err(why) => bad.push(format!("line {}: {}", i + 1, printable(&why))),
         }
     }
     if !bad.is_empty() {
         let more = if bad.len() > 10 { format!("\n  ... and {} more", bad.len() - 10) } else { String::new() };
         bail!(
-            "{} has {} line(s) that are not addresses; nothing was imported:\n  {}{more}",
+            "{} has {} bad line(s); nothing was imported:\n  {}{more}",
             file.display(),
             bad.len(),
             bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
         );
     }
-    Ok(addresses)
+    Ok(rows)
 }
 
 /// Every suppression, in keyset pages.
@@ -214,7 +260,7 @@ async fn export(engine: &Engine, out: Option<&Path>) -> Result<()> {
         )),
         None => Box::new(std::io::stdout().lock()),
     };
-    writeln!(sink, "address,scope,reason,source,created_at,detail")?;
+    writeln!(sink, "{EXPORT_HEADER}")?;
     let mut rows = 0u64;
     each_suppression(engine, |s| {
         rows += 1;

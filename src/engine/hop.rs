@@ -603,7 +603,7 @@ impl Engine {
                 return Ok(Claim::SourceChanged(why));
             }
         };
-        let (rows, reasons) = split_suppressed(rows, job.suppression_column().is_some());
+        let (rows, reasons) = split_suppressed(rows, job.suppression_column().is_some())?;
         let columns = Arc::new(rows.columns.clone());
         let loaded: Vec<_> = rows.rows.into_iter().map(|v| item_of(&columns, &cfg.key_column, v)).collect();
         let suppressed = self.suppressed_items(&run.job, job.as_ref(), &loaded, reasons).await?;
@@ -883,12 +883,18 @@ fn describe_batch(batch: &opentelemetry::Context, settled: &Settled) {
 /// A ledger result: key, state, reason.
 type LedgerResult = (String, ItemState, Option<String>);
 
-/// Takes the suppression column the page load added (last) off the rows, if it did: the rows as
-/// the source has them, and each row's suppression reason.
-fn split_suppressed(mut rows: Rows, checked: bool) -> (Rows, Vec<Option<String>>) {
-    let added = checked && rows.columns.last().is_some_and(|c| c.eq_ignore_ascii_case(st::SUPPRESSED_COLUMN));
-    if !added {
-        return (rows, Vec::new());
+/// Takes the suppression column the page load added (last) off the rows: the rows as the
+/// source has them, and each row's suppression reason. A checked load whose rows lack it fails
+/// (closed): nobody is sent unchecked.
+fn split_suppressed(mut rows: Rows, checked: bool) -> Result<(Rows, Vec<Option<String>>), EngineError> {
+    if !checked || rows.rows.is_empty() {
+        return Ok((rows, Vec::new()));
+    }
+    if !rows.columns.last().is_some_and(|c| c.eq_ignore_ascii_case(st::SUPPRESSED_COLUMN)) {
+        return Err(EngineError::State(format!(
+            "the page load did not return its suppression column `{}` last",
+            st::SUPPRESSED_COLUMN
+        )));
     }
     rows.columns.pop();
     let reasons = rows
@@ -899,7 +905,7 @@ fn split_suppressed(mut rows: Rows, checked: bool) -> (Rows, Vec<Option<String>>
             _ => None,
         })
         .collect();
-    (rows, reasons)
+    Ok((rows, reasons))
 }
 
 /// Items whose address is on the suppression list are `skipped` with the reason, never sent.

@@ -25,7 +25,7 @@ use crate::mail;
 use crate::sql::{Record, SqlError, statements as st};
 
 /// Why an address is suppressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// A one-click (or confirmed) unsubscribe from one job's mail.
@@ -139,6 +139,9 @@ pub struct MailEventReport {
     pub replayed: u32,
     /// Suppressions this event added.
     pub suppressed: u32,
+    /// Soft-bounce suppressions a late delivery event lifted (the bounces it followed no
+    /// longer reach the limit).
+    pub lifted: u32,
 }
 
 /// A run's SES events, for `baton status` and the report.
@@ -206,13 +209,17 @@ impl Engine {
         Ok(added)
     }
 
-    /// Lifts `address`'s suppression for `scope`. Returns how many rows were removed.
-    pub async fn unsuppress(&self, address: &str, scope: &str) -> Result<u32, EngineError> {
+    /// Lifts `address`'s suppression for `scope`, or every one it has. Returns how many were
+    /// lifted. Events from before the lifting, replayed later, do not bring it back.
+    pub async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<u32, EngineError> {
         let keys = suppression_keys(address)?;
-        check_scope(scope)?;
+        if let Some(scope) = scope {
+            check_scope(scope)?;
+        }
+        let now = self.now_ms();
         let mut removed = 0;
         for key in keys {
-            removed += self.sql(st::unsuppress(&key, scope)).await?.rows.len() as u32;
+            removed += self.sql(st::unsuppress(&key, scope, now)).await?.rows.len() as u32;
         }
         Ok(removed)
     }
@@ -229,11 +236,30 @@ impl Engine {
         if r.len() > MAX_TOKEN_PART || sig.len() > MAX_TOKEN_PART {
             return None;
         }
-        let job = self.config().jobs.get(list)?;
-        let secret = job.newsletter.as_ref()?.secret()?;
+        let list_shown = crate::text::printable_short(list);
+        // A deployment that cannot verify its own links refuses every unsubscribe: say why.
+        let Some(newsletter) = self.config().jobs.get(list).and_then(|j| j.newsletter.as_ref()) else {
+            tracing::warn!(list = list_shown, "unsubscribe refused: no newsletter job of that name is configured");
+            return None;
+        };
+        let Some(secret) = newsletter.secret() else {
+            tracing::error!(
+                list = list_shown,
+                env = newsletter.unsubscribe_secret_env,
+                "unsubscribe refused: the job's secret is not set"
+            );
+            return None;
+        };
         let secret = secrecy::ExposeSecret::expose_secret(&secret);
-        crate::config::check_secret(secret).ok()?;
-        mail::verify_unsubscribe(secret, list, r, sig)
+        if let Err(why) = crate::config::check_secret(secret) {
+            tracing::error!(list = list_shown, why, "unsubscribe refused: the job's secret is unusable");
+            return None;
+        }
+        let verified = mail::verify_unsubscribe(secret, list, r, sig);
+        if verified.is_none() {
+            tracing::info!(list = list_shown, "unsubscribe refused: the link's signature does not verify");
+        }
+        verified
     }
 
     /// Records a one-click unsubscribe: suppresses the link's address for its job. A link that
@@ -261,7 +287,6 @@ impl Engine {
         let mut report = MailEventReport::default();
         let run = (event.run_id.as_deref(), event.job.as_deref());
         let detail = event.detail.as_deref();
-        let now = self.now_ms();
         let limit = i64::from(self.config().settings.soft_bounce_limit);
         for keys in recipients {
             let address = &keys[0];
@@ -272,18 +297,22 @@ impl Engine {
             }
             // Applied on a replay too: each statement is idempotent, and a replay after a lost
             // answer must still reach the suppression the first delivery may not have written.
+            // Suppressions take the event's own time, so an event older than an operator's
+            // `suppress remove` cannot bring the address back.
+            let at = event.at_ms;
             for key in &keys {
-                let stmt = match event.kind {
-                    MailEventKind::Delivery => continue,
+                let (stmt, lifts) = match event.kind {
+                    MailEventKind::Delivery => (st::lift_soft_bounce_suppression(address, key, limit, at), true),
                     MailEventKind::HardBounce => {
-                        st::suppress(key, EVERY_JOB, Reason::HardBounce.as_str(), "ses", detail, now)
+                        (st::suppress(key, EVERY_JOB, Reason::HardBounce.as_str(), "ses", detail, at), false)
                     }
                     MailEventKind::Complaint => {
-                        st::suppress(key, EVERY_JOB, Reason::Complaint.as_str(), "ses", detail, now)
+                        (st::suppress(key, EVERY_JOB, Reason::Complaint.as_str(), "ses", detail, at), false)
                     }
-                    MailEventKind::SoftBounce => st::suppress_after_soft_bounces(address, key, limit, now),
+                    MailEventKind::SoftBounce => (st::suppress_after_soft_bounces(address, key, limit, at), false),
                 };
-                report.suppressed += self.sql(stmt).await?.rows.len() as u32;
+                let changed = self.sql(stmt).await?.rows.len() as u32;
+                if lifts { report.lifted += changed } else { report.suppressed += changed }
             }
         }
         Ok(report)

@@ -58,7 +58,10 @@ impl HttpResponse {
                 ("cache-control", "no-store".into()),
                 ("referrer-policy", "no-referrer".into()),
                 ("x-content-type-options", "nosniff".into()),
-                ("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'".into()),
+                (
+                    "content-security-policy",
+                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'".into(),
+                ),
             ],
             body: html,
         }
@@ -91,18 +94,18 @@ fn token(raw_query: &str) -> Option<(String, String, String)> {
     Some((list?, r?, sig?))
 }
 
-/// Whether the body is RFC 8058's `List-Unsubscribe=One-Click`, form-urlencoded or multipart.
+/// Whether the body is RFC 8058's `List-Unsubscribe=One-Click`: multipart (as RFC 8058
+/// prefers) or form-urlencoded, which some clients label otherwise or not at all. (The POST
+/// and the signature are what make it safe; the body only shows the intent.)
 fn is_one_click(request: &HttpRequest) -> bool {
     let content_type = request.header("content-type").unwrap_or("application/x-www-form-urlencoded");
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    match essence.as_str() {
-        "application/x-www-form-urlencoded" => form_urlencoded::parse(&request.body)
-            .any(|(name, value)| name == "List-Unsubscribe" && value == "One-Click"),
-        "multipart/form-data" => {
-            multipart_boundary(content_type).is_some_and(|boundary| multipart_has_one_click(&request.body, &boundary))
-        }
-        _ => false,
+    if essence == "multipart/form-data" {
+        return multipart_boundary(content_type)
+            .is_some_and(|boundary| multipart_has_one_click(&request.body, &boundary));
     }
+    form_urlencoded::parse(request.body.trim_ascii())
+        .any(|(name, value)| name == "List-Unsubscribe" && value == "One-Click")
 }
 
 fn multipart_boundary(content_type: &str) -> Option<String> {
@@ -119,9 +122,10 @@ fn multipart_has_one_click(body: &[u8], boundary: &str) -> bool {
         let Some((head, value)) = part.split_once("\r\n\r\n") else { return false };
         let named = head.lines().any(|line| {
             let line = line.to_ascii_lowercase();
-            line.starts_with("content-disposition:") && line.contains("name=\"list-unsubscribe\"")
+            line.starts_with("content-disposition:")
+                && line.split(';').any(|p| matches!(p.trim(), "name=\"list-unsubscribe\"" | "name=list-unsubscribe"))
         });
-        named && value.trim_end_matches(['\r', '\n']) == "One-Click"
+        named && value.trim() == "One-Click"
     })
 }
 
@@ -215,8 +219,13 @@ mod tests {
         let multipart =
             "--XyZ\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--XyZ--\r\n";
         assert!(is_one_click(&post("multipart/form-data; boundary=\"XyZ\"", multipart)));
+        assert!(is_one_click(&post("application/x-www-form-urlencoded", "List-Unsubscribe=One-Click\r\n")));
+        assert!(is_one_click(&post("text/plain", "List-Unsubscribe=One-Click")));
+        let unquoted = "--XyZ\r\nContent-Disposition: form-data; name=List-Unsubscribe\r\n\r\nOne-Click\n--XyZ--";
+        assert!(is_one_click(&post("multipart/form-data; boundary=XyZ", unquoted)));
         assert!(!is_one_click(&post("application/x-www-form-urlencoded", "List-Unsubscribe=Maybe")));
-        assert!(!is_one_click(&post("text/plain", "List-Unsubscribe=One-Click")));
+        assert!(!is_one_click(&post("text/plain", "unsubscribe me")));
+        assert!(!is_one_click(&post("application/x-www-form-urlencoded", "")));
         assert!(!is_one_click(&post("multipart/form-data; boundary=other", multipart)));
     }
 

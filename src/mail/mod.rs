@@ -40,6 +40,9 @@ pub fn check_address(addr: &str) -> Result<(), String> {
     if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("`{shown}` contains white space or control characters"));
     }
+    if let Some(c) = addr.chars().find(|c| crate::text::is_invisible(*c)) {
+        return Err(format!("`{shown}` contains the invisible character U+{:04X}", c as u32));
+    }
     // Quoted local parts, comments and domain literals are legal but carry header syntax; SES
     // and most receivers refuse them anyway.
     if let Some(c) = addr.chars().find(|c| "\"<>,;:()\\[]".contains(*c)) {
@@ -236,7 +239,14 @@ mod tests {
         let both = vec!["zoë@xn--bcher-kva.de".to_owned(), "zoë@bücher.de".to_owned()];
         assert_eq!(suppression_keys("Zoë@Bücher.de").unwrap(), both);
         assert_eq!(suppression_keys("zoë@xn--bcher-kva.de").unwrap(), both);
-        for bad in ["", "no-at-sign", "a@b\r\nBcc: x@y", "two@@example.com"] {
+        for bad in [
+            "",
+            "no-at-sign",
+            "a@b\r\nBcc: x@y",
+            "two@@example.com",
+            "\u{feff}ann@example.com",
+            "an\u{200b}n@example.com",
+        ] {
             assert!(suppression_keys(bad).is_err(), "{bad:?}");
         }
     }

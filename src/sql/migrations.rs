@@ -122,7 +122,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
     ],
     &[
         // The suppression list every newsletter run honours in the statement that loads a page:
-        // one row per normalised address and scope (a job's name, or `*` for every job).
+        // one row per normalised address and scope (a job's name, or `*` for every job); a
+        // lifted one keeps its row with `removed_at`, so replayed older events cannot undo it.
         "CREATE TABLE IF NOT EXISTS baton_suppressions (
         address TEXT NOT NULL,
         scope TEXT NOT NULL,
@@ -130,6 +131,7 @@ pub const MIGRATIONS: &[&[&str]] = &[
         source TEXT NOT NULL,
         detail TEXT,
         created_at BIGINT NOT NULL,
+        removed_at BIGINT,
         PRIMARY KEY (address, scope)
     )",
         // SES events (deliveries, bounces, complaints), one row per event and recipient: replays

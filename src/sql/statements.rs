@@ -786,7 +786,8 @@ pub fn load_page(source: &str, key: &str, lo: Option<Value>, hi: Value, check: O
             params.push("scope", c.job);
             format!(
                 ", (SELECT MIN(sup.reason) FROM baton_suppressions sup
-                    WHERE sup.address = LOWER(TRIM(CAST(src.{col} AS TEXT))) AND sup.scope IN ('*', :scope))
+                    WHERE sup.address = LOWER(TRIM(CAST(src.{col} AS TEXT))) AND sup.scope IN ('*', :scope)
+                      AND sup.removed_at IS NULL)
                    AS {SUPPRESSED_COLUMN}",
                 col = c.email_column
             )
@@ -945,36 +946,41 @@ pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
 
 // ---- the suppression list and SES events -------------------------------------------------------
 
-/// Suppresses `address` (normalised) for `scope` (a job, or `*`). The first suppression of an
-/// address and scope is kept (its reason and time); adding it again changes nothing, so a
-/// replayed event or a re-run after a lost response is harmless. Returns the row if it is new.
-pub fn suppress(address: &str, scope: &str, reason: &str, source: &str, detail: Option<&str>, now: i64) -> Stmt {
-    suppress_many(&[address.to_owned()], scope, reason, source, detail, now)
+/// A suppression is in force while its `removed_at` is NULL.
+const IN_FORCE: &str = "removed_at IS NULL";
+
+/// Suppresses `address` (normalised) for `scope` (a job, or `*`) as of `at` (the event's time;
+/// now, for an operator or a one-click). The first suppression in force is kept (its reason
+/// and time); adding it again changes nothing, so a replayed event or a re-run after a lost
+/// response is harmless. One that an operator lifted comes back only for something that
+/// happened after the lifting: replaying an old bounce does not undo `baton suppress remove`.
+/// Returns the row if it is new (or back).
+pub fn suppress(address: &str, scope: &str, reason: &str, source: &str, detail: Option<&str>, at: i64) -> Stmt {
+    suppress_many(&[address.to_owned()], scope, reason, source, detail, at)
 }
 
-/// [`suppress`] for many addresses in one statement (the engine sends at most
+/// [`suppress`] for many distinct addresses in one statement (the engine sends at most
 /// [`SUPPRESSIONS_PER_STATEMENT`]).
-/// Returns the rows that are new.
 pub fn suppress_many(
     addresses: &[String],
     scope: &str,
     reason: &str,
     source: &str,
     detail: Option<&str>,
-    now: i64,
+    at: i64,
 ) -> Stmt {
     let mut params = Params::new()
         .with("scope", scope)
         .with("reason", reason)
         .with("source", source)
         .with("detail", detail)
-        .with("now", now);
+        .with("at", at);
     let rows: Vec<String> = addresses
         .iter()
         .enumerate()
         .map(|(i, a)| {
             params.push(format!("a{i}"), a.as_str());
-            format!("(:a{i}, :scope, :reason, :source, :detail, :now)")
+            format!("(:a{i}, :scope, :reason, :source, :detail, :at)")
         })
         .collect();
     Stmt::named(
@@ -982,13 +988,17 @@ pub fn suppress_many(
         format!(
             "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
              VALUES {}
-             ON CONFLICT (address, scope) DO NOTHING
+             ON CONFLICT (address, scope) DO UPDATE SET reason = excluded.reason, source = excluded.source,
+               detail = excluded.detail, created_at = excluded.created_at, removed_at = NULL
+             WHERE baton_suppressions.removed_at IS NOT NULL AND excluded.created_at >= baton_suppressions.removed_at
              RETURNING address",
             rows.join(", ")
         ),
         params,
     )
 }
+
+pub const SUPPRESSIONS_PER_STATEMENT: usize = 500;
 
 /// Which of `addresses` (normalised, at most [`SUPPRESSIONS_PER_STATEMENT`]) are suppressed for
 /// `job` or every job, with a reason each: the page load's check for the few addresses SQL
@@ -1000,40 +1010,53 @@ pub fn suppressed_among(addresses: &[String], job: &str) -> Stmt {
         "suppressed_among",
         format!(
             "SELECT address, MIN(reason) AS reason FROM baton_suppressions
-             WHERE scope IN ('*', :scope) AND address IN ({list}) GROUP BY address"
+             WHERE scope IN ('*', :scope) AND address IN ({list}) AND {IN_FORCE} GROUP BY address"
         ),
         params,
     )
 }
 
-/// Lifts a suppression; returns the rows removed.
-pub fn unsuppress(address: &str, scope: &str) -> Stmt {
+/// Lifts `address`'s suppression for `scope`, or for every scope; the row stays, marked
+/// lifted at `now`, so older events replayed later cannot bring it back. Returns the rows lifted.
+pub fn unsuppress(address: &str, scope: Option<&str>, now: i64) -> Stmt {
+    let mut params = Params::new().with("address", address).with("now", now);
+    let which = match scope {
+        Some(scope) => {
+            params.push("scope", scope);
+            "AND scope = :scope"
+        }
+        None => "",
+    };
     Stmt::named(
         "unsuppress",
-        "DELETE FROM baton_suppressions WHERE address = :address AND scope = :scope RETURNING address",
-        Params::new().with("address", address).with("scope", scope),
+        format!(
+            "UPDATE baton_suppressions SET removed_at = :now
+             WHERE address = :address {which} AND {IN_FORCE} RETURNING address"
+        ),
+        params,
     )
 }
 
-pub const SUPPRESSIONS_PER_STATEMENT: usize = 500;
-
 pub const SUPPRESSION_COLUMNS: &str = "address, scope, reason, source, detail, created_at";
 
-/// The suppression list in `(address, scope)` order, `limit` rows after `after` (keyset pages,
-/// so a long list is read in bounded answers).
+/// The suppressions in force in `(address, scope)` order, `limit` rows after `after` (keyset
+/// pages, so a long list is read in bounded answers).
 pub fn suppressions(after: Option<(&str, &str)>, limit: i64) -> Stmt {
     let mut params = Params::new().with("limit", limit);
     let cond = match after {
         Some((address, scope)) => {
             params.push("address", address);
             params.push("scope", scope);
-            "WHERE address > :address OR (address = :address AND scope > :scope)"
+            "AND (address > :address OR (address = :address AND scope > :scope))"
         }
         None => "",
     };
     Stmt::named(
         "suppressions",
-        format!("SELECT {SUPPRESSION_COLUMNS} FROM baton_suppressions {cond} ORDER BY address, scope LIMIT :limit"),
+        format!(
+            "SELECT {SUPPRESSION_COLUMNS} FROM baton_suppressions WHERE {IN_FORCE} {cond}
+             ORDER BY address, scope LIMIT :limit"
+        ),
         params,
     )
 }
@@ -1065,27 +1088,53 @@ pub fn record_mail_event(
     )
 }
 
+/// Transient bounces of `:counted` since its last delivery and since an operator last lifted its
+/// every-job suppression (whichever came later), as a scalar subquery.
+const SOFT_BOUNCES_SINCE: &str = "(SELECT COUNT(*) FROM baton_mail_events b
+      WHERE b.address = :counted AND b.kind = 'soft_bounce'
+        AND b.at > COALESCE((SELECT MAX(d.at) FROM baton_mail_events d
+                             WHERE d.address = :counted AND d.kind = 'delivery'), -1)
+        AND b.at > COALESCE((SELECT l.removed_at FROM baton_suppressions l
+                             WHERE l.address = :counted AND l.scope = '*'), -1))";
+
 /// Suppresses `address` (one of the forms of `counted`, the address its events are recorded
-/// under) for every job once `counted` has `threshold` transient bounces since its last
-/// delivery. Decided from the recorded events in the one statement, so it is idempotent: a
-/// replay, or a re-run after a lost response, reaches the same answer.
-pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64, now: i64) -> Stmt {
+/// under) for every job once `counted` has `threshold` transient bounces ([`SOFT_BOUNCES_SINCE`]),
+/// as of `at` (the latest bounce's time). Decided from the recorded events in the one statement,
+/// so it is idempotent: a replay, or a re-run after a lost response, reaches the same answer.
+pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64, at: i64) -> Stmt {
     Stmt::named(
         "suppress_after_soft_bounces",
-        "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
-         SELECT :address, '*', 'soft_bounces', 'ses', :detail, :now
-         WHERE (SELECT COUNT(*) FROM baton_mail_events b
-                WHERE b.address = :counted AND b.kind = 'soft_bounce'
-                  AND b.at > COALESCE((SELECT MAX(d.at) FROM baton_mail_events d
-                                       WHERE d.address = :counted AND d.kind = 'delivery'), -1)) >= :threshold
-         ON CONFLICT (address, scope) DO NOTHING
-         RETURNING address",
+        format!(
+            "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
+             SELECT :address, '*', 'soft_bounces', 'ses', :detail, :at
+             WHERE {SOFT_BOUNCES_SINCE} >= :threshold
+             ON CONFLICT (address, scope) DO UPDATE SET reason = excluded.reason, source = excluded.source,
+               detail = excluded.detail, created_at = excluded.created_at, removed_at = NULL
+             WHERE baton_suppressions.removed_at IS NOT NULL AND excluded.created_at >= baton_suppressions.removed_at
+             RETURNING address"
+        ),
         Params::new()
             .with("counted", counted)
             .with("address", address)
             .with("threshold", threshold)
             .with("detail", format!("{threshold} transient bounces since the last delivery"))
-            .with("now", now),
+            .with("at", at),
+    )
+}
+
+/// A delivery (at `at`) that arrives after the bounces it preceded: lifts a `soft_bounces`
+/// suppression of `address` (a form of `counted`) whose count, recounted since this delivery,
+/// is under the threshold; bounces after the delivery keep counting. Returns the rows lifted.
+pub fn lift_soft_bounce_suppression(counted: &str, address: &str, threshold: i64, at: i64) -> Stmt {
+    Stmt::named(
+        "lift_soft_bounce_suppression",
+        format!(
+            "UPDATE baton_suppressions SET removed_at = :at
+             WHERE address = :address AND scope = '*' AND reason = 'soft_bounces' AND {IN_FORCE}
+               AND {SOFT_BOUNCES_SINCE} < :threshold
+             RETURNING address"
+        ),
+        Params::new().with("counted", counted).with("address", address).with("threshold", threshold).with("at", at),
     )
 }
 

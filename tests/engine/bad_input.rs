@@ -542,7 +542,7 @@ fn cli_cases() -> Vec<Case> {
             Start::Demo,
             &["suppress", "add", "ok@example.com", "--job", "news; DROP TABLE users", "--data-dir", "{data}"],
             2,
-            &["scope", "job name"],
+            &["--job", "job name"],
         ),
         cli(
             "suppress add with an unknown reason",

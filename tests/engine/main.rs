@@ -47,6 +47,7 @@ on_both_backends!(
     suppression::bad_tokens_and_gets_change_nothing,
     suppression::ses_events_suppress_count_and_replay_harmlessly,
     suppression::malformed_ses_events_change_nothing,
+    suppression::removals_hold_against_replays_and_late_deliveries_lift,
     suppression::a_bounce_whose_first_answer_was_lost_still_suppresses,
     traces::every_chain_links_from_its_first_hop_to_its_last_under_chaos,
     report::the_timeline_of_a_chaotic_run_adds_up,
