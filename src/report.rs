@@ -37,22 +37,7 @@ fn colour(outcome: Option<&str>) -> &'static str {
     OUTCOMES.iter().find(|(o, _, _)| *o == outcome).map_or("#b9b9b9", |(_, c, _)| c)
 }
 
-/// HTML-escaped, control characters replaced (a value from data never breaks the page).
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() || crate::text::is_bidi_control(c) => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::text::html_escape as esc;
 
 /// The time range the page draws: the run's start to its end (or now).
 struct Scale {

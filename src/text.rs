@@ -27,6 +27,24 @@ pub fn is_invisible(c: char) -> bool {
     is_bidi_control(c) || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
 }
 
+/// HTML-escaped, control characters and bidirectional overrides replaced (a value from data
+/// never breaks a page: the run report, the unsubscribe pages).
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() || is_bidi_control(c) => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// [`printable`] for multi-line text: line breaks and tabs kept, every other control character
 /// and bidirectional override escaped.
 pub fn printable_text(s: &str) -> String {

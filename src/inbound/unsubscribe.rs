@@ -14,6 +14,7 @@
 
 use crate::engine::Engine;
 use crate::engine::suppression::Unsubscribe;
+use crate::text::html_escape;
 
 /// Largest request body read (a one-click body is 26 bytes).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -129,20 +130,6 @@ fn multipart_has_one_click(body: &[u8], boundary: &str) -> bool {
     })
 }
 
-fn escape_html(s: &str) -> String {
-    s.chars().fold(String::with_capacity(s.len()), |mut out, c| {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-        out
-    })
-}
-
 /// Answers one request to the unsubscribe endpoint.
 pub async fn handle(engine: &Engine, request: &HttpRequest) -> HttpResponse {
     let method = request.method.to_ascii_uppercase();
@@ -167,7 +154,7 @@ pub async fn handle(engine: &Engine, request: &HttpRequest) -> HttpResponse {
                     "<p>Stop receiving <b>{}</b> messages at this address.</p>\
                      <form method=\"post\" action=\"\"><input type=\"hidden\" name=\"List-Unsubscribe\" \
                      value=\"One-Click\"><button type=\"submit\">Unsubscribe</button></form>",
-                    escape_html(&list)
+                    html_escape(&list)
                 ),
             ),
             None => HttpResponse::invalid_link(),
@@ -184,7 +171,7 @@ pub async fn handle(engine: &Engine, request: &HttpRequest) -> HttpResponse {
         Ok(Unsubscribe::Recorded) => HttpResponse::page(
             200,
             "You are unsubscribed",
-            &format!("<p>You will get no more <b>{}</b> messages at this address.</p>", escape_html(&list)),
+            &format!("<p>You will get no more <b>{}</b> messages at this address.</p>", html_escape(&list)),
         ),
         Ok(Unsubscribe::Refused) => HttpResponse::invalid_link(),
         Err(e) => {
@@ -238,6 +225,6 @@ mod tests {
 
     #[test]
     fn page_text_is_escaped() {
-        assert_eq!(escape_html("<b a=\"x\">&'"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(html_escape("<b a=\"x\">&'\u{1b}"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;\u{fffd}");
     }
 }

@@ -698,7 +698,14 @@ pub async fn hung_send_is_cut_off_and_only_it_is_unknown(b: Backend) {
     let users = int_users(20);
     let mut job = newsletter_job(10, 1);
     job.newsletter.as_mut().unwrap().in_flight = 1;
-    let m = Manual::new(b, &users, job, KindRegistry::default()).await;
+    // A second's budget: the cut-off (halfway from the soft deadline to the hard one) leaves the
+    // hop 125 ms to record and hand over, enough on a loaded machine (50 ms was not, once).
+    let settings = baton::config::Settings {
+        hop_timeout: Duration::from_secs(1),
+        hop_margin: Duration::from_millis(250),
+        ..test_settings()
+    };
+    let m = Manual::with_settings(b, &users, job, KindRegistry::default(), settings).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     // The fifth send hangs. The hop is not killed: at its cut-off it stops waiting, records the
