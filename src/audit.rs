@@ -1,7 +1,9 @@
 //! The product's promise, checked after a run: nobody mailed twice, every deliverable recipient
 //! mailed once unless the ledger says `unknown` (sent at most once, never retried) or failed
-//! the key on purpose (a second source row with the same key appeared mid-run), and nobody with
-//! an undeliverable address mailed at all. `baton demo` and the test suite use this one check.
+//! the key on purpose (a second source row with the same key appeared mid-run), nobody with an
+//! undeliverable address mailed at all, and nobody suppressed before the run started mailed
+//! (read from the suppression list itself, not from the ledger's account of it). `baton demo`
+//! and the test suite use this one check.
 
 use std::collections::{HashMap, HashSet};
 
@@ -31,11 +33,18 @@ pub struct ExactlyOnce {
     pub undeliverable_mailed: Vec<String>,
     /// Keys the ledger holds as `unknown`.
     pub unknown: usize,
+    /// Deliverable recipients suppressed (for the run's job or every job) before the run began.
+    pub suppressed: usize,
+    /// Addresses mailed although they were suppressed before the run began.
+    pub suppressed_mailed: Vec<String>,
 }
 
 impl ExactlyOnce {
     pub fn holds(&self) -> bool {
-        self.duplicated.is_empty() && self.missed.is_empty() && self.undeliverable_mailed.is_empty()
+        self.duplicated.is_empty()
+            && self.missed.is_empty()
+            && self.undeliverable_mailed.is_empty()
+            && self.suppressed_mailed.is_empty()
     }
 }
 
@@ -63,6 +72,23 @@ pub async fn exactly_once(
         .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE_KEY)))
         .map(|(k, _)| k)
         .collect();
+    // Suppressed before the run: must not be mailed. Suppressed since: may or may not have been
+    // (it depends on when the page loaded), so neither mailed nor missed is wrong.
+    let mut suppressed: HashMap<String, bool> = HashMap::new();
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), 1000).await?;
+        for s in &page {
+            if s.scope == crate::engine::suppression::EVERY_JOB || s.scope == run.job {
+                let before = s.created_at_ms <= run.created_at;
+                *suppressed.entry(s.address.clone()).or_default() |= before;
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == 1000 => after = Some((last.address.clone(), last.scope.clone())),
+            _ => break,
+        }
+    }
     let mut per_address: HashMap<&str, usize> = HashMap::new();
     for a in sent.unwrap_or_default() {
         *per_address.entry(a.as_str()).or_default() += 1;
@@ -76,8 +102,19 @@ pub async fn exactly_once(
             Ok(address) => {
                 found.deliverable += 1;
                 let mailed = per_address.contains_key(address.as_str());
-                if sent.is_some() && !mailed && !unknown.contains(&key) && !excused.contains(&key) {
-                    found.missed.push(key);
+                let keys = crate::mail::suppression_keys(&raw).unwrap_or_default();
+                match keys.iter().find_map(|k| suppressed.get(k)) {
+                    Some(true) => {
+                        found.suppressed += 1;
+                        if mailed {
+                            found.suppressed_mailed.push(address);
+                        }
+                    }
+                    Some(false) => {}
+                    None if sent.is_some() && !mailed && !unknown.contains(&key) && !excused.contains(&key) => {
+                        found.missed.push(key);
+                    }
+                    None => {}
                 }
             }
             Err(_) if per_address.contains_key(raw.trim()) => found.undeliverable_mailed.push(raw),

@@ -347,6 +347,10 @@ pub struct DemoSummary {
     pub unknown_users: usize,
     /// Addresses mailed although they are not deliverable (must be none).
     pub undeliverable_mailed: Vec<String>,
+    /// Users suppressed before the run (unsubscribed or complained), to be skipped.
+    pub suppressed_users: usize,
+    /// Addresses mailed although they were suppressed before the run (must be none).
+    pub suppressed_mailed: Vec<String>,
     /// Whether the mail itself was checked (the outbox), or only the ledger (a provider such as
     /// SES keeps no copy here): `duplicated_addresses`, `missed_users` and
     /// `undeliverable_mailed` mean something only when this is true.
@@ -466,6 +470,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         seed: args.seed,
         ..Adapters::new(opened.counting.clone(), opened.mailer.port(), plan.config.clone())
     });
+    if plan.embedded {
+        suppress_some(&local.engine, &args, &plan).await?;
+    }
     let Outcome::Started { run_id, pages, chains, .. } = local.engine.start(JOB, Some(&plan.run_key)).await? else {
         unreachable!("start returns Started")
     };
@@ -500,6 +507,51 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let ran = Ran { local, run_id, status, wall: started.elapsed().as_secs_f64(), duplicate_keys };
     let summary = summarise(&args, &plan, &opened, ran).await?;
     report(&summary, common)
+}
+
+/// Before the embedded demo's run (never in a database of yours): every 97th synthetic user
+/// unsubscribes through the one-click endpoint (the handler a Function URL runs) and every
+/// 331st complains through an SES event, so the run must skip them; the checks read the
+/// suppression list. Under `--chaos` the store fails now and then: each is retried as a mail
+/// client or EventBridge would.
+async fn suppress_some(engine: &crate::engine::Engine, args: &DemoArgs, plan: &DemoPlan) -> Result<()> {
+    use crate::engine::suppression::{MailEvent, MailEventKind};
+    let n = plan.config.jobs[JOB].newsletter.as_ref().expect("the demo job is a newsletter");
+    let secret = n.secret().expect("the demo sets its secret");
+    for i in 0..args.users {
+        let (_, email, ..) = synthetic_user(i, args.seed);
+        let Some(address) = email.and_then(|e| crate::mail::deliverable(&e, false).ok()) else { continue };
+        for attempt in 1..=5 {
+            let done = if i % 97 == 13 {
+                let url = crate::mail::unsubscribe_url(&n.unsubscribe_url, secret.expose_secret(), JOB, &address);
+                let request = crate::inbound::HttpRequest {
+                    method: "POST".into(),
+                    raw_query: url.split_once('?').map(|(_, q)| q.to_owned()).unwrap_or_default(),
+                    headers: vec![("content-type".into(), "application/x-www-form-urlencoded".into())],
+                    body: b"List-Unsubscribe=One-Click".to_vec(),
+                };
+                crate::inbound::unsubscribe::handle(engine, &request).await.status == 200
+            } else if i % 331 == 7 {
+                let complaint = MailEvent {
+                    key: format!("complaint:demo-{i}"),
+                    kind: MailEventKind::Complaint,
+                    recipients: vec![address.clone()],
+                    run_id: None,
+                    job: Some(JOB.into()),
+                    detail: Some("complaint: abuse".into()),
+                    at_ms: engine.now_ms() - 1,
+                };
+                engine.record_mail_event(&complaint).await.is_ok()
+            } else {
+                break;
+            };
+            if done {
+                break;
+            }
+            anyhow::ensure!(attempt < 5, "the demo could not record user {i}'s unsubscribe or complaint");
+        }
+    }
+    Ok(())
 }
 
 /// A demo run that ended (not paused).
@@ -573,6 +625,8 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         unknown_users: found.unknown,
         duplicated_addresses: found.duplicated,
         undeliverable_mailed: found.undeliverable_mailed,
+        suppressed_users: found.suppressed,
+        suppressed_mailed: found.suppressed_mailed,
         mail_checked: outbox.is_some(),
         hops,
         injected,
@@ -669,6 +723,12 @@ fn print_checks(s: &DemoSummary) {
             "  {} nobody undeliverable was mailed ({})",
             mark(s.undeliverable_mailed.is_empty()),
             s.undeliverable_mailed.len()
+        );
+        println!(
+            "  {} nobody suppressed was mailed ({} unsubscribed or complained before the run, {} mailed)",
+            mark(s.suppressed_mailed.is_empty()),
+            s.suppressed_users,
+            s.suppressed_mailed.len()
         );
     }
     println!(

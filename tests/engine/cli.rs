@@ -34,6 +34,9 @@ fn demo_with_chaos_succeeds_and_status_reports_it() {
     assert_eq!(summary["checks_passed"], true);
     assert_eq!(summary["duplicated_addresses"].as_array().unwrap().len(), 0);
     assert_eq!(summary["missed_users"], 0);
+    // Users who unsubscribed (one-click) or complained (SES) before the run were skipped.
+    assert!(summary["suppressed_users"].as_u64().unwrap() >= 15, "{summary}");
+    assert_eq!(summary["suppressed_mailed"].as_array().unwrap().len(), 0);
     // The chaos classes fired, and the checks held under them.
     let injected = &summary["injected"];
     assert_eq!(injected["concurrent_migrations"], 8, "{injected}");

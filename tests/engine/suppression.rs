@@ -267,6 +267,17 @@ pub async fn a_one_click_unsubscribe_is_honoured_by_the_next_run(b: Backend) {
         reasons.contains(&"suppressed: unsubscribed".to_owned())
             && reasons.contains(&"suppressed: complaint".to_owned())
     );
+    // The exactly-once check reads the suppression list itself: it holds here, and it catches a
+    // suppressed address that was mailed (a complaint dated before the run, recorded after it).
+    h.assert_exactly_once(&run, &users).await;
+    let mailed = users[20].1.clone().unwrap();
+    call(engine, complaint(&mailed, "feedback-3", None)).await.unwrap();
+    let recipients = users
+        .iter()
+        .map(|(key, email, _)| baton::audit::Recipient { key: key.key_text().unwrap(), address: email.clone() });
+    let found = baton::audit::exactly_once(engine, &run, recipients, Some(&sent)).await.unwrap();
+    assert_eq!(found.suppressed_mailed, vec![mailed], "{found:?}");
+    assert!(!found.holds());
 }
 
 /// Forged, truncated, other-secret and other-list tokens, GETs, bodies that are not RFC 8058's
