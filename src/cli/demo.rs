@@ -587,20 +587,7 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         .filter(|(_, reason)| reason.as_deref() == Some(crate::engine::hop::CUT_OFF_IN_FLIGHT))
         .count() as u64;
     let hops = ran.local.lambda_counts();
-    let mail_ambiguous = match &opened.mailer {
-        OpenedMailer::Outbox(outbox) => outbox.ambiguous.load(std::sync::atomic::Ordering::SeqCst),
-        OpenedMailer::Ses(_) => 0,
-    };
-    let injected = Injected {
-        sql: opened.faulty.counts(),
-        mail_ambiguous,
-        duplicate_keys: ran.duplicate_keys,
-        concurrent_migrations: opened.concurrent_migrations,
-        cut_off_in_flight: cut_off,
-        ambiguous_outcomes: mail_ambiguous
-            + cut_off
-            + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
-    };
+    let injected = injected(args, opened, &hops, ran.duplicate_keys, cut_off);
     let outbox = match &opened.mailer {
         OpenedMailer::Outbox(_) => Some(outbox::recipients(&args.common.data_dir.join("outbox"))?),
         OpenedMailer::Ses(_) => None,
@@ -636,6 +623,30 @@ async fn summarise(args: &DemoArgs, plan: &DemoPlan, opened: &DemoAdapters, ran:
         sql_statements_per_page: statements as f64 / run.pages_total.max(1) as f64,
         run,
     })
+}
+
+/// What the fault injection did, and how many outcomes it could have made ambiguous.
+fn injected(
+    args: &DemoArgs,
+    opened: &DemoAdapters,
+    hops: &LambdaCounts,
+    duplicate_keys: Vec<String>,
+    cut_off: u64,
+) -> Injected {
+    let mail_ambiguous = match &opened.mailer {
+        OpenedMailer::Outbox(outbox) => outbox.ambiguous.load(std::sync::atomic::Ordering::SeqCst),
+        OpenedMailer::Ses(_) => 0,
+    };
+    Injected {
+        sql: opened.faulty.counts(),
+        mail_ambiguous,
+        duplicate_keys,
+        concurrent_migrations: opened.concurrent_migrations,
+        cut_off_in_flight: cut_off,
+        ambiguous_outcomes: mail_ambiguous
+            + cut_off
+            + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
+    }
 }
 
 /// Under `--chaos`: once a tenth of the items are done, the user in the middle gets a second
