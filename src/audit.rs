@@ -72,16 +72,23 @@ pub async fn exactly_once(
         .filter(|(_, reason)| reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE_KEY)))
         .map(|(k, _)| k)
         .collect();
-    // Suppressed before the run: must not be mailed. Suppressed since: may or may not have been
-    // (it depends on when the page loaded), so neither mailed nor missed is wrong.
+    // Suppressed before the run and in force since: must not be mailed (and is not missed).
+    // Suppressed or lifted since the run began: may or may not have been mailed (it depends on
+    // when its page loaded), so neither is wrong. Lifted before the run: an ordinary recipient.
     let mut suppressed: HashMap<String, bool> = HashMap::new();
     let mut after: Option<(String, String)> = None;
     loop {
-        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), 1000).await?;
+        let at = after.as_ref().map(|(a, s)| (a.as_str(), s.as_str()));
+        let page = engine.suppressions(at, 1000, true).await?;
         for s in &page {
-            if s.scope == crate::engine::suppression::EVERY_JOB || s.scope == run.job {
-                let before = s.created_at_ms <= run.created_at;
-                *suppressed.entry(s.address.clone()).or_default() |= before;
+            if s.scope != crate::engine::suppression::EVERY_JOB && s.scope != run.job {
+                continue;
+            }
+            let strict = s.created_at_ms <= run.created_at && s.removed_at_ms.is_none();
+            let changed_during =
+                s.created_at_ms > run.created_at || s.removed_at_ms.is_some_and(|r| r > run.created_at);
+            if strict || changed_during {
+                *suppressed.entry(s.address.clone()).or_default() |= strict;
             }
         }
         match page.last() {

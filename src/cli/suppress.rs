@@ -31,13 +31,17 @@ pub enum SuppressCommand {
         #[arg(long)]
         note: Option<String>,
     },
-    /// Lift suppressions: every one the address has, or only --job's (`*` for the every-job
-    /// one). A lifted one comes back only for a new unsubscribe, bounce or complaint.
+    /// Lift suppressions: the every-job one (bounces, complaints, manual), or --job's (a
+    /// one-click unsubscribe from that job), or with --all every one the address has. A lifted
+    /// one comes back with a new unsubscribe, bounce or complaint; replays of old ones do not.
     Remove {
         #[arg(required = true, value_name = "ADDRESS")]
         addresses: Vec<String>,
         #[arg(long)]
         job: Option<String>,
+        /// Every scope, unsubscribes from single jobs included.
+        #[arg(long, conflicts_with = "job")]
+        all: bool,
     },
     /// Show the suppression list: `ADDRESS<TAB>SCOPE<TAB>REASON<TAB>SOURCE<TAB>WHEN<TAB>DETAIL`
     /// per line (`--json`: one array).
@@ -75,9 +79,13 @@ pub async fn run(command: SuppressCommand, common: &Common) -> Result<ExitCode> 
         SuppressCommand::Remove { .. } | SuppressCommand::List | SuppressCommand::Export { .. } => Use::Inspect,
     };
     match &command {
-        SuppressCommand::Add { addresses, job, .. } | SuppressCommand::Remove { addresses, job } => {
-            check(addresses.iter().map(String::as_str), job.as_deref())?
+        SuppressCommand::Add { addresses, job, note, .. } => {
+            check(addresses.iter().map(String::as_str), job.as_deref())?;
+            if note.as_deref().is_some_and(|n| n.chars().any(|c| c.is_control() || crate::text::is_invisible(c))) {
+                bail!("--note: one line of text, without control characters");
+            }
         }
+        SuppressCommand::Remove { addresses, job, .. } => check(addresses.iter().map(String::as_str), job.as_deref())?,
         _ => {}
     }
     let import = match &command {
@@ -93,10 +101,11 @@ pub async fn run(command: SuppressCommand, common: &Common) -> Result<ExitCode> 
             let added = add(engine, &refs, job.as_deref().unwrap_or(EVERY_JOB), reason, "cli", note.as_deref()).await?;
             report(common, "added", added, addresses.len());
         }
-        SuppressCommand::Remove { addresses, job } => {
+        SuppressCommand::Remove { addresses, job, all } => {
+            let scope = (!all).then(|| job.as_deref().unwrap_or(EVERY_JOB));
             let mut removed = 0;
             for a in &addresses {
-                removed += engine.unsuppress(a, job.as_deref()).await?;
+                removed += engine.unsuppress(a, scope).await?;
             }
             report(common, "removed", removed, addresses.len());
         }
@@ -206,7 +215,7 @@ fn read_import(file: &Path, job: Option<&str>, reason: &str) -> Result<BTreeMap<
 async fn each_suppression(engine: &Engine, mut visit: impl FnMut(&Suppression) -> Result<()>) -> Result<()> {
     let mut after: Option<(String, String)> = None;
     loop {
-        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), PAGE).await?;
+        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), PAGE, false).await?;
         for s in &page {
             visit(s)?;
         }

@@ -72,7 +72,10 @@ pub struct Suppression {
     /// Where it came from: `one-click`, `ses`, `cli`, `import`.
     pub source: String,
     pub detail: Option<String>,
+    /// When it took effect (baton's clock).
     pub created_at_ms: i64,
+    /// When it was lifted; `None` while it is in force.
+    pub removed_at_ms: Option<i64>,
 }
 
 impl Suppression {
@@ -85,6 +88,7 @@ impl Suppression {
             source: text("source")?,
             detail: r.text("detail")?,
             created_at_ms: r.int("created_at")?,
+            removed_at_ms: r.opt_int("removed_at")?,
         })
     }
 }
@@ -224,9 +228,15 @@ impl Engine {
         Ok(removed)
     }
 
-    /// Up to `limit` suppressions after `after` (`(address, scope)`), in that order.
-    pub async fn suppressions(&self, after: Option<(&str, &str)>, limit: i64) -> Result<Vec<Suppression>, EngineError> {
-        let rows = self.sql(st::suppressions(after, limit)).await?;
+    /// Up to `limit` suppressions after `after` (`(address, scope)`), in that order: those in
+    /// force, or with `lifted_too` the lifted ones as well.
+    pub async fn suppressions(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: i64,
+        lifted_too: bool,
+    ) -> Result<Vec<Suppression>, EngineError> {
+        let rows = self.sql(st::suppressions(after, limit, lifted_too)).await?;
         Ok(rows.records().map(Suppression::from_record).collect::<Result<_, _>>()?)
     }
 
@@ -279,43 +289,75 @@ impl Engine {
 
     /// Records one SES event for each of its recipients and applies it: a permanent bounce or
     /// a complaint suppresses the address for every job; a transient bounce suppresses it once
-    /// `settings.soft_bounce_limit` of them have come since its last delivery. Every recipient
-    /// is checked before anything is written.
+    /// `settings.soft_bounce_limit` of them have come since its last delivery; a delivery lifts
+    /// a transient-bounce suppression its late arrival disproves. Every recipient is checked
+    /// before anything is written.
+    ///
+    /// Per recipient: record the event (once), apply its effect, mark it applied. A replay of an
+    /// applied event changes nothing (so it cannot undo an operator's `suppress remove` made
+    /// since); one whose first delivery stopped before the mark (a lost answer, a crash) applies
+    /// it again, every effect being idempotent.
     pub async fn record_mail_event(&self, event: &MailEvent) -> Result<MailEventReport, EngineError> {
         let recipients: Vec<Vec<String>> =
             event.recipients.iter().map(|a| suppression_keys(a)).collect::<Result<_, _>>()?;
         let mut report = MailEventReport::default();
         let run = (event.run_id.as_deref(), event.job.as_deref());
-        let detail = event.detail.as_deref();
-        let limit = i64::from(self.config().settings.soft_bounce_limit);
         for keys in recipients {
             let address = &keys[0];
-            let stmt = st::record_mail_event(&event.key, address, event.kind.as_str(), run, detail, event.at_ms);
-            match self.sql(stmt).await?.rows.len() {
-                0 => report.replayed += 1,
-                _ => report.recorded += 1,
-            }
-            // Applied on a replay too: each statement is idempotent, and a replay after a lost
-            // answer must still reach the suppression the first delivery may not have written.
-            // Suppressions take the event's own time, so an event older than an operator's
-            // `suppress remove` cannot bring the address back.
-            let at = event.at_ms;
-            for key in &keys {
-                let (stmt, lifts) = match event.kind {
-                    MailEventKind::Delivery => (st::lift_soft_bounce_suppression(address, key, limit, at), true),
-                    MailEventKind::HardBounce => {
-                        (st::suppress(key, EVERY_JOB, Reason::HardBounce.as_str(), "ses", detail, at), false)
-                    }
-                    MailEventKind::Complaint => {
-                        (st::suppress(key, EVERY_JOB, Reason::Complaint.as_str(), "ses", detail, at), false)
-                    }
-                    MailEventKind::SoftBounce => (st::suppress_after_soft_bounces(address, key, limit, at), false),
-                };
-                let changed = self.sql(stmt).await?.rows.len() as u32;
-                if lifts { report.lifted += changed } else { report.suppressed += changed }
+            let now = self.now_ms();
+            let stmt = st::record_mail_event(
+                &event.key,
+                address,
+                event.kind.as_str(),
+                run,
+                event.detail.as_deref(),
+                event.at_ms,
+                now,
+            );
+            let applied = if self.sql(stmt).await?.rows.is_empty() {
+                report.replayed += 1;
+                let rows = self.sql(st::mail_event_applied(&event.key, address)).await?;
+                rows.first().map(|r| r.opt_int("applied_at")).transpose()?.flatten().is_some()
+            } else {
+                report.recorded += 1;
+                false
+            };
+            if !applied {
+                self.apply_mail_event(event, &keys, now, &mut report).await?;
+                self.sql(st::mark_mail_event_applied(&event.key, address, now)).await?;
             }
         }
         Ok(report)
+    }
+
+    /// The effect of one event on one recipient's suppressions (each of its address forms).
+    async fn apply_mail_event(
+        &self,
+        event: &MailEvent,
+        keys: &[String],
+        now: i64,
+        report: &mut MailEventReport,
+    ) -> Result<(), EngineError> {
+        let limit = i64::from(self.config().settings.soft_bounce_limit);
+        let (counted, detail) = (&keys[0], event.detail.as_deref());
+        for key in keys {
+            let stmt = match event.kind {
+                MailEventKind::Delivery => st::lift_soft_bounce_suppression(counted, key, limit, now),
+                MailEventKind::HardBounce => {
+                    st::suppress(key, EVERY_JOB, Reason::HardBounce.as_str(), "ses", detail, now)
+                }
+                MailEventKind::Complaint => {
+                    st::suppress(key, EVERY_JOB, Reason::Complaint.as_str(), "ses", detail, now)
+                }
+                MailEventKind::SoftBounce => st::suppress_after_soft_bounces(counted, key, limit, now),
+            };
+            let changed = self.sql(stmt).await?.rows.len() as u32;
+            match event.kind {
+                MailEventKind::Delivery => report.lifted += changed,
+                _ => report.suppressed += changed,
+            }
+        }
+        Ok(())
     }
 
     /// A run's deliveries, bounces and complaints as SES reported them.

@@ -136,6 +136,9 @@ pub const MIGRATIONS: &[&[&str]] = &[
     )",
         // SES events (deliveries, bounces, complaints), one row per event and recipient: replays
         // insert nothing, per-run counts and transient-bounce thresholds are counted from here.
+        // `at` is the event's own time (SES's clock), `recorded_at` when baton first saw it,
+        // `applied_at` when its effect on the suppression list was made: a replay of an event
+        // already applied changes nothing, one whose first delivery failed half-way finishes it.
         "CREATE TABLE IF NOT EXISTS baton_mail_events (
         event_key TEXT NOT NULL,
         address TEXT NOT NULL,
@@ -144,6 +147,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
         job TEXT,
         detail TEXT,
         at BIGINT NOT NULL,
+        recorded_at BIGINT NOT NULL,
+        applied_at BIGINT,
         PRIMARY KEY (event_key, address)
     )",
         "CREATE INDEX IF NOT EXISTS baton_mail_events_by_run ON baton_mail_events (run_id, kind)",

@@ -949,14 +949,18 @@ pub fn ledger_items(run_id: &str, state: &str, limit: i64) -> Stmt {
 /// A suppression is in force while its `removed_at` is NULL.
 const IN_FORCE: &str = "removed_at IS NULL";
 
-/// Suppresses `address` (normalised) for `scope` (a job, or `*`) as of `at` (the event's time;
-/// now, for an operator or a one-click). The first suppression in force is kept (its reason
-/// and time); adding it again changes nothing, so a replayed event or a re-run after a lost
-/// response is harmless. One that an operator lifted comes back only for something that
-/// happened after the lifting: replaying an old bounce does not undo `baton suppress remove`.
-/// Returns the row if it is new (or back).
-pub fn suppress(address: &str, scope: &str, reason: &str, source: &str, detail: Option<&str>, at: i64) -> Stmt {
-    suppress_many(&[address.to_owned()], scope, reason, source, detail, at)
+/// When an upsert of a suppression rewrites the row already there: the row was lifted (an
+/// operator's `suppress remove`, a late delivery), or it is held for transient bounces only and
+/// a permanent reason (a complaint, a hard bounce, an unsubscribe, an operator) comes, which a
+/// late delivery must not lift. Otherwise the first suppression in force is kept.
+const REWRITES: &str = "baton_suppressions.removed_at IS NOT NULL
+               OR (baton_suppressions.reason = 'soft_bounces' AND excluded.reason <> 'soft_bounces')";
+
+/// Suppresses `address` (normalised) for `scope` (a job, or `*`) as of `now`. Adding one in
+/// force again changes nothing, so a re-run after a lost response is harmless ([`REWRITES`]
+/// says when the row is rewritten). Returns the row if it is new, back, or now permanent.
+pub fn suppress(address: &str, scope: &str, reason: &str, source: &str, detail: Option<&str>, now: i64) -> Stmt {
+    suppress_many(&[address.to_owned()], scope, reason, source, detail, now)
 }
 
 /// [`suppress`] for many distinct addresses in one statement (the engine sends at most
@@ -967,20 +971,20 @@ pub fn suppress_many(
     reason: &str,
     source: &str,
     detail: Option<&str>,
-    at: i64,
+    now: i64,
 ) -> Stmt {
     let mut params = Params::new()
         .with("scope", scope)
         .with("reason", reason)
         .with("source", source)
         .with("detail", detail)
-        .with("at", at);
+        .with("now", now);
     let rows: Vec<String> = addresses
         .iter()
         .enumerate()
         .map(|(i, a)| {
             params.push(format!("a{i}"), a.as_str());
-            format!("(:a{i}, :scope, :reason, :source, :detail, :at)")
+            format!("(:a{i}, :scope, :reason, :source, :detail, :now)")
         })
         .collect();
     Stmt::named(
@@ -990,7 +994,7 @@ pub fn suppress_many(
              VALUES {}
              ON CONFLICT (address, scope) DO UPDATE SET reason = excluded.reason, source = excluded.source,
                detail = excluded.detail, created_at = excluded.created_at, removed_at = NULL
-             WHERE baton_suppressions.removed_at IS NOT NULL AND excluded.created_at >= baton_suppressions.removed_at
+             WHERE {REWRITES}
              RETURNING address",
             rows.join(", ")
         ),
@@ -1016,8 +1020,8 @@ pub fn suppressed_among(addresses: &[String], job: &str) -> Stmt {
     )
 }
 
-/// Lifts `address`'s suppression for `scope`, or for every scope; the row stays, marked
-/// lifted at `now`, so older events replayed later cannot bring it back. Returns the rows lifted.
+/// Lifts `address`'s suppression for `scope`, or for every scope; the row stays, marked lifted
+/// at `now` (transient bounces count again from then). Returns the rows lifted.
 pub fn unsuppress(address: &str, scope: Option<&str>, now: i64) -> Stmt {
     let mut params = Params::new().with("address", address).with("now", now);
     let which = match scope {
@@ -1031,32 +1035,31 @@ pub fn unsuppress(address: &str, scope: Option<&str>, now: i64) -> Stmt {
         "unsuppress",
         format!(
             "UPDATE baton_suppressions SET removed_at = :now
-             WHERE address = :address {which} AND {IN_FORCE} RETURNING address"
+             WHERE address = :address {which} AND {IN_FORCE} RETURNING address, scope"
         ),
         params,
     )
 }
 
-pub const SUPPRESSION_COLUMNS: &str = "address, scope, reason, source, detail, created_at";
+pub const SUPPRESSION_COLUMNS: &str = "address, scope, reason, source, detail, created_at, removed_at";
 
-/// The suppressions in force in `(address, scope)` order, `limit` rows after `after` (keyset
-/// pages, so a long list is read in bounded answers).
-pub fn suppressions(after: Option<(&str, &str)>, limit: i64) -> Stmt {
+/// Suppressions in `(address, scope)` order, `limit` rows after `after` (keyset pages, so a long
+/// list is read in bounded answers): those in force, or with `lifted_too` every row.
+pub fn suppressions(after: Option<(&str, &str)>, limit: i64, lifted_too: bool) -> Stmt {
     let mut params = Params::new().with("limit", limit);
-    let cond = match after {
-        Some((address, scope)) => {
-            params.push("address", address);
-            params.push("scope", scope);
-            "AND (address > :address OR (address = :address AND scope > :scope))"
-        }
-        None => "",
-    };
+    let mut conds: Vec<&str> = Vec::new();
+    if !lifted_too {
+        conds.push(IN_FORCE);
+    }
+    if let Some((address, scope)) = after {
+        params.push("address", address);
+        params.push("scope", scope);
+        conds.push("(address > :address OR (address = :address AND scope > :scope))");
+    }
+    let cond = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
     Stmt::named(
         "suppressions",
-        format!(
-            "SELECT {SUPPRESSION_COLUMNS} FROM baton_suppressions WHERE {IN_FORCE} {cond}
-             ORDER BY address, scope LIMIT :limit"
-        ),
+        format!("SELECT {SUPPRESSION_COLUMNS} FROM baton_suppressions {cond} ORDER BY address, scope LIMIT :limit"),
         params,
     )
 }
@@ -1070,11 +1073,12 @@ pub fn record_mail_event(
     run: (Option<&str>, Option<&str>),
     detail: Option<&str>,
     at: i64,
+    now: i64,
 ) -> Stmt {
     Stmt::named(
         "record_mail_event",
-        "INSERT INTO baton_mail_events (event_key, address, kind, run_id, job, detail, at)
-         VALUES (:event_key, :address, :kind, :run_id, :job, :detail, :at)
+        "INSERT INTO baton_mail_events (event_key, address, kind, run_id, job, detail, at, recorded_at)
+         VALUES (:event_key, :address, :kind, :run_id, :job, :detail, :at, :now)
          ON CONFLICT (event_key, address) DO NOTHING
          RETURNING address",
         Params::new()
@@ -1084,33 +1088,54 @@ pub fn record_mail_event(
             .with("run_id", run.0)
             .with("job", run.1)
             .with("detail", detail)
-            .with("at", at),
+            .with("at", at)
+            .with("now", now),
     )
 }
 
-/// Transient bounces of `:counted` since its last delivery and since an operator last lifted its
-/// every-job suppression (whichever came later), as a scalar subquery.
+/// Whether an event already recorded for `address` had its effect applied (a row with
+/// `applied_at` set), for a replay.
+pub fn mail_event_applied(event_key: &str, address: &str) -> Stmt {
+    Stmt::named(
+        "mail_event_applied",
+        "SELECT applied_at FROM baton_mail_events WHERE event_key = :event_key AND address = :address",
+        Params::new().with("event_key", event_key).with("address", address),
+    )
+}
+
+/// Marks an event's effect on the suppression list as made: replays change nothing from now on.
+pub fn mark_mail_event_applied(event_key: &str, address: &str, now: i64) -> Stmt {
+    Stmt::named(
+        "mark_mail_event_applied",
+        "UPDATE baton_mail_events SET applied_at = :now
+         WHERE event_key = :event_key AND address = :address AND applied_at IS NULL",
+        Params::new().with("event_key", event_key).with("address", address).with("now", now),
+    )
+}
+
+/// Transient bounces of `:counted` since its last delivery (by SES's clock) and recorded since
+/// its every-job suppression was last lifted (by baton's), as a scalar subquery.
 const SOFT_BOUNCES_SINCE: &str = "(SELECT COUNT(*) FROM baton_mail_events b
       WHERE b.address = :counted AND b.kind = 'soft_bounce'
         AND b.at > COALESCE((SELECT MAX(d.at) FROM baton_mail_events d
                              WHERE d.address = :counted AND d.kind = 'delivery'), -1)
-        AND b.at > COALESCE((SELECT l.removed_at FROM baton_suppressions l
-                             WHERE l.address = :counted AND l.scope = '*'), -1))";
+        AND b.recorded_at > COALESCE((SELECT l.removed_at FROM baton_suppressions l
+                                      WHERE l.address = :counted AND l.scope = '*'), -1))";
 
 /// Suppresses `address` (one of the forms of `counted`, the address its events are recorded
-/// under) for every job once `counted` has `threshold` transient bounces ([`SOFT_BOUNCES_SINCE`]),
-/// as of `at` (the latest bounce's time). Decided from the recorded events in the one statement,
-/// so it is idempotent: a replay, or a re-run after a lost response, reaches the same answer.
-pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64, at: i64) -> Stmt {
+/// under) for every job once `counted` has `threshold` transient bounces ([`SOFT_BOUNCES_SINCE`]).
+/// Decided from the recorded events in the one statement, so it is idempotent: a replay, or a
+/// re-run after a lost response, reaches the same answer.
+pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64, now: i64) -> Stmt {
     Stmt::named(
         "suppress_after_soft_bounces",
         format!(
             "INSERT INTO baton_suppressions (address, scope, reason, source, detail, created_at)
-             SELECT :address, '*', 'soft_bounces', 'ses', :detail, :at
+             SELECT :address, '*', 'soft_bounces', 'ses', :detail, :now
              WHERE {SOFT_BOUNCES_SINCE} >= :threshold
              ON CONFLICT (address, scope) DO UPDATE SET reason = excluded.reason, source = excluded.source,
                detail = excluded.detail, created_at = excluded.created_at, removed_at = NULL
-             WHERE baton_suppressions.removed_at IS NOT NULL AND excluded.created_at >= baton_suppressions.removed_at
+             WHERE {REWRITES}
              RETURNING address"
         ),
         Params::new()
@@ -1118,23 +1143,24 @@ pub fn suppress_after_soft_bounces(counted: &str, address: &str, threshold: i64,
             .with("address", address)
             .with("threshold", threshold)
             .with("detail", format!("{threshold} transient bounces since the last delivery"))
-            .with("at", at),
+            .with("now", now),
     )
 }
 
-/// A delivery (at `at`) that arrives after the bounces it preceded: lifts a `soft_bounces`
-/// suppression of `address` (a form of `counted`) whose count, recounted since this delivery,
-/// is under the threshold; bounces after the delivery keep counting. Returns the rows lifted.
-pub fn lift_soft_bounce_suppression(counted: &str, address: &str, threshold: i64, at: i64) -> Stmt {
+/// A delivery that arrives after the bounces it preceded: lifts a `soft_bounces` suppression of
+/// `address` (a form of `counted`) whose count, recounted since this delivery, is under the
+/// threshold (bounces count afresh from the lifting). A suppression for any other reason stays.
+/// Returns the rows lifted.
+pub fn lift_soft_bounce_suppression(counted: &str, address: &str, threshold: i64, now: i64) -> Stmt {
     Stmt::named(
         "lift_soft_bounce_suppression",
         format!(
-            "UPDATE baton_suppressions SET removed_at = :at
+            "UPDATE baton_suppressions SET removed_at = :now
              WHERE address = :address AND scope = '*' AND reason = 'soft_bounces' AND {IN_FORCE}
                AND {SOFT_BOUNCES_SINCE} < :threshold
              RETURNING address"
         ),
-        Params::new().with("counted", counted).with("address", address).with("threshold", threshold).with("at", at),
+        Params::new().with("counted", counted).with("address", address).with("threshold", threshold).with("now", now),
     )
 }
 
