@@ -76,13 +76,10 @@ pub async fn exactly_once(
     // Suppressed or lifted since the run began: may or may not have been mailed (it depends on
     // when its page loaded), so neither is wrong. Lifted before the run: an ordinary recipient.
     let mut suppressed: HashMap<String, bool> = HashMap::new();
-    let mut after: Option<(String, String)> = None;
-    loop {
-        let at = after.as_ref().map(|(a, s)| (a.as_str(), s.as_str()));
-        let page = engine.suppressions(at, 1000, true).await?;
-        for s in &page {
+    engine
+        .each_suppression(true, |s| {
             if s.scope != crate::engine::suppression::EVERY_JOB && s.scope != run.job {
-                continue;
+                return Ok::<_, EngineError>(());
             }
             let strict = s.created_at_ms <= run.created_at && s.removed_at_ms.is_none();
             let changed_during =
@@ -90,12 +87,9 @@ pub async fn exactly_once(
             if strict || changed_during {
                 *suppressed.entry(s.address.clone()).or_default() |= strict;
             }
-        }
-        match page.last() {
-            Some(last) if page.len() == 1000 => after = Some((last.address.clone(), last.scope.clone())),
-            _ => break,
-        }
-    }
+            Ok(())
+        })
+        .await?;
     let mut per_address: HashMap<&str, usize> = HashMap::new();
     for a in sent.unwrap_or_default() {
         *per_address.entry(a.as_str()).or_default() += 1;

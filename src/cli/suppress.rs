@@ -12,7 +12,7 @@ use clap::Subcommand;
 use super::Common;
 use super::wiring::{self, Use};
 use crate::engine::Engine;
-use crate::engine::suppression::{EVERY_JOB, Reason, Suppression};
+use crate::engine::suppression::{EVERY_JOB, Reason, check_scope};
 use crate::text::printable;
 
 #[derive(Subcommand, Debug)]
@@ -68,9 +68,6 @@ pub enum SuppressCommand {
 fn reasons() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(Reason::ALL.map(Reason::as_str))
 }
-
-/// Rows read per statement while listing.
-const PAGE: i64 = 1000;
 
 pub async fn run(command: SuppressCommand, common: &Common) -> Result<ExitCode> {
     // Input is checked before the state is opened; only commands that add may create it.
@@ -129,11 +126,8 @@ fn check<'a>(addresses: impl Iterator<Item = &'a str>, job: Option<&str>) -> Res
     for a in addresses {
         crate::engine::suppression::suppression_keys(a)?;
     }
-    if let Some(job) = job
-        && job != EVERY_JOB
-        && !crate::config::is_job_name(job)
-    {
-        bail!("--job `{}`: a job name has letters, digits, `-` and `_` only (or `*` for every job)", printable(job));
+    if let Some(job) = job {
+        check_scope(job).map_err(|e| anyhow::anyhow!("--job {e}"))?;
     }
     Ok(())
 }
@@ -183,9 +177,7 @@ fn read_import(file: &Path, job: Option<&str>, reason: &str) -> Result<BTreeMap<
         let fields: Vec<&str> = line.split(',').map(|f| f.trim().trim_matches('"')).collect();
         let key = if exported {
             match (fields.get(1), fields.get(2).and_then(|r| Reason::parse(r))) {
-                (Some(scope), Some(reason)) if *scope == EVERY_JOB || crate::config::is_job_name(scope) => {
-                    ((*scope).to_owned(), reason)
-                }
+                (Some(scope), Some(reason)) if check_scope(scope).is_ok() => ((*scope).to_owned(), reason),
                 _ => {
                     bad.push(format!("line {}: not `address,scope,reason,...` as `export` writes it", i + 1));
                     continue;
@@ -211,42 +203,28 @@ fn read_import(file: &Path, job: Option<&str>, reason: &str) -> Result<BTreeMap<
     Ok(rows)
 }
 
-/// Every suppression, in keyset pages.
-async fn each_suppression(engine: &Engine, mut visit: impl FnMut(&Suppression) -> Result<()>) -> Result<()> {
-    let mut after: Option<(String, String)> = None;
-    loop {
-        let page = engine.suppressions(after.as_ref().map(|(a, s)| (a.as_str(), s.as_str())), PAGE, false).await?;
-        for s in &page {
-            visit(s)?;
-        }
-        match page.last() {
-            Some(last) if page.len() as i64 == PAGE => after = Some((last.address.clone(), last.scope.clone())),
-            _ => return Ok(()),
-        }
-    }
-}
-
 async fn list(engine: &Engine, json: bool) -> Result<()> {
     let mut all = Vec::new();
     let mut out = std::io::stdout().lock();
-    each_suppression(engine, |s| {
-        if json {
-            all.push(s.clone());
-        } else {
-            writeln!(
-                out,
-                "{}\t{}\t{}\t{}\t{}\t{}",
-                printable(&s.address),
-                printable(&s.scope),
-                s.reason,
-                printable(&s.source),
-                when(s.created_at_ms),
-                printable(s.detail.as_deref().unwrap_or(""))
-            )?;
-        }
-        Ok(())
-    })
-    .await?;
+    engine
+        .each_suppression::<anyhow::Error>(false, |s| {
+            if json {
+                all.push(s.clone());
+            } else {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    printable(&s.address),
+                    printable(&s.scope),
+                    s.reason,
+                    printable(&s.source),
+                    when(s.created_at_ms),
+                    printable(s.detail.as_deref().unwrap_or(""))
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
     }
@@ -271,15 +249,16 @@ async fn export(engine: &Engine, out: Option<&Path>) -> Result<()> {
     };
     writeln!(sink, "{EXPORT_HEADER}")?;
     let mut rows = 0u64;
-    each_suppression(engine, |s| {
-        rows += 1;
-        let fields =
-            [&s.address, &s.scope, &s.reason, &s.source, &when(s.created_at_ms), s.detail.as_deref().unwrap_or("")]
-                .map(csv_field);
-        writeln!(sink, "{}", fields.join(","))?;
-        Ok(())
-    })
-    .await?;
+    engine
+        .each_suppression::<anyhow::Error>(false, |s| {
+            rows += 1;
+            let fields =
+                [&s.address, &s.scope, &s.reason, &s.source, &when(s.created_at_ms), s.detail.as_deref().unwrap_or("")]
+                    .map(csv_field);
+            writeln!(sink, "{}", fields.join(","))?;
+            Ok(())
+        })
+        .await?;
     sink.flush()?;
     if let Some(path) = out {
         eprintln!("wrote {rows} suppression(s) to {}", path.display());

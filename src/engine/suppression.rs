@@ -167,6 +167,9 @@ pub enum Unsubscribe {
     Refused,
 }
 
+/// Rows per read of [`Engine::each_suppression`].
+const SUPPRESSIONS_PER_READ: i64 = 1000;
+
 /// Longest token part accepted before any work (an address is at most 254 octets; base64 of it
 /// and the signature stay well under this).
 const MAX_TOKEN_PART: usize = 1024;
@@ -238,6 +241,30 @@ impl Engine {
     ) -> Result<Vec<Suppression>, EngineError> {
         let rows = self.sql(st::suppressions(after, limit, lifted_too)).await?;
         Ok(rows.records().map(Suppression::from_record).collect::<Result<_, _>>()?)
+    }
+
+    /// Visits every suppression (in force, or with `lifted_too` every row) in `(address, scope)`
+    /// order, read in keyset pages of [`SUPPRESSIONS_PER_READ`] rows, so a list of any length is
+    /// read in bounded answers and never held whole.
+    pub async fn each_suppression<E: From<EngineError>>(
+        &self,
+        lifted_too: bool,
+        mut visit: impl FnMut(&Suppression) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let at = after.as_ref().map(|(a, s)| (a.as_str(), s.as_str()));
+            let page = self.suppressions(at, SUPPRESSIONS_PER_READ, lifted_too).await?;
+            for s in &page {
+                visit(s)?;
+            }
+            match page.last() {
+                Some(last) if page.len() as i64 == SUPPRESSIONS_PER_READ => {
+                    after = Some((last.address.clone(), last.scope.clone()))
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// The address a one-click link is for, if `r` and `sig` are genuine for job `list` (checked
@@ -384,7 +411,8 @@ pub fn suppression_keys(address: &str) -> Result<Vec<String>, EngineError> {
         .map_err(|why| EngineError::BadAddress { address: crate::text::printable_short(address), why })
 }
 
-fn check_scope(scope: &str) -> Result<(), EngineError> {
+/// Why `scope` cannot scope a suppression, if it cannot: a job name, or `*` for every job.
+pub fn check_scope(scope: &str) -> Result<(), EngineError> {
     if scope == EVERY_JOB || crate::config::is_job_name(scope) {
         return Ok(());
     }

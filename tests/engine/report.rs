@@ -4,23 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton::adapters::local::faults::Faults;
-
-use crate::support::{Backend, Harness, Rig, Setup, int_users, newsletter_job};
+use crate::support::{Backend, Harness, Rig, Setup, hop_chaos, int_users, newsletter_job};
 
 pub async fn the_timeline_of_a_chaotic_run_adds_up(b: Backend) {
     let users = int_users(240);
     let mut s = Setup::new(newsletter_job(10, 3));
     s.seed = 3;
     s.settings.max_pages_per_hop = Some(1);
-    s.faults = Faults {
-        duplicate_hop: 0.15,
-        drop_hop: 0.06,
-        crash_hop: 0.04,
-        max_delay: Duration::from_millis(50),
-        delay_hop: 0.1,
-        ..Faults::default()
-    };
+    s.faults = hop_chaos();
     let h = Harness::with_users(b, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;

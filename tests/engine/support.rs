@@ -162,6 +162,18 @@ pub fn newsletter_job(page_size: u32, chains: u32) -> JobConfig {
     }
 }
 
+/// Hops duplicated, lost, crashed and delayed, as the report and trace tests put a run through.
+pub fn hop_chaos() -> Faults {
+    Faults {
+        duplicate_hop: 0.15,
+        drop_hop: 0.06,
+        crash_hop: 0.04,
+        delay_hop: 0.1,
+        max_delay: Duration::from_millis(50),
+        ..Faults::default()
+    }
+}
+
 pub fn test_settings() -> Settings {
     Settings {
         hop_timeout: Duration::from_millis(400),

@@ -12,7 +12,7 @@ use opentelemetry::global::BoxedTracer;
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
-use crate::support::{Backend, Harness, Rig, Setup, int_users, newsletter_job};
+use crate::support::{Backend, Harness, Rig, Setup, hop_chaos, int_users, newsletter_job};
 
 /// An engine tracer whose spans end up in memory, for this test alone.
 pub fn collected() -> (Tracing, InMemorySpanExporter, SdkTracerProvider) {
@@ -48,15 +48,7 @@ pub async fn every_chain_links_from_its_first_hop_to_its_last_under_chaos(b: Bac
         s.tracing = tracing;
         // One page per hop: chains of many hops.
         s.settings.max_pages_per_hop = Some(1);
-        s.faults = Faults {
-            duplicate_hop: 0.15,
-            drop_hop: 0.06,
-            crash_hop: 0.04,
-            delay_hop: 0.1,
-            max_delay: Duration::from_millis(50),
-            sql_lost: 0.01,
-            ..Faults::default()
-        };
+        s.faults = Faults { sql_lost: 0.01, ..hop_chaos() };
         let h = Harness::with_users(b, &users, s).await;
         let run = h.start().await;
         let status = h.drive(&run).await;
