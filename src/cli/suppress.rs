@@ -216,7 +216,7 @@ async fn list(engine: &Engine, json: bool) -> Result<()> {
                     "{}\t{}\t{}\t{}\t{}\t{}",
                     printable(&s.address),
                     printable(&s.scope),
-                    s.reason,
+                    printable(&s.reason),
                     printable(&s.source),
                     when(s.created_at_ms),
                     printable(s.detail.as_deref().unwrap_or(""))

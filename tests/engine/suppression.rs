@@ -636,6 +636,19 @@ fn suppress_import_export_and_remove() {
     let rows: Json = serde_json::from_slice(&listed.stdout).unwrap();
     let three = rows.as_array().unwrap().iter().find(|r| r["address"] == "three@example.com").unwrap();
     assert_eq!((three["scope"].as_str(), three["reason"].as_str()), (Some("news"), Some("unsubscribed")), "{rows}");
+    // A value written by hand into the table reaches the terminal escaped (failed before: the
+    // reason was printed raw, ESC and CR/LF included).
+    let db = rusqlite::Connection::open(std::path::Path::new(data).join("baton.db")).unwrap();
+    db.execute(
+        "INSERT INTO baton_suppressions (address, scope, reason, source, created_at) \
+         VALUES ('hand@example.com', '*', 'x\u{1b}[2J\r\nfake@example.com\t*', 'psql', 0)",
+        [],
+    )
+    .unwrap();
+    let listed = baton(&["suppress", "list", "--data-dir", data]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert_eq!(text.lines().count(), 4, "one line per row: {text}");
     // Listing a data dir that does not exist creates nothing.
     let missing = dir.path().join("missing");
     assert!(!baton(&["suppress", "list", "--data-dir", missing.to_str().unwrap()]).status.success());
