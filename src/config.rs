@@ -20,6 +20,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    #[error("{OVERRIDES_VAR} is not valid: {message}")]
+    Overrides { message: String },
     #[error("no job named `{name}` in the config; configured jobs: {known}")]
     UnknownJob { name: String, known: String },
 }
@@ -303,17 +305,67 @@ fn parse_error(text: &str, e: &toml::de::Error) -> String {
     )
 }
 
+/// The environment variable whose TOML fragment is merged over the config file at load: how a
+/// deployment sets per-stack values (the SAM template passes its parameters this way) without
+/// another image. Tables merge key by key; any other value replaces the file's.
+pub const OVERRIDES_VAR: &str = "BATON_CONFIG_OVERRIDES";
+
+/// `overrides` merged into `base`: tables key by key, recursively; any other value replaces.
+fn merge_tables(base: &mut toml::Table, overrides: toml::Table) {
+    for (key, value) in overrides {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(from)) => merge_tables(into, from),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 impl Config {
+    /// Reads, parses and validates the file, with [`OVERRIDES_VAR`] merged over it when set.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        let overrides = std::env::var(OVERRIDES_VAR).ok().filter(|o| !o.trim().is_empty());
+        Self::parse_with_overrides(&text, path, overrides.as_deref())
+    }
+
+    /// Gives every newsletter job whose file holds no key this one (a deployment's, read from a
+    /// secret store at startup; `source` names where it came from in errors). Checked like a key
+    /// from the file; never serialised.
+    pub fn provide_unsubscribe_secret(&mut self, secret: &SecretString, source: &str) -> Result<(), ConfigError> {
+        check_secret(secret.expose_secret()).map_err(|m| invalid(source, m))?;
+        for job in self.jobs.values_mut() {
+            if let Some(n) = &mut job.newsletter {
+                n.unsubscribe_secret.get_or_insert_with(|| secret.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates; template files are resolved relative to `path`'s folder.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: parse_error(text, &e) })?;
+        Self::parse_with_overrides(text, path, None)
+    }
+
+    /// [`Self::parse`] with a TOML fragment merged over the file (see [`OVERRIDES_VAR`]); every
+    /// merged value is checked as if the file held it.
+    pub fn parse_with_overrides(text: &str, path: &Path, overrides: Option<&str>) -> Result<Config, ConfigError> {
+        let parse_failed =
+            |e: toml::de::Error| ConfigError::Parse { path: path.to_owned(), message: parse_error(text, &e) };
+        let mut config: Config = match overrides {
+            None => toml::from_str(text).map_err(parse_failed)?,
+            Some(overrides) => {
+                let mut table: toml::Table = toml::from_str(text).map_err(parse_failed)?;
+                let fragment: toml::Table = toml::from_str(overrides)
+                    .map_err(|e| ConfigError::Overrides { message: parse_error(overrides, &e) })?;
+                merge_tables(&mut table, fragment);
+                toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Overrides {
+                    message: format!("merged over {}: {}", path.display(), e.message()),
+                })?
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         for (name, job) in &mut config.jobs {
             if let Some(n) = &mut job.newsletter {
@@ -535,6 +587,58 @@ mod tests {
         assert!(!serde_json::to_string(job).unwrap().contains("correct-horse"), "the run snapshot holds the secret");
         let secret = job.newsletter.as_ref().unwrap().secret().unwrap();
         assert_eq!(secret.expose_secret(), "correct-horse-battery-staple");
+    }
+
+    const NEWS: &str = "[settings]\nhop_timeout = \"15m\"\n[jobs.news]\nkind = \"newsletter\"\n\
+                        source = \"SELECT id, email FROM users\"\nchains = 2\n[jobs.news.newsletter]\n\
+                        from = \"News <news@example.com>\"\nsubject = \"Hi\"\ntext = \"Hello\"\n\
+                        unsubscribe_url = \"https://example.com/u\"\n";
+
+    #[test]
+    fn overrides_merge_over_the_file_key_by_key_and_are_checked_like_it() {
+        let overrides = "[settings]\nhop_timeout = \"300s\"\n[jobs.news]\nchains = 8\ntime_zone = \"Asia/Tokyo\"\n\
+                         [jobs.news.newsletter]\nsend_rate = 14\nunsubscribe_url = \"https://u.example.net/\"\n";
+        let config = Config::parse_with_overrides(NEWS, Path::new("baton.toml"), Some(overrides)).unwrap();
+        assert_eq!(config.settings.hop_timeout, Duration::from_secs(300));
+        let job = config.job("news").unwrap();
+        assert_eq!(job.chains, 8);
+        assert_eq!(job.time_zone, "Asia/Tokyo");
+        let n = job.newsletter.as_ref().unwrap();
+        assert_eq!((n.send_rate, n.unsubscribe_url.as_str()), (14.0, "https://u.example.net/"));
+        // What the overrides leave alone stays as the file says.
+        assert_eq!((n.from.as_str(), n.text.as_deref()), ("News <news@example.com>", Some("Hello")));
+
+        // Bad overrides are refused, naming the variable and the field, like a bad file.
+        for (bad, says) in [
+            ("[jobs.news\nchains = 2", "BATON_CONFIG_OVERRIDES"),
+            ("[jobs.news]\nchainz = 2", "chainz"),
+            ("[jobs.news]\nchains = 0", "chains"),
+            ("[jobs.news.newsletter]\nunsubscribe_url = \"ftp://x\"", "unsubscribe_url"),
+            ("[jobs.other]\nchains = 2", "kind"),
+        ] {
+            let err = Config::parse_with_overrides(NEWS, Path::new("baton.toml"), Some(bad)).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+        // A secret in the overrides that does not parse is not quoted either.
+        let err = Config::parse_with_overrides(
+            NEWS,
+            Path::new("baton.toml"),
+            Some("[jobs.news.newsletter]\nunsubscribe_secret = hunter2"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("BATON_CONFIG_OVERRIDES") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_provided_unsubscribe_secret_fills_jobs_without_one_and_is_checked() {
+        let mut config = Config::parse(NEWS, Path::new("baton.toml")).unwrap();
+        let short = config.provide_unsubscribe_secret(&SecretString::from("short"), "BATON_UNSUBSCRIBE_SECRET_ARN");
+        assert!(short.unwrap_err().to_string().starts_with("BATON_UNSUBSCRIBE_SECRET_ARN: must be at least 16"));
+        config.provide_unsubscribe_secret(&SecretString::from("k".repeat(64)), "BATON_UNSUBSCRIBE_SECRET_ARN").unwrap();
+        let n = config.job("news").unwrap().newsletter.as_ref().unwrap();
+        assert_eq!(n.secret().unwrap().expose_secret(), "k".repeat(64));
+        assert!(!serde_json::to_string(config.job("news").unwrap()).unwrap().contains("kkkk"), "stored with the run");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //!
 //! Settings come from the environment only, read by the composition root
 //! ([`crate::compose::AdapterSettings::from_env`]; README.md, "Lambda mode"), plus
-//! `BATON_CONFIG`, the job file baked into the image (default `/var/task/baton.toml`).
+//! `BATON_CONFIG`, the job file baked into the image (default `/var/task/baton.toml`), with
+//! `BATON_CONFIG_OVERRIDES` merged over it, and the unsubscribe key from the Secrets Manager
+//! secret `BATON_UNSUBSCRIBE_SECRET_ARN` names.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation, service_fn};
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
+use crate::adapters::aws::secrets::{self, UNSUBSCRIBE_SECRET_ARN_VAR};
 use crate::compose::{self, AdapterSettings, Aws, ComposeError};
 use crate::config::{Config, ConfigError};
 use crate::engine::event::{Event, EventError};
@@ -34,6 +37,8 @@ pub enum StartupError {
     Compose(#[from] ComposeError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
 }
 
 /// Lambda mode's entry: logs to stdout without timestamps (CloudWatch adds them), then the
@@ -55,8 +60,14 @@ pub fn main() -> ExitCode {
 /// and an error names the variable.
 pub async fn engine_from_env() -> Result<Arc<Engine>, StartupError> {
     let config_path = std::env::var("BATON_CONFIG").unwrap_or_else(|_| "/var/task/baton.toml".into());
-    let config = Config::load(std::path::Path::new(&config_path))?;
-    let runtime = compose::build(&AdapterSettings::from_env()?, config, true, &Aws::default()).await?;
+    let mut config = Config::load(std::path::Path::new(&config_path))?;
+    let aws = Aws::default();
+    if let Some(id) = std::env::var(UNSUBSCRIBE_SECRET_ARN_VAR).ok().filter(|v| !v.is_empty()) {
+        let client = aws_sdk_secretsmanager::Client::new(aws.config().await);
+        let secret = secrets::secret_string(&client, &id).await?;
+        config.provide_unsubscribe_secret(&secret, UNSUBSCRIBE_SECRET_ARN_VAR)?;
+    }
+    let runtime = compose::build(&AdapterSettings::from_env()?, config, true, &aws).await?;
     Ok(runtime.engine().clone())
 }
 
@@ -118,6 +129,9 @@ pub async fn handle(
     invocation.push(KeyValue::new("faas.trigger", trigger));
     let started = Instant::now();
     let (outcome, metrics) = metrics::measured(engine.handle_traced(event, deadline, invocation)).await;
+    if let Ok(Outcome::Swept(report)) = &outcome {
+        println!("{}", sweep_emf_line(report));
+    }
     if let Some((run_id, chain, hop)) = hop {
         let took = started.elapsed();
         let duplicate = matches!(outcome, Ok(Outcome::Duplicate));
@@ -228,29 +242,53 @@ pub fn hop_metric_values(f: &HopFigures<'_>) -> Vec<(&'static str, &'static str,
     ]
 }
 
-/// One CloudWatch Embedded Metric Format line for a hop: dimensions `job` and `job, chain`
-/// (few values each); the run id and hop number are properties, searchable in Logs Insights but
-/// never dimensions (a dimension per run would be a new metric every month).
-pub fn emf_line(f: &HopFigures<'_>) -> String {
-    let values = hop_metric_values(f);
+/// One CloudWatch Embedded Metric Format line: `values` (name, unit, value) under
+/// `dimensions`, with `properties` (the dimensions' values and searchable context) beside them.
+fn emf(values: &[(&str, &str, f64)], dimensions: serde_json::Value, properties: serde_json::Value) -> String {
     let mut line = serde_json::json!({
         "_aws": {
             "Timestamp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             "CloudWatchMetrics": [{
                 "Namespace": metrics_namespace(),
-                "Dimensions": [["job"], ["job", "chain"]],
+                "Dimensions": dimensions,
                 "Metrics": values.iter().map(|(name, unit, _)| serde_json::json!({"Name": name, "Unit": unit})).collect::<Vec<_>>(),
             }],
         },
+    });
+    for (name, value) in properties.as_object().into_iter().flatten() {
+        line[name] = value.clone();
+    }
+    for (name, _, value) in values {
+        line[*name] = serde_json::json!(value);
+    }
+    line.to_string()
+}
+
+/// One CloudWatch Embedded Metric Format line for a hop: dimensions `job` and `job, chain`
+/// (few values each); the run id and hop number are properties, searchable in Logs Insights but
+/// never dimensions (a dimension per run would be a new metric every month).
+pub fn emf_line(f: &HopFigures<'_>) -> String {
+    let properties = serde_json::json!({
         "job": f.metrics.job.as_deref().unwrap_or("unknown"),
         "chain": f.chain.to_string(),
         "run_id": f.run_id,
         "hop": f.hop,
     });
-    for (name, _, value) in values {
-        line[name] = serde_json::json!(value);
-    }
-    line.to_string()
+    emf(&hop_metric_values(f), serde_json::json!([["job"], ["job", "chain"]]), properties)
+}
+
+/// One CloudWatch EMF line per sweep, without dimensions: `StuckChains` (chains the sweep found
+/// silent past the stale threshold and restarted), `RevivedChains` (chains that had ended while
+/// pages were left, a lease having run out, started again) and `OpenRuns`. An alarm on
+/// `StuckChains` says a chain stalled even though the sweeper recovered it: hops are dying
+/// (timeouts, crashes, lost events).
+pub fn sweep_emf_line(report: &crate::engine::sweep::SweepReport) -> String {
+    let values = [
+        ("StuckChains", "Count", report.restarted as f64),
+        ("RevivedChains", "Count", report.revived as f64),
+        ("OpenRuns", "Count", report.runs as f64),
+    ];
+    emf(&values, serde_json::json!([[]]), serde_json::json!({ "event": "sweep" }))
 }
 
 /// The error Lambda reports: a stable `errorType` (`baton.BadEvent`, `baton.RunNotFound`, ...)
@@ -345,6 +383,21 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_becomes_one_emf_line_without_dimensions() {
+        let report = crate::engine::sweep::SweepReport { runs: 2, restarted: 3, revived: 1, ..Default::default() };
+        let line: serde_json::Value = serde_json::from_str(&super::sweep_emf_line(&report)).unwrap();
+        let directive = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Dimensions"], serde_json::json!([[]]), "one metric per account, for one alarm");
+        let names: Vec<&str> =
+            directive["Metrics"].as_array().unwrap().iter().map(|m| m["Name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["StuckChains", "RevivedChains", "OpenRuns"]);
+        assert_eq!(
+            (line["StuckChains"].as_f64(), line["RevivedChains"].as_f64(), line["OpenRuns"].as_f64()),
+            (Some(3.0), Some(1.0), Some(2.0))
+        );
+    }
 
     #[test]
     fn a_hop_becomes_one_emf_line_with_low_cardinality_dimensions() {

@@ -9,6 +9,7 @@ use aws_sdk_rdsdata::operation::commit_transaction::CommitTransactionOutput;
 use aws_sdk_rdsdata::operation::execute_statement::{ExecuteStatementError, ExecuteStatementOutput};
 use aws_sdk_rdsdata::operation::rollback_transaction::RollbackTransactionOutput;
 use aws_sdk_rdsdata::types::{ColumnMetadata, Field, TypeHint};
+use aws_sdk_secretsmanager::operation::get_secret_value::{GetSecretValueError, GetSecretValueOutput};
 use aws_sdk_sesv2::operation::get_account::GetAccountOutput;
 use aws_sdk_sesv2::operation::send_email::{SendEmailError, SendEmailOutput};
 use aws_sdk_sesv2::types::SendQuota;
@@ -382,4 +383,35 @@ async fn data_api_transactions_commit_or_roll_back() {
     let err = DataApiStore::new(client, target()).transaction(stmts).await.unwrap_err();
     assert!(err.to_string().contains("duplicate key"));
     assert_eq!(rollback.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn the_unsubscribe_key_comes_from_secrets_manager_and_a_refusal_names_the_fix() {
+    use baton::adapters::aws::secrets::{SecretError, secret_string};
+    use secrecy::ExposeSecret;
+    let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:unsubscribe-AbC";
+    let found = mock!(aws_sdk_secretsmanager::Client::get_secret_value)
+        .match_requests(move |r| r.secret_id() == Some(arn))
+        .then_output(|| GetSecretValueOutput::builder().secret_string("k".repeat(64)).build());
+    let client = mock_client!(aws_sdk_secretsmanager, [&found]);
+    assert_eq!(secret_string(&client, arn).await.unwrap().expose_secret(), "k".repeat(64));
+
+    let binary = mock!(aws_sdk_secretsmanager::Client::get_secret_value)
+        .then_output(|| GetSecretValueOutput::builder().secret_binary(aws_smithy_types::Blob::new("k")).build());
+    let client = mock_client!(aws_sdk_secretsmanager, [&binary]);
+    assert!(matches!(secret_string(&client, arn).await, Err(SecretError::NotText { .. })));
+
+    let denied = mock!(aws_sdk_secretsmanager::Client::get_secret_value).then_error(|| {
+        GetSecretValueError::generic(
+            aws_smithy_types::error::ErrorMetadata::builder()
+                .code("AccessDeniedException")
+                .message("not authorized to perform secretsmanager:GetSecretValue")
+                .build(),
+        )
+    });
+    let client = mock_client!(aws_sdk_secretsmanager, [&denied]);
+    let message = secret_string(&client, arn).await.unwrap_err().to_string();
+    for says in ["BATON_UNSUBSCRIBE_SECRET_ARN", arn, "AccessDeniedException", "secretsmanager:GetSecretValue on it"] {
+        assert!(message.contains(says), "{message} lacks {says}");
+    }
 }
