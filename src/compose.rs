@@ -5,7 +5,8 @@
 //! - [`AdapterSettings`]: which adapter serves each port, with its endpoint and secrets, typed.
 //!   Read once: by clap with environment fallbacks for the CLI (`cli::wiring`), from the
 //!   environment alone in Lambda ([`AdapterSettings::from_env`]).
-//! - [`open_store`], [`open_mailer`]: one adapter each, from its settings.
+//! - [`open_store`] (migrated; [`connect_store`] as it is), [`open_mailer`]: one adapter each,
+//!   from its settings.
 //! - [`build`]: settings to a running engine, for Lambda mode and every command; the demo and
 //!   the tests, which wrap adapters (faults, counting, test doubles), call the steps below.
 //! - [`Adapters`] + [`assemble`]: the engine's parts, on the local Lambda model (a
@@ -170,6 +171,17 @@ pub async fn open_store(
     create: bool,
     aws: &Aws,
 ) -> Result<Arc<dyn SqlStore>, ComposeError> {
+    let store = connect_store(settings, create, aws).await?;
+    crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
+    Ok(store)
+}
+
+/// The state store as it is, not migrated (`baton migrate` reports what it applies).
+pub async fn connect_store(
+    settings: &AdapterSettings,
+    create: bool,
+    aws: &Aws,
+) -> Result<Arc<dyn SqlStore>, ComposeError> {
     let store: Arc<dyn SqlStore> = match &settings.store {
         StoreSettings::Sqlite { path } => {
             let dir = path.parent().unwrap_or(Path::new("."));
@@ -190,7 +202,6 @@ pub async fn open_store(
             Arc::new(DataApiStore::new(DataApiStore::client_from(aws.config().await), target.clone()))
         }
     };
-    crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
     Ok(store)
 }
 

@@ -7,10 +7,12 @@ use anyhow::{Context, Result, bail};
 
 use super::wiring::{self, InvokerKind, Use};
 use super::{Common, print_status};
+use crate::compose;
 use crate::engine::event::ControlAction;
 use crate::engine::run::RunStatus;
 use crate::engine::state::RunState;
 use crate::engine::{Engine, Outcome, Tuned};
+use crate::ports::{Clock, SystemClock};
 use crate::runtime::Runtime;
 use crate::text::{printable, printable_text};
 
@@ -175,6 +177,23 @@ pub async fn sweep(common: &Common) -> Result<ExitCode> {
         && !status.is_terminal()
     {
         return finish(&local, &status.run_id, common).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `baton migrate`: create or upgrade baton's tables, and say which versions this applied.
+pub async fn migrate(common: &Common) -> Result<ExitCode> {
+    let settings = common.adapter_settings()?;
+    let store = compose::connect_store(&settings, true, &compose::Aws::default()).await?;
+    let applied = crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
+    let version = crate::sql::migrations::latest_version();
+    if common.json {
+        println!("{}", serde_json::json!({ "schema_version": version, "applied": applied }));
+    } else if applied.is_empty() {
+        println!("baton's tables are at schema version {version}: nothing to apply");
+    } else {
+        let list = applied.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        println!("applied schema version(s) {list}: baton's tables are at version {version}");
     }
     Ok(ExitCode::SUCCESS)
 }

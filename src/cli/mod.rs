@@ -178,6 +178,14 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Create or upgrade baton's tables in the store (SQLite, PostgreSQL, or Aurora through the
+    /// Data API: `--store data-api --db-cluster-arn ARN --db-secret-arn ARN`) and print the
+    /// schema version. Safe to run again and beside running functions, which also migrate at
+    /// start: each version is applied once, in one transaction.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Restart stuck chains and re-offer expired pages, then drive restarted runs to their end.
     Sweep {
         #[command(flatten)]
@@ -252,6 +260,7 @@ pub fn main() -> ExitCode {
         | Command::Resume { common, .. }
         | Command::Cancel { common, .. }
         | Command::Sweep { common }
+        | Command::Migrate { common }
         | Command::Tune { common, .. }
         | Command::Start { common, .. }
         | Command::Brake { common }
@@ -330,6 +339,7 @@ async fn run_command(command: Command) -> Result<ExitCode> {
         Command::Resume { run_id, common } => commands::resume(run_id, &common).await,
         Command::Tune { run_id, send_rate, chains, common } => commands::tune(run_id, send_rate, chains, &common).await,
         Command::Sweep { common } => commands::sweep(&common).await,
+        Command::Migrate { common } => commands::migrate(&common).await,
         Command::Start { job, run_key, common } => commands::start(&job, run_key, &common).await,
         Command::Brake { common } => commands::brake(&common).await,
         Command::Release { concurrency, common } => commands::release(concurrency, &common).await,

@@ -168,6 +168,11 @@ async fn applied_versions(store: &dyn SqlStore) -> Result<Vec<i64>, SqlError> {
     Ok(rows.rows.iter().filter_map(|r| r[0].as_i64()).collect())
 }
 
+/// The schema version this binary migrates to.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
 /// Applies every migration not yet recorded. Returns the versions applied now (by this call;
 /// versions another process applied meanwhile are not included).
 pub async fn migrate(store: &dyn SqlStore, now_ms: i64) -> Result<Vec<i64>, SqlError> {

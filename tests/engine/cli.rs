@@ -312,3 +312,22 @@ fn ctrl_c_without_a_terminal_says_what_it_does() {
         }
     }
 }
+
+#[test]
+fn migrate_creates_the_tables_once_and_says_which_versions_it_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    let data = data.to_str().unwrap();
+    let first = baton(&["migrate", "--data-dir", data, "--json"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    let latest = baton::sql::migrations::latest_version();
+    assert_eq!(first["schema_version"], latest);
+    assert_eq!(first["applied"], serde_json::json!((1..=latest).collect::<Vec<_>>()));
+    // Again: nothing to apply; and status finds baton's state there (no runs yet, not no state).
+    let again = baton(&["migrate", "--data-dir", data]);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && text.contains(&format!("schema version {latest}: nothing to apply")), "{text}");
+    let status = baton(&["status", "--data-dir", data]);
+    assert!(String::from_utf8_lossy(&status.stderr).contains("no runs yet"), "{status:?}");
+}
