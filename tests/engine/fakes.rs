@@ -315,6 +315,8 @@ pub async fn serve_data_api(api: Arc<FakeDataApi>) -> String {
 #[derive(Default)]
 pub struct FakeSes {
     pub sent: Mutex<Vec<String>>,
+    /// Each message as sent (the raw MIME text).
+    pub raw: Mutex<Vec<String>>,
     /// Each message's `EmailTags`, as sent.
     pub tags: Mutex<Vec<J>>,
     pub max_send_rate: f64,
@@ -335,6 +337,7 @@ async fn send_email(State(ses): State<Arc<FakeSes>>, body: Bytes) -> Response {
     }
     let to = request["Destination"]["ToAddresses"][0].as_str().unwrap_or_default().to_owned();
     ses.sent.lock().unwrap().push(to);
+    ses.raw.lock().unwrap().push(String::from_utf8_lossy(&raw).into_owned());
     ses.tags.lock().unwrap().push(request["EmailTags"].clone());
     Json(json!({ "MessageId": uuid::Uuid::new_v4().to_string() })).into_response()
 }

@@ -1,129 +1,17 @@
-//! The built binary in Lambda mode, against loopback emulators: the Lambda Runtime API (it
-//! polls `/next`, posts responses and errors), Lambda `Invoke` (each hop the binary invokes is
-//! queued back into the runtime, as Lambda's async queue would), and SES v2 (`SendEmail`,
-//! `GetAccount`). State lives in the test PostgreSQL server.
+//! The built binary in Lambda mode, against the loopback emulator of `emulator.rs`: the Lambda
+//! Runtime API (it polls `/next`, posts responses and errors), Lambda `Invoke` (each hop the
+//! binary invokes is queued back into the runtime, as Lambda's async queue would), and SES v2
+//! (`SendEmail`, `GetAccount`). State lives in the test PostgreSQL server.
 
-use std::collections::{HashMap, VecDeque};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use baton::sql::{Params, Stmt};
-use tokio::sync::Notify;
-
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use prost::Message;
 
-use crate::fakes::{FakeSes, ses_router};
-use crate::support::{fake_aws_env, int_users, pg_with_users};
-
-#[derive(Default)]
-struct Emulator {
-    queue: Mutex<VecDeque<(String, Vec<u8>)>>,
-    queued: Notify,
-    results: Mutex<HashMap<String, (bool, String)>>,
-    answered: Notify,
-    next_id: Mutex<u64>,
-    invokes: Mutex<u64>,
-    /// `X-Amzn-Trace-Id` headers seen on Invoke requests.
-    trace_headers: Mutex<Vec<String>>,
-    /// Invoke payloads (hop events).
-    invoked: Mutex<Vec<serde_json::Value>>,
-    /// Spans posted to `/v1/traces` (OTLP/HTTP protobuf), decoded with the official schema.
-    spans: Mutex<Vec<Span>>,
-}
-
-impl Emulator {
-    fn enqueue(&self, payload: &[u8]) -> String {
-        let mut n = self.next_id.lock().unwrap();
-        *n += 1;
-        let id = format!("req-{n}");
-        self.queue.lock().unwrap().push_back((id.clone(), payload.to_vec()));
-        self.queued.notify_one();
-        id
-    }
-
-    async fn result(&self, id: &str) -> (bool, String) {
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let answered = self.answered.notified();
-            if let Some(r) = self.results.lock().unwrap().get(id) {
-                return r.clone();
-            }
-            assert!(tokio::time::Instant::now() < until, "no answer for {id}");
-            let _ = tokio::time::timeout(Duration::from_millis(200), answered).await;
-        }
-    }
-}
-
-async fn next(State(em): State<Arc<Emulator>>) -> Response {
-    loop {
-        let notified = em.queued.notified();
-        if let Some((id, payload)) = em.queue.lock().unwrap().pop_front() {
-            let deadline =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 2_000;
-            let mut headers = HeaderMap::new();
-            headers.insert("lambda-runtime-aws-request-id", HeaderValue::from_str(&id).unwrap());
-            headers.insert("lambda-runtime-deadline-ms", HeaderValue::from_str(&deadline.to_string()).unwrap());
-            // As Lambda does: the invocation's X-Ray trace, which lambda_runtime puts in
-            // `_X_AMZN_TRACE_ID` and the SDK would copy into every request.
-            headers.insert(
-                "lambda-runtime-trace-id",
-                HeaderValue::from_str(&format!(
-                    "Root=1-{:08x}-{:024x};Parent={:016x};Sampled=1",
-                    deadline as u32, deadline, deadline as u64
-                ))
-                .unwrap(),
-            );
-            headers.insert(
-                "lambda-runtime-invoked-function-arn",
-                HeaderValue::from_static("arn:aws:lambda:eu-west-1:123456789012:function:baton"),
-            );
-            headers.insert("content-type", HeaderValue::from_static("application/json"));
-            return (StatusCode::OK, headers, payload).into_response();
-        }
-        notified.await;
-    }
-}
-
-async fn respond(State(em): State<Arc<Emulator>>, Path(id): Path<String>, body: Bytes) -> StatusCode {
-    em.results.lock().unwrap().insert(id, (true, String::from_utf8_lossy(&body).into_owned()));
-    em.answered.notify_waiters();
-    StatusCode::ACCEPTED
-}
-
-async fn error(State(em): State<Arc<Emulator>>, Path(id): Path<String>, body: Bytes) -> StatusCode {
-    em.results.lock().unwrap().insert(id, (false, String::from_utf8_lossy(&body).into_owned()));
-    em.answered.notify_waiters();
-    StatusCode::ACCEPTED
-}
-
-async fn invoke(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    assert_eq!(headers.get("x-amz-invocation-type").and_then(|v| v.to_str().ok()), Some("Event"));
-    *em.invokes.lock().unwrap() += 1;
-    if let Some(trace) = headers.get("x-amzn-trace-id") {
-        em.trace_headers.lock().unwrap().push(trace.to_str().unwrap_or_default().to_owned());
-    }
-    em.invoked.lock().unwrap().push(serde_json::from_slice(&body).expect("an Invoke payload is JSON"));
-    em.enqueue(&body);
-    StatusCode::ACCEPTED
-}
-
-/// An OTLP/HTTP receiver: decodes the protobuf request with the `opentelemetry-proto` types.
-async fn traces(State(em): State<Arc<Emulator>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    assert_eq!(headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/x-protobuf"));
-    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export request");
-    let spans = request.resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
-    em.spans.lock().unwrap().extend(spans);
-    StatusCode::OK
-}
+use crate::emulator::{self, Emulator};
+use crate::fakes::FakeSes;
+use crate::support::{int_users, pg_with_users};
 
 /// A string, int or bool attribute of a span, as text.
 pub fn attribute(span: &Span, key: &str) -> Option<String> {
@@ -135,14 +23,6 @@ pub fn attribute(span: &Span, key: &str) -> Option<String> {
         Value::BoolValue(b) => b.to_string(),
         other => format!("{other:?}"),
     })
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,48 +53,20 @@ unsubscribe_url = "https://example.com/u"
     )
     .unwrap();
 
-    let em = Arc::new(Emulator::default());
     let ses = Arc::new(FakeSes { max_send_rate: 2000.0, ..Default::default() });
-    let app = Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route("/2018-06-01/runtime/invocation/{id}/response", post(respond))
-        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
-        .route("/2015-03-31/functions/{function}/invocations", post(invoke))
-        .route("/v1/traces", post(traces))
-        .with_state(em.clone())
-        .merge(ses_router(ses.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    let mut child = Killed(
-        fake_aws_env(Command::new(env!("CARGO_BIN_EXE_baton")).env_clear())
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-            .env("AWS_LAMBDA_FUNCTION_NAME", "baton")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_ENDPOINT_URL", format!("http://{addr}"))
-            .env("BATON_CONFIG", &config)
-            .env("BATON_STORE", "postgres")
-            .env("BATON_DATABASE_URL", &database_url)
-            .env("BATON_UNSUBSCRIBE_SECRET", "0123456789abcdef-lambda")
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the binary starts"),
+    let (em, addr) = emulator::serve(ses.clone()).await;
+    let lambda = emulator::launch(
+        std::path::Path::new(env!("CARGO_BIN_EXE_baton")),
+        addr,
+        &[
+            ("BATON_CONFIG", config.display().to_string()),
+            ("BATON_STORE", "postgres".into()),
+            ("BATON_DATABASE_URL", database_url.clone()),
+            ("BATON_UNSUBSCRIBE_SECRET", "0123456789abcdef-lambda".into()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        ],
     );
-    // Stdout is CloudWatch Logs: the per-hop metric lines land there.
-    let stdout_lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stdout = child.0.stdout.take().unwrap();
-    let collected = stdout_lines.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            collected.lock().unwrap().push(line);
-        }
-    });
+    let stdout_lines = lambda.stdout.clone();
 
     // Malformed and unknown events are answered with baton's own error (a stable errorType and
     // a message naming the problem) and change nothing. Failed before the fix: `not json` and

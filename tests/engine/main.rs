@@ -8,6 +8,8 @@ mod bad_input;
 mod cases;
 mod cli;
 mod dashboards;
+mod deploy;
+mod emulator;
 mod fakes;
 mod lambda_mode;
 mod layout;
