@@ -331,14 +331,22 @@ impl Config {
         Self::parse_with_overrides(&text, path, overrides.as_deref())
     }
 
-    /// Gives every newsletter job whose file holds no key this one (a deployment's, read from a
-    /// secret store at startup; `source` names where it came from in errors). Checked like a key
-    /// from the file; never serialised.
+    /// Gives every newsletter job this key (a deployment's, read from a secret store at startup;
+    /// `source` names where it came from in errors). Checked like a key from the file; never
+    /// serialised. A job that also has a key of its own (in the file or the overrides, which
+    /// would sit in the image or the function's environment) is refused: two keys, one of them
+    /// silently unused, is how unsubscribe links stop verifying.
     pub fn provide_unsubscribe_secret(&mut self, secret: &SecretString, source: &str) -> Result<(), ConfigError> {
         check_secret(secret.expose_secret()).map_err(|m| invalid(source, m))?;
-        for job in self.jobs.values_mut() {
+        for (name, job) in &mut self.jobs {
             if let Some(n) = &mut job.newsletter {
-                n.unsubscribe_secret.get_or_insert_with(|| secret.clone());
+                if n.unsubscribe_secret.is_some() {
+                    return Err(invalid(
+                        format!("jobs.{name}.newsletter.unsubscribe_secret"),
+                        format!("{source} gives the key: remove this one (from the job file or {OVERRIDES_VAR})"),
+                    ));
+                }
+                n.unsubscribe_secret = Some(secret.clone());
             }
         }
         Ok(())
@@ -349,23 +357,31 @@ impl Config {
         Self::parse_with_overrides(text, path, None)
     }
 
-    /// [`Self::parse`] with a TOML fragment merged over the file (see [`OVERRIDES_VAR`]); every
-    /// merged value is checked as if the file held it.
+    /// [`Self::parse`] with a TOML fragment merged over the file (see [`OVERRIDES_VAR`]). The
+    /// file must be valid on its own (its mistakes are named as the file's); every merged value
+    /// is then checked as if the file held it.
     pub fn parse_with_overrides(text: &str, path: &Path, overrides: Option<&str>) -> Result<Config, ConfigError> {
         let parse_failed =
             |e: toml::de::Error| ConfigError::Parse { path: path.to_owned(), message: parse_error(text, &e) };
-        let mut config: Config = match overrides {
-            None => toml::from_str(text).map_err(parse_failed)?,
-            Some(overrides) => {
-                let mut table: toml::Table = toml::from_str(text).map_err(parse_failed)?;
-                let fragment: toml::Table = toml::from_str(overrides)
-                    .map_err(|e| ConfigError::Overrides { message: parse_error(overrides, &e) })?;
-                merge_tables(&mut table, fragment);
-                toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Overrides {
-                    message: format!("merged over {}: {}", path.display(), e.message()),
-                })?
-            }
-        };
+        let mut config: Config = toml::from_str(text).map_err(parse_failed)?;
+        if let Some(overrides) = overrides {
+            let mut table: toml::Table = toml::from_str(text).map_err(parse_failed)?;
+            let fragment: toml::Table = toml::from_str(overrides)
+                .map_err(|e| ConfigError::Overrides { message: parse_error(overrides, &e) })?;
+            merge_tables(&mut table, fragment);
+            config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                // The error names the key; it may quote the value, which for a secret it must not.
+                let said = e.to_string();
+                let said = if said.to_ascii_lowercase().contains("secret") {
+                    "a secret setting has the wrong type (neither it nor its value is shown): write it as a quoted \
+                     string"
+                        .to_owned()
+                } else {
+                    said.trim().replace('\n', " ")
+                };
+                ConfigError::Overrides { message: format!("merged over {}: {said}", path.display()) }
+            })?;
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for (name, job) in &mut config.jobs {
             if let Some(n) = &mut job.newsletter {
@@ -373,6 +389,13 @@ impl Config {
                     [(n.text_file.take(), &mut n.text, "text_file"), (n.html_file.take(), &mut n.html, "html_file")]
                 {
                     if let Some(file) = file {
+                        if slot.is_some() {
+                            let inline = field.trim_end_matches("_file");
+                            return Err(invalid(
+                                format!("jobs.{name}.newsletter.{field}"),
+                                format!("give `{inline}` or `{field}`, not both"),
+                            ));
+                        }
                         let full = base.join(&file);
                         *slot = Some(std::fs::read_to_string(&full).map_err(|e| {
                             invalid(
@@ -619,6 +642,37 @@ mod tests {
             let err = Config::parse_with_overrides(NEWS, Path::new("baton.toml"), Some(bad)).unwrap_err().to_string();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
+        // A mistake in the file is the file's, even with overrides.
+        let err = Config::parse_with_overrides(
+            &NEWS.replace("chains = 2", "chainz = 2"),
+            Path::new("baton.toml"),
+            Some("[settings]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("config file baton.toml is not valid") && err.contains("chainz"), "{err}");
+        // A secret of the wrong type is not quoted: neither in the file nor in the overrides.
+        for (file, overrides) in [
+            (
+                NEWS.replace("unsubscribe_url", "unsubscribe_secret = 1234567890123456789\nunsubscribe_url"),
+                "[settings]",
+            ),
+            (NEWS.to_owned(), "[jobs.news.newsletter]\nunsubscribe_secret = 1234567890123456789"),
+        ] {
+            let err =
+                Config::parse_with_overrides(&file, Path::new("baton.toml"), Some(overrides)).unwrap_err().to_string();
+            assert!(!err.contains("1234567890123456789"), "{err}");
+        }
+        // An inline template beside a template file is refused, naming both (an override's `text`
+        // would otherwise be silently replaced by the file's).
+        let err = Config::parse_with_overrides(
+            &NEWS.replace("text = \"Hello\"", "text_file = \"t.txt\""),
+            Path::new("baton.toml"),
+            Some("[jobs.news.newsletter]\ntext = \"Hi\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("give `text` or `text_file`, not both"), "{err}");
         // A secret in the overrides that does not parse is not quoted either.
         let err = Config::parse_with_overrides(
             NEWS,
@@ -639,6 +693,17 @@ mod tests {
         let n = config.job("news").unwrap().newsletter.as_ref().unwrap();
         assert_eq!(n.secret().unwrap().expose_secret(), "k".repeat(64));
         assert!(!serde_json::to_string(config.job("news").unwrap()).unwrap().contains("kkkk"), "stored with the run");
+        // A job with a key of its own as well is refused: one of the two would go unused.
+        let with_key =
+            NEWS.replace("unsubscribe_url", "unsubscribe_secret = \"another-key-of-16-chars\"\nunsubscribe_url");
+        let mut config = Config::parse(&with_key, Path::new("baton.toml")).unwrap();
+        let err =
+            config.provide_unsubscribe_secret(&SecretString::from("k".repeat(64)), "BATON_UNSUBSCRIBE_SECRET_ARN");
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .starts_with("jobs.news.newsletter.unsubscribe_secret: BATON_UNSUBSCRIBE_SECRET_ARN gives")
+        );
     }
 
     #[test]

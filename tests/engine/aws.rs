@@ -396,10 +396,27 @@ async fn the_unsubscribe_key_comes_from_secrets_manager_and_a_refusal_names_the_
     let client = mock_client!(aws_sdk_secretsmanager, [&found]);
     assert_eq!(secret_string(&client, arn).await.unwrap().expose_secret(), "k".repeat(64));
 
-    let binary = mock!(aws_sdk_secretsmanager::Client::get_secret_value)
-        .then_output(|| GetSecretValueOutput::builder().secret_binary(aws_smithy_types::Blob::new("k")).build());
-    let client = mock_client!(aws_sdk_secretsmanager, [&binary]);
-    assert!(matches!(secret_string(&client, arn).await, Err(SecretError::NotText { .. })));
+    // A value that is not the key alone is refused, never used as part of it.
+    for (value, says) in [
+        (None, "binary secret"),
+        (Some(format!("{}\n", "k".repeat(64))), "whitespace around the key"),
+        (Some(r#"{"key": "0123456789abcdef0123"}"#.to_owned()), "JSON key/value pairs"),
+    ] {
+        let rule = mock!(aws_sdk_secretsmanager::Client::get_secret_value).then_output(move || match &value {
+            Some(v) => GetSecretValueOutput::builder().secret_string(v).build(),
+            None => GetSecretValueOutput::builder().secret_binary(aws_smithy_types::Blob::new("k")).build(),
+        });
+        let client = mock_client!(aws_sdk_secretsmanager, [&rule]);
+        let err = secret_string(&client, arn).await.unwrap_err();
+        assert!(matches!(err, SecretError::Unusable { .. }) && err.to_string().contains(says), "{err}");
+    }
+    let missing = mock!(aws_sdk_secretsmanager::Client::get_secret_value).then_error(|| {
+        GetSecretValueError::ResourceNotFoundException(
+            aws_sdk_secretsmanager::types::error::ResourceNotFoundException::builder().message("no").build(),
+        )
+    });
+    let client = mock_client!(aws_sdk_secretsmanager, [&missing]);
+    assert!(secret_string(&client, arn).await.unwrap_err().to_string().contains("check the ARN"));
 
     let denied = mock!(aws_sdk_secretsmanager::Client::get_secret_value).then_error(|| {
         GetSecretValueError::generic(
