@@ -183,17 +183,26 @@ pub async fn sweep(common: &Common) -> Result<ExitCode> {
 
 /// `baton migrate`: create or upgrade baton's tables, and say which versions this applied.
 pub async fn migrate(common: &Common) -> Result<ExitCode> {
+    use crate::sql::migrations;
     let settings = common.adapter_settings()?;
     let store = compose::connect_store(&settings, true, &compose::Aws::default()).await?;
-    let applied = crate::sql::migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
-    let version = crate::sql::migrations::latest_version();
+    let applied = migrations::migrate(store.as_ref(), SystemClock.now_ms()).await?;
+    let (version, known) = (migrations::store_version(store.as_ref()).await?, migrations::latest_version());
+    let target = common.store_description();
     if common.json {
-        println!("{}", serde_json::json!({ "schema_version": version, "applied": applied }));
+        let answer = serde_json::json!({ "store": target, "schema_version": version, "applied": applied });
+        println!("{answer}");
     } else if applied.is_empty() {
-        println!("baton's tables are at schema version {version}: nothing to apply");
+        println!("{target}: baton's tables are at schema version {version}: nothing to apply");
     } else {
         let list = applied.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
-        println!("applied schema version(s) {list}: baton's tables are at version {version}");
+        println!("{target}: applied schema version(s) {list}; baton's tables are at version {version}");
+    }
+    if version > known {
+        eprintln!(
+            "warning: {target} is at schema version {version}, newer than this baton knows ({known}): a newer \
+             baton migrated it; use that one"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -192,7 +192,9 @@ enum Command {
         common: Common,
     },
     /// Start a run in Lambda and return at once (needs `--invoker lambda`: the chains run in
-    /// Lambda). Locally, where chains run in this process, use `baton run`.
+    /// Lambda). Locally, where chains run in this process, use `baton run`. The run is planned
+    /// with this machine's job file; a stack deployed from `deploy/` is started by invoking its
+    /// function (README.md, "Deploy"), whose job file, parameters and key are its own.
     Start {
         job: String,
         #[arg(long)]

@@ -43,10 +43,34 @@ pub enum InvokerKind {
 }
 
 impl Common {
-    /// The store the flags choose: `--store`, else postgres when `--database-url` is given,
-    /// else the embedded SQLite file.
+    /// The store the flags choose: `--store`, else postgres when `--database-url` is given, else
+    /// the Data API when `--db-cluster-arn` is, else the embedded SQLite file.
     pub fn store_kind(&self) -> StoreKind {
-        self.store.unwrap_or(if self.database_url().is_some() { StoreKind::Postgres } else { StoreKind::Sqlite })
+        self.store.unwrap_or(if self.database_url().is_some() {
+            StoreKind::Postgres
+        } else if given(&self.db_cluster_arn).is_some() {
+            StoreKind::DataApi
+        } else {
+            StoreKind::Sqlite
+        })
+    }
+
+    /// Where state lives, for people: the SQLite file, the PostgreSQL database (no credentials),
+    /// or the cluster and database of the Data API.
+    pub fn store_description(&self) -> String {
+        match self.store_kind() {
+            StoreKind::Sqlite => format!("SQLite {}", self.data_dir.join("baton.db").display()),
+            StoreKind::Postgres => {
+                let url = self.database_url().map(|u| u.expose_secret().to_owned()).unwrap_or_default();
+                let database = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default();
+                format!("PostgreSQL database {database}")
+            }
+            StoreKind::DataApi => format!(
+                "Aurora {} (database {}) through the Data API",
+                given(&self.db_cluster_arn).map_or("?", String::as_str),
+                self.db_name
+            ),
+        }
     }
 
     /// `--database-url`; an empty value (`BATON_DATABASE_URL=`) counts as unset, as in Lambda.

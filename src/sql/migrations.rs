@@ -168,6 +168,11 @@ async fn applied_versions(store: &dyn SqlStore) -> Result<Vec<i64>, SqlError> {
     Ok(rows.rows.iter().filter_map(|r| r[0].as_i64()).collect())
 }
 
+/// The highest schema version applied to `store` (0 for none).
+pub async fn store_version(store: &dyn SqlStore) -> Result<i64, SqlError> {
+    Ok(applied_versions(store).await?.into_iter().max().unwrap_or(0))
+}
+
 /// The schema version this binary migrates to.
 pub fn latest_version() -> i64 {
     MIGRATIONS.len() as i64

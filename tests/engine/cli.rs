@@ -323,6 +323,11 @@ fn migrate_creates_the_tables_once_and_says_which_versions_it_applied() {
     let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
     let latest = baton::sql::migrations::latest_version();
     assert_eq!(first["schema_version"], latest);
+    assert!(
+        first["store"].as_str().unwrap().starts_with("SQLite ")
+            && first["store"].as_str().unwrap().ends_with("baton.db"),
+        "{first}"
+    );
     assert_eq!(first["applied"], serde_json::json!((1..=latest).collect::<Vec<_>>()));
     // Again: nothing to apply; and status finds baton's state there (no runs yet, not no state).
     let again = baton(&["migrate", "--data-dir", data]);
