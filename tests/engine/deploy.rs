@@ -91,8 +91,30 @@ fn parameters(t: &J, given: &[(&str, &str)]) -> HashMap<String, String> {
     values
 }
 
-/// `Fn::Sub` of a string or of `[string, {name: value}]` (values given in `extra` override the
-/// map's intrinsics, which this test does not evaluate).
+/// A value as CloudFormation would resolve it, from `params`: parameters by name, resources'
+/// stand-ins by logical id (`Ref`) or `Id.Attribute` (`Fn::GetAtt`), conditions as
+/// `Condition:Name` = `true`/`false`.
+fn resolve(value: &J, params: &HashMap<String, String>) -> String {
+    let lookup = |key: &str| params.get(key).cloned().unwrap_or_else(|| panic!("{key} has no value in the test"));
+    match value {
+        J::String(s) => s.clone(),
+        J::Number(n) => n.to_string(),
+        J::Object(o) if o.contains_key("Ref") => lookup(o["Ref"].as_str().unwrap()),
+        J::Object(o) if o.contains_key("Fn::GetAtt") => {
+            let at = &o["Fn::GetAtt"];
+            lookup(&format!("{}.{}", at[0].as_str().unwrap(), at[1].as_str().unwrap()))
+        }
+        J::Object(o) if o.contains_key("Fn::Sub") => sub(&o["Fn::Sub"], params),
+        J::Object(o) if o.contains_key("Fn::If") => {
+            let branches = &o["Fn::If"];
+            let holds = lookup(&format!("Condition:{}", branches[0].as_str().unwrap())) == "true";
+            resolve(&branches[if holds { 1 } else { 2 }], params)
+        }
+        other => panic!("cannot resolve {other}"),
+    }
+}
+
+/// `Fn::Sub` of a string or of `[string, {name: value}]`.
 fn sub(value: &J, params: &HashMap<String, String>) -> String {
     let (text, local) = match value {
         J::String(s) => (s.as_str(), None),
@@ -105,14 +127,23 @@ fn sub(value: &J, params: &HashMap<String, String>) -> String {
         out.push_str(&rest[..at]);
         let end = rest[at..].find('}').expect("closed ${...}") + at;
         let name = &rest[at + 2..end];
-        let value = params.get(name).cloned().unwrap_or_else(|| {
-            let local = local.and_then(|l| l.get(name)).unwrap_or_else(|| panic!("${{{name}}} is not defined"));
-            panic!("${{{name}}} is {local}: give it in the test's parameters")
-        });
+        assert!(!name.starts_with('!'), "${{!...}} literals are not handled here");
+        let value = match local.and_then(|l| l.get(name)) {
+            Some(local) => resolve(local, params),
+            None => resolve(&json!({ "Ref": name }), params),
+        };
         out.push_str(&value);
         rest = &rest[end + 1..];
     }
     out + rest
+}
+
+/// A function's environment as SAM gives it: `Globals` merged with its own, resolved.
+fn function_environment(t: &J, function: &str, params: &HashMap<String, String>) -> Vec<(String, String)> {
+    let globals = t["Globals"]["Function"]["Environment"]["Variables"].as_object().cloned().unwrap_or_default();
+    let own =
+        t["Resources"][function]["Properties"]["Environment"]["Variables"].as_object().cloned().unwrap_or_default();
+    globals.into_iter().chain(own).map(|(name, value)| (name, resolve(&value, params))).collect()
 }
 
 fn resources_of<'a>(t: &'a J, kind: &str) -> Vec<(&'a str, &'a J)> {
@@ -125,12 +156,19 @@ fn resources_of<'a>(t: &'a J, kind: &str) -> Vec<(&'a str, &'a J)> {
         .collect()
 }
 
-/// The parameters of a stack as a test deploys it.
+/// The parameters of a stack as a test deploys it, what its resources resolve to, and its
+/// conditions.
 const GIVEN: &[(&str, &str)] = &[
     ("ImageUri", "123456789012.dkr.ecr.eu-west-1.amazonaws.com/baton:0123abc"),
     ("Sender", "Example Monthly <news@example.com>"),
     ("SenderIdentity", "example.com"),
-    ("UnsubscribeUrl", "https://abcdefghij.lambda-url.eu-west-1.on.aws/"),
+    ("InboundFunctionUrl.FunctionUrl", "https://abcdefghij.lambda-url.eu-west-1.on.aws/"),
+    ("UnsubscribeSecret", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:UnsubscribeSecret-AbCdEf"),
+    ("DatabaseSecret", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:DatabaseSecret-GhIjKl"),
+    ("DatabaseCluster.DBClusterArn", "arn:aws:rds:eu-west-1:123456789012:cluster:baton-newsletter-db"),
+    ("ConfigurationSet", "baton-newsletter-set"),
+    ("Condition:CreateDatabase", "true"),
+    ("Condition:HasCustomUnsubscribeUrl", "false"),
 ];
 
 /// The job file baked into the image with the chains' function's `BATON_CONFIG_OVERRIDES`.
@@ -190,7 +228,7 @@ fn the_template_keeps_the_settings_chains_depend_on() {
     let newsletter = job.newsletter.as_ref().unwrap();
     assert_eq!(newsletter.send_rate, number("SendRate") as f64);
     assert_eq!(newsletter.from, params["Sender"]);
-    assert_eq!(newsletter.unsubscribe_url, params["UnsubscribeUrl"]);
+    assert_eq!(newsletter.unsubscribe_url, params["InboundFunctionUrl.FunctionUrl"]);
     assert_eq!(config.settings.sweep_interval, Duration::from_secs(60 * number("SweepMinutes")));
 
     // The inbound function: a public Function URL (RFC 8058), never the chains' function.
@@ -235,10 +273,62 @@ fn the_template_keeps_the_settings_chains_depend_on() {
     for metric in ["Errors", "AsyncEventsDropped", "ApproximateNumberOfMessagesVisible", "StuckChains"] {
         assert!(alarmed.iter().any(|m| m == metric), "no alarm on {metric}");
     }
+    // ... under the namespace the functions write to, without dimensions (as the line has none),
+    // and each stack's own: stacks in one account never set off each other's alarm.
+    let stuck = resources_of(&t, "AWS::CloudWatch::Alarm")
+        .into_iter()
+        .find(|(_, a)| a["Properties"]["MetricName"] == "StuckChains")
+        .unwrap()
+        .1;
+    assert!(stuck["Properties"].get("Dimensions").is_none());
+    let namespace = resolve(&stuck["Properties"]["Namespace"], &params);
+    let environment = function_environment(&t, "ChainFunction", &params);
+    let written = environment.iter().find(|(n, _)| n == "BATON_METRICS_NAMESPACE").map(|(_, v)| v.as_str());
+    assert_eq!(written, Some(namespace.as_str()));
+    assert!(namespace.ends_with(&format!("/{}", params["AWS::StackName"])), "{namespace}");
+    let dashboard = &t["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][1]["MetricsNamespace"];
+    assert_eq!(resolve(dashboard, &params), namespace, "the dashboard charts another namespace");
     let line: J = serde_json::from_str(&baton::lambda::sweep_emf_line(&Default::default())).unwrap();
     assert!(
         line["_aws"]["CloudWatchMetrics"][0]["Metrics"].as_array().unwrap().iter().any(|m| m["Name"] == "StuckChains")
     );
+}
+
+/// The parameters that go into the job's TOML: every value their patterns allow loads in the
+/// function (a margin too large for the timeout, a number TOML refuses, would stop every cold
+/// start of a stack that deployed cleanly), and the values TOML would refuse are not allowed.
+#[test]
+fn every_value_the_parameters_allow_loads_in_the_function() {
+    let t = template("deploy/template.yaml");
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        ("Chains", &["1", "999", "1000"], &["0", "02", "1001", "1.5", ""]),
+        ("HopTimeoutSeconds", &["120", "599", "900"], &["119", "901", "60", "0900"]),
+        ("SweepMinutes", &["2", "9", "60"], &["1", "61", "05"]),
+        ("SendRate", &["0", "0.5", "14", "999999.999"], &[".5", "014", "1e3", "-1", "1.2345"]),
+    ];
+    for (name, allowed, refused) in cases {
+        let parameter = &t["Parameters"][name];
+        assert_eq!(parameter["Type"], "String", "{name}: a Number would pass 02 or .5 on to TOML");
+        let pattern = regex::Regex::new(parameter["AllowedPattern"].as_str().unwrap()).unwrap();
+        for value in refused {
+            assert!(!pattern.is_match(value), "{name} allows {value:?}");
+        }
+        for value in allowed {
+            assert!(pattern.is_match(value), "{name} refuses {value:?}");
+            let mut params = parameters(&t, GIVEN);
+            params.insert(name.to_owned(), (*value).to_owned());
+            let config = deployed_config(&t, &params);
+            if name == "HopTimeoutSeconds" {
+                let hop_timeout = config.settings.hop_timeout.as_secs();
+                assert_eq!(hop_timeout, value.parse::<u64>().unwrap());
+                let age =
+                    t["Resources"]["ChainFunction"]["Properties"]["EventInvokeConfig"]["MaximumEventAgeInSeconds"]
+                        .as_u64()
+                        .unwrap();
+                assert!(age >= hop_timeout, "a throttled hop event expires before one hop's length");
+            }
+        }
+    }
 }
 
 #[test]
@@ -453,7 +543,6 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lambda/bootstrap");
     let built = std::process::Command::new(repo("scripts/build-bootstrap"))
         .arg(&bootstrap)
-        .env_remove("CARGO_TARGET_DIR")
         .output()
         .expect("scripts/build-bootstrap runs");
     assert!(built.status.success(), "scripts/build-bootstrap: {}", String::from_utf8_lossy(&built.stderr));
@@ -494,29 +583,32 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     let mut params = parameters(&t, GIVEN);
     // 14 a second (the default, SES's starter quota) would take a minute and more.
     params.insert("SendRate".into(), "300".into());
-    let variables = &t["Resources"]["ChainFunction"]["Properties"]["Environment"]["Variables"];
-    let overrides = sub(&variables["BATON_CONFIG_OVERRIDES"]["Fn::Sub"], &params);
+    let mut environment = function_environment(&t, "ChainFunction", &params);
+    let names: Vec<&str> = environment.iter().map(|(n, _)| n.as_str()).collect();
+    for needed in [
+        "BATON_CONFIG_OVERRIDES",
+        "BATON_UNSUBSCRIBE_SECRET_ARN",
+        "BATON_SES_CONFIGURATION_SET",
+        "BATON_DB_CLUSTER_ARN",
+    ] {
+        assert!(names.contains(&needed), "the chains' function has no {needed}: {names:?}");
+    }
+    // As the image sets it; and the Data API swapped for a direct connection to the test server
+    // (an explicit BATON_STORE, as the cluster's ARN is still there).
+    environment.push(("BATON_CONFIG".into(), repo("deploy/job/baton.toml").display().to_string()));
+    environment.retain(|(name, _)| name != "BATON_STORE");
+    environment.push(("BATON_STORE".into(), "postgres".into()));
+    environment.push(("BATON_DATABASE_URL".into(), database_url));
+    let environment: Vec<(&str, String)> = environment.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
     let ses = Arc::new(FakeSes { max_send_rate: 2000.0, ..Default::default() });
     let (em, addr) = emulator::serve(ses.clone()).await;
-    let secret_arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:unsubscribe-AbCdEf";
-    let _lambda = emulator::launch(
-        &bootstrap,
-        addr,
-        &[
-            ("BATON_CONFIG", repo("deploy/job/baton.toml").display().to_string()),
-            ("BATON_CONFIG_OVERRIDES", overrides),
-            ("BATON_STORE", "postgres".into()),
-            ("BATON_DATABASE_URL", database_url),
-            ("BATON_UNSUBSCRIBE_SECRET_ARN", secret_arn.into()),
-            ("BATON_SES_CONFIGURATION_SET", "baton-newsletter".into()),
-        ],
-    );
+    let lambda = emulator::launch(&bootstrap, addr, &environment);
 
     // The monthly schedule's input, as Scheduler sends it.
     let start = &t["Resources"]["MonthlyStart"]["Properties"]["Target"]["Input"]["Fn::Sub"];
     let start = sub(start, &params).replace("<aws.scheduler.scheduled-time>", "2026-12-01T08:00:00Z");
     let (ok, body) = em.result(&em.enqueue(start.as_bytes())).await;
-    assert!(ok, "{body}");
+    assert!(ok, "{body}\n{}", lambda.stderr.lock().unwrap().join("\n"));
     let started: J = serde_json::from_str(&body).unwrap();
     let confirmed = (1..=1200).filter(|i| i % 7 != 0).count();
     assert_eq!(
@@ -546,11 +638,12 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     let unique: std::collections::HashSet<_> = sent.iter().collect();
     assert_eq!((sent.len(), unique.len()), (confirmed, confirmed), "every confirmed subscriber once, nobody else");
     assert!(!sent.contains(&"reader7@example.com".to_owned()), "an unconfirmed subscriber was mailed");
-    assert_eq!(em.secrets_read.lock().unwrap().first().map(String::as_str), Some(secret_arn));
+    // Read once, at the sandbox's start, from the secret the template names.
+    assert_eq!(*em.secrets_read.lock().unwrap(), vec![params["UnsubscribeSecret"].clone()]);
     // Links point at the stack's unsubscribe endpoint and are signed with the stored key.
     let raw = ses.raw.lock().unwrap().first().cloned().unwrap();
     let link = raw.lines().find(|l| l.starts_with("List-Unsubscribe: <")).expect("a List-Unsubscribe header");
-    assert!(link.contains(&format!("<{}?", params["UnsubscribeUrl"])), "{link}");
+    assert!(link.contains(&format!("<{}?", params["InboundFunctionUrl.FunctionUrl"])), "{link}");
     let address = sent.first().unwrap();
     let signed = crate::suppression::link_query(address, emulator::SECRET_STRING, &params["JobName"]);
     assert!(link.contains(&signed), "{link} is not signed with the Secrets Manager key ({signed})");

@@ -169,6 +169,8 @@ pub struct Launched {
     process: Child,
     /// What it printed on stdout (CloudWatch Logs: the EMF metric lines land there).
     pub stdout: Arc<Mutex<Vec<String>>>,
+    /// What it printed on stderr (a sandbox that cannot start says why there).
+    pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
 /// Runs `binary` as Lambda would (a clean environment, `AWS_LAMBDA_RUNTIME_API` pointing at the
@@ -185,17 +187,23 @@ pub fn launch(binary: &std::path::Path, addr: SocketAddr, env: &[(&str, String)]
     for (name, value) in env {
         command.env(name, value);
     }
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("the binary starts");
-    let stdout = child.stdout.take().unwrap();
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the binary starts");
+    let stdout = collect_lines(child.stdout.take().unwrap());
+    let stderr = collect_lines(child.stderr.take().unwrap());
+    Launched { process: child, stdout, stderr }
+}
+
+/// The lines a pipe carries, as they come.
+fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let collected = lines.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
             collected.lock().unwrap().push(line);
         }
     });
-    Launched { process: child, stdout: lines }
+    lines
 }
 
 impl Drop for Launched {
