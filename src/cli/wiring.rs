@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::compose::{self, AdapterSettings, Aws, InvokerSettings, MailerSettings, StoreSettings};
 use crate::config::Config;
 use crate::runtime::Runtime;
+use crate::text::printable_short;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
@@ -60,11 +61,7 @@ impl Common {
     pub fn store_description(&self) -> String {
         match self.store_kind() {
             StoreKind::Sqlite => format!("SQLite {}", self.data_dir.join("baton.db").display()),
-            StoreKind::Postgres => {
-                let url = self.database_url().map(|u| u.expose_secret().to_owned()).unwrap_or_default();
-                let database = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default();
-                format!("PostgreSQL database {database}")
-            }
+            StoreKind::Postgres => postgres_description(self.database_url().map_or("", |u| u.expose_secret())),
             StoreKind::DataApi => format!(
                 "Aurora {} (database {}) through the Data API",
                 given(&self.db_cluster_arn).map_or("?", String::as_str),
@@ -79,6 +76,24 @@ impl Common {
     }
 }
 
+/// A PostgreSQL URL or key=value connection string as its database and hosts, never its user or
+/// password (they are not printed even when the string does not parse).
+pub fn postgres_description(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "PostgreSQL (a connection string that does not parse)".into();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let database = config.get_dbname().unwrap_or("(the user's default)");
+    format!("PostgreSQL database {} on {}", printable_short(database), printable_short(&hosts.join(",")))
+}
+
 /// A flag's value, where an empty one (an empty environment variable) counts as unset.
 fn given(value: &Option<String>) -> Option<&String> {
     value.as_ref().filter(|v| !v.is_empty())
@@ -88,6 +103,14 @@ impl Common {
     /// The typed adapter settings these flags (and their environment fallbacks) choose; a
     /// missing flag is named with its variable.
     pub fn adapter_settings(&self) -> Result<AdapterSettings> {
+        // As in Lambda: with both, a guess could point at another database, whose empty state
+        // would start this month's run again.
+        if self.store.is_none() && self.database_url().is_some() && given(&self.db_cluster_arn).is_some() {
+            bail!(
+                "both --database-url and --db-cluster-arn are set (or BATON_DATABASE_URL and BATON_DB_CLUSTER_ARN): \
+                 say --store postgres or --store data-api"
+            );
+        }
         let store = match self.store_kind() {
             StoreKind::Sqlite => StoreSettings::Sqlite { path: self.data_dir.join("baton.db") },
             StoreKind::Postgres => {
@@ -202,4 +225,23 @@ pub async fn brake_invoker(common: &Common) -> Result<LambdaInvoker> {
         bail!("--function NAME (or BATON_FUNCTION) names the Lambda function to brake");
     };
     Ok(compose::lambda_invoker(function, &Aws::default()).await)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_postgres_description_never_shows_the_user_or_password() {
+        for url in [
+            "postgres://baton:hunter2@db.example.com:5432/news?sslmode=require",
+            "postgres://baton:hunter2@db.example.com/news",
+            "host=db.example.com user=baton password=hunter2 dbname=news",
+        ] {
+            let said = super::postgres_description(url);
+            assert_eq!(said, "PostgreSQL database news on db.example.com", "{url}");
+        }
+        let said = super::postgres_description("postgres://baton:hunter2@db.example.com");
+        assert!(!said.contains("hunter2") && !said.contains("baton"), "{said}");
+        let said = super::postgres_description("postgres://baton:hunter2@[not a url");
+        assert!(!said.contains("hunter2"), "{said}");
+    }
 }
