@@ -331,6 +331,53 @@ fn every_value_the_parameters_allow_loads_in_the_function() {
     }
 }
 
+/// CloudFormation takes a template of at most 51,200 bytes inline; past that `aws cloudformation
+/// deploy` needs an S3 bucket, which neither the workflow nor its role has.
+#[test]
+fn the_template_fits_an_inline_deploy() {
+    let size = read("deploy/template.yaml").len();
+    assert!(size < 51_200, "deploy/template.yaml is {size} bytes: past 51,200 the deploy needs --s3-bucket");
+}
+
+/// Sender and unsubscribe URL go into TOML strings: what their patterns allow must load.
+#[test]
+fn the_text_parameters_allow_only_what_the_function_can_load() {
+    let t = template("deploy/template.yaml");
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "Sender",
+            &["Example Monthly <news@example.com>", "news@example.com", "Zoë Ünal <zoe@example.com>"],
+            &["a \" <x@example.com>", "a\\b <x@example.com>", "a\nb <x@example.com>", "a\u{1b}b <x@example.com>", ""],
+        ),
+        (
+            "UnsubscribeBaseUrl",
+            &["", "https://news.example.com/unsubscribe", "https://example.com/u?list=a%20b"],
+            &["http://example.com/u", "https://a\\b", "https://a b", "https://a\"b", "https://a\n"],
+        ),
+    ];
+    for (name, allowed, refused) in cases {
+        let pattern = regex::Regex::new(t["Parameters"][name]["AllowedPattern"].as_str().unwrap()).unwrap();
+        for value in refused {
+            assert!(!pattern.is_match(value), "{name} allows {value:?}");
+        }
+        for value in allowed {
+            assert!(pattern.is_match(value), "{name} refuses {value:?}");
+            let mut params = parameters(&t, GIVEN);
+            params.insert(name.to_owned(), (*value).to_owned());
+            if name == "UnsubscribeBaseUrl" && !value.is_empty() {
+                params.insert("Condition:HasCustomUnsubscribeUrl".into(), "true".into());
+            }
+            let config = deployed_config(&t, &params);
+            let newsletter = config.job("monthly-newsletter").unwrap().newsletter.clone().unwrap();
+            if name == "Sender" {
+                assert_eq!(newsletter.from, *value);
+            } else if !value.is_empty() {
+                assert_eq!(newsletter.unsubscribe_url, *value);
+            }
+        }
+    }
+}
+
 #[test]
 fn every_schedule_sends_an_event_the_binary_accepts() {
     let t = template("deploy/template.yaml");
@@ -541,10 +588,15 @@ const AL2023_GLIBC: (u32, u32) = (2, 34);
 async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     // Built as the Dockerfile builds it.
     let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lambda/bootstrap");
-    let built = std::process::Command::new(repo("scripts/build-bootstrap"))
-        .arg(&bootstrap)
-        .output()
-        .expect("scripts/build-bootstrap runs");
+    // Without the variables `cargo test` sets for a test: ring's build script depends on
+    // CARGO_MANIFEST_DIR, so with them the build scripts/test made beforehand would be redone.
+    let mut build = std::process::Command::new(repo("scripts/build-bootstrap"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO_") && !matches!(name.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR") {
+            build.env_remove(name);
+        }
+    }
+    let built = build.arg(&bootstrap).output().expect("scripts/build-bootstrap runs");
     assert!(built.status.success(), "scripts/build-bootstrap: {}", String::from_utf8_lossy(&built.stderr));
     let glibc = newest_glibc_needed(&bootstrap).expect("a glibc binary names its symbol versions");
     assert!(
@@ -584,13 +636,25 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     // 14 a second (the default, SES's starter quota) would take a minute and more.
     params.insert("SendRate".into(), "300".into());
     let mut environment = function_environment(&t, "ChainFunction", &params);
+    // As deployed, the function reaches the stack's cluster and secret through the Data API
+    // (what Lambda mode reads from its environment, with AWS_LAMBDA_FUNCTION_NAME from Lambda).
+    let deployed = environment.clone();
+    let var = |name: &str| match name {
+        "AWS_LAMBDA_FUNCTION_NAME" => Some("baton-newsletter-chains".to_owned()),
+        _ => deployed.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).filter(|v| !v.is_empty()),
+    };
+    let settings = baton::compose::AdapterSettings::from_vars(var).expect("the deployed environment composes");
+    let baton::compose::StoreSettings::DataApi(target) = &settings.store else { panic!("{:?}", settings.store) };
+    assert_eq!(
+        (target.resource_arn.as_str(), target.secret_arn.as_str(), target.database.as_str()),
+        (
+            params["DatabaseCluster.DBClusterArn"].as_str(),
+            params["DatabaseSecret"].as_str(),
+            params["DatabaseName"].as_str()
+        )
+    );
     let names: Vec<&str> = environment.iter().map(|(n, _)| n.as_str()).collect();
-    for needed in [
-        "BATON_CONFIG_OVERRIDES",
-        "BATON_UNSUBSCRIBE_SECRET_ARN",
-        "BATON_SES_CONFIGURATION_SET",
-        "BATON_DB_CLUSTER_ARN",
-    ] {
+    for needed in ["BATON_CONFIG_OVERRIDES", "BATON_UNSUBSCRIBE_SECRET_ARN", "BATON_SES_CONFIGURATION_SET"] {
         assert!(names.contains(&needed), "the chains' function has no {needed}: {names:?}");
     }
     // As the image sets it; and the Data API swapped for a direct connection to the test server
@@ -602,12 +666,12 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     let environment: Vec<(&str, String)> = environment.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
     let ses = Arc::new(FakeSes { max_send_rate: 2000.0, ..Default::default() });
     let (em, addr) = emulator::serve(ses.clone()).await;
-    let lambda = emulator::launch(&bootstrap, addr, &environment);
+    let mut lambda = emulator::launch(&bootstrap, addr, &environment);
 
     // The monthly schedule's input, as Scheduler sends it.
     let start = &t["Resources"]["MonthlyStart"]["Properties"]["Target"]["Input"]["Fn::Sub"];
     let start = sub(start, &params).replace("<aws.scheduler.scheduled-time>", "2026-12-01T08:00:00Z");
-    let (ok, body) = em.result(&em.enqueue(start.as_bytes())).await;
+    let (ok, body) = lambda.answer(&em, &em.enqueue(start.as_bytes())).await;
     assert!(ok, "{body}\n{}", lambda.stderr.lock().unwrap().join("\n"));
     let started: J = serde_json::from_str(&body).unwrap();
     let confirmed = (1..=1200).filter(|i| i % 7 != 0).count();
@@ -638,6 +702,13 @@ async fn the_release_bootstrap_runs_on_al2023_and_serves_the_scheduled_start() {
     let unique: std::collections::HashSet<_> = sent.iter().collect();
     assert_eq!((sent.len(), unique.len()), (confirmed, confirmed), "every confirmed subscriber once, nobody else");
     assert!(!sent.contains(&"reader7@example.com".to_owned()), "an unconfirmed subscriber was mailed");
+    // Its metric lines go to the stack's namespace (the one its StuckChains alarm watches).
+    let namespace = var("BATON_METRICS_NAMESPACE").expect("a metrics namespace");
+    let lines = lambda.stdout.lock().unwrap().clone();
+    let emf: Vec<J> =
+        lines.iter().filter_map(|l| serde_json::from_str::<J>(l).ok()).filter(|v| v.get("_aws").is_some()).collect();
+    let elsewhere = emf.iter().filter(|v| v["_aws"]["CloudWatchMetrics"][0]["Namespace"] != namespace.as_str());
+    assert!(!emf.is_empty() && elsewhere.count() == 0, "not all under {namespace}: {emf:?}");
     // Read once, at the sandbox's start, from the secret the template names.
     assert_eq!(*em.secrets_read.lock().unwrap(), vec![params["UnsubscribeSecret"].clone()]);
     // Links point at the stack's unsubscribe endpoint and are signed with the stored key.

@@ -206,6 +206,28 @@ fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<Str
     lines
 }
 
+impl Launched {
+    /// The answer to invocation `id`; if the process exits first (a sandbox that cannot start),
+    /// a panic with what it printed on stderr.
+    pub async fn answer(&mut self, em: &Emulator, id: &str) -> (bool, String) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(r) = em.results.lock().unwrap().get(id) {
+                return r.clone();
+            }
+            if let Ok(Some(status)) = self.process.try_wait() {
+                tokio::time::sleep(Duration::from_millis(200)).await; // the last stderr lines
+                panic!(
+                    "the function exited ({status}) before answering {id}:\n{}",
+                    self.stderr.lock().unwrap().join("\n")
+                );
+            }
+            assert!(tokio::time::Instant::now() < until, "no answer for {id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for Launched {
     fn drop(&mut self) {
         let _ = self.process.kill();
