@@ -294,6 +294,25 @@ fn the_template_keeps_the_settings_chains_depend_on() {
     );
 }
 
+/// Checks `name`'s `AllowedPattern` refuses every value of `refused` and allows every value of
+/// `allowed`, and returns the function's config as each allowed value deploys it.
+fn configs_for_allowed(t: &J, name: &str, allowed: &[&str], refused: &[&str]) -> Vec<(String, Config)> {
+    let pattern = regex::Regex::new(t["Parameters"][name]["AllowedPattern"].as_str().unwrap()).unwrap();
+    for value in refused {
+        assert!(!pattern.is_match(value), "{name} allows {value:?}");
+    }
+    let mut configs = Vec::new();
+    for value in allowed {
+        assert!(pattern.is_match(value), "{name} refuses {value:?}");
+        let mut params = parameters(t, GIVEN);
+        params.insert(name.to_owned(), (*value).to_owned());
+        let custom_url = !params["UnsubscribeBaseUrl"].is_empty();
+        params.insert("Condition:HasCustomUnsubscribeUrl".into(), custom_url.to_string());
+        configs.push(((*value).to_owned(), deployed_config(t, &params)));
+    }
+    configs
+}
+
 /// The parameters that go into the job's TOML: every value their patterns allow loads in the
 /// function (a margin too large for the timeout, a number TOML refuses, would stop every cold
 /// start of a stack that deployed cleanly), and the values TOML would refuse are not allowed.
@@ -307,17 +326,8 @@ fn every_value_the_parameters_allow_loads_in_the_function() {
         ("SendRate", &["0", "0.5", "14", "999999.999"], &[".5", "014", "1e3", "-1", "1.2345"]),
     ];
     for (name, allowed, refused) in cases {
-        let parameter = &t["Parameters"][name];
-        assert_eq!(parameter["Type"], "String", "{name}: a Number would pass 02 or .5 on to TOML");
-        let pattern = regex::Regex::new(parameter["AllowedPattern"].as_str().unwrap()).unwrap();
-        for value in refused {
-            assert!(!pattern.is_match(value), "{name} allows {value:?}");
-        }
-        for value in allowed {
-            assert!(pattern.is_match(value), "{name} refuses {value:?}");
-            let mut params = parameters(&t, GIVEN);
-            params.insert(name.to_owned(), (*value).to_owned());
-            let config = deployed_config(&t, &params);
+        assert_eq!(t["Parameters"][name]["Type"], "String", "{name}: a Number would pass 02 or .5 on to TOML");
+        for (value, config) in configs_for_allowed(&t, name, allowed, refused) {
             if name == "HopTimeoutSeconds" {
                 let hop_timeout = config.settings.hop_timeout.as_secs();
                 assert_eq!(hop_timeout, value.parse::<u64>().unwrap());
@@ -356,23 +366,12 @@ fn the_text_parameters_allow_only_what_the_function_can_load() {
         ),
     ];
     for (name, allowed, refused) in cases {
-        let pattern = regex::Regex::new(t["Parameters"][name]["AllowedPattern"].as_str().unwrap()).unwrap();
-        for value in refused {
-            assert!(!pattern.is_match(value), "{name} allows {value:?}");
-        }
-        for value in allowed {
-            assert!(pattern.is_match(value), "{name} refuses {value:?}");
-            let mut params = parameters(&t, GIVEN);
-            params.insert(name.to_owned(), (*value).to_owned());
-            if name == "UnsubscribeBaseUrl" && !value.is_empty() {
-                params.insert("Condition:HasCustomUnsubscribeUrl".into(), "true".into());
-            }
-            let config = deployed_config(&t, &params);
+        for (value, config) in configs_for_allowed(&t, name, allowed, refused) {
             let newsletter = config.job("monthly-newsletter").unwrap().newsletter.clone().unwrap();
             if name == "Sender" {
-                assert_eq!(newsletter.from, *value);
+                assert_eq!(newsletter.from, value);
             } else if !value.is_empty() {
-                assert_eq!(newsletter.unsubscribe_url, *value);
+                assert_eq!(newsletter.unsubscribe_url, value);
             }
         }
     }
