@@ -5,15 +5,15 @@
 /// Rewrites `:name` parameters as `$n`, returning the new SQL and the parameter names in
 /// position order (a name used twice gets one position).
 pub fn to_positional(sql: &str) -> (String, Vec<String>) {
+    // Positions by name in a map: a page's statements carry thousands of parameters, and a
+    // scan of the list per parameter made rewriting them O(n²).
     let mut names: Vec<String> = Vec::new();
+    let mut positions: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let out = rewrite(sql, |name| {
-        let pos = match names.iter().position(|n| n == name) {
-            Some(p) => p,
-            None => {
-                names.push(name.to_owned());
-                names.len() - 1
-            }
-        };
+        let pos = *positions.entry(name.to_owned()).or_insert_with(|| {
+            names.push(name.to_owned());
+            names.len() - 1
+        });
         format!("${}", pos + 1)
     });
     (out, names)

@@ -111,23 +111,33 @@ fn classify(e: rusqlite::Error) -> SqlError {
 fn run_one(conn: &Connection, stmt: &Stmt) -> rusqlite::Result<Rows> {
     let mut prepared = conn.prepare_cached(&stmt.sql)?;
     let by_name = stmt.params.by_name();
-    let mut bound: Vec<(String, Param<'_>)> = Vec::new();
-    for i in 1..=prepared.parameter_count() {
-        let name = prepared.parameter_name(i).unwrap_or_default().to_owned();
-        let value = by_name.get(name.trim_start_matches(':')).copied().ok_or_else(|| {
-            rusqlite::Error::InvalidParameterName(format!("{name} (no value given for this parameter)"))
-        })?;
-        bound.push((name, Param(value)));
+    // Bound by position. SQLite numbers `:name` parameters in order of first use, which is the
+    // order `names` reads them in: asking SQLite for each position's name (or binding by name)
+    // scans its list of names each time, O(n²) for the thousand-row statements of a page.
+    let mut names = crate::sql::params::names(&stmt.sql);
+    let count = prepared.parameter_count();
+    let agrees = |i: usize| prepared.parameter_name(i).and_then(|n| n.strip_prefix(':')) == Some(names[i - 1].as_str());
+    if names.len() != count || (count > 0 && !(agrees(1) && agrees(count))) {
+        // Text baton's reader takes apart otherwise than SQLite (a `[bracketed]` or backquoted
+        // name holding a colon, in a source query of the user's): SQLite's own names, slowly.
+        names = (1..=count)
+            .map(|i| prepared.parameter_name(i).unwrap_or_default().trim_start_matches(':').to_owned())
+            .collect();
     }
-    let refs: Vec<(&str, &dyn ToSql)> = bound.iter().map(|(n, p)| (n.as_str(), p as &dyn ToSql)).collect();
+    for (i, name) in names.iter().enumerate() {
+        let value = by_name.get(name.as_str()).copied().ok_or_else(|| {
+            rusqlite::Error::InvalidParameterName(format!(":{name} (no value given for this parameter)"))
+        })?;
+        prepared.raw_bind_parameter(i + 1, Param(value))?;
+    }
     let columns: Vec<String> = prepared.column_names().iter().map(|c| c.to_string()).collect();
     if columns.is_empty() {
-        let affected = prepared.execute(refs.as_slice())? as u64;
+        let affected = prepared.raw_execute()? as u64;
         return Ok(Rows { columns, rows: Vec::new(), affected });
     }
     let width = columns.len();
     let mut rows = Vec::new();
-    let mut cursor = prepared.query(refs.as_slice())?;
+    let mut cursor = prepared.raw_query();
     while let Some(row) = cursor.next()? {
         let mut values = Vec::with_capacity(width);
         for i in 0..width {
