@@ -189,7 +189,7 @@ fn default_key_column() -> String {
     "id".into()
 }
 fn default_page_size() -> u32 {
-    100
+    1000
 }
 fn default_chains() -> u32 {
     4
@@ -251,8 +251,8 @@ pub struct NewsletterConfig {
 fn default_email_column() -> String {
     "email".into()
 }
-fn default_in_flight() -> u32 {
-    32
+pub fn default_in_flight() -> u32 {
+    64
 }
 fn default_max_attempts() -> u32 {
     6

@@ -92,6 +92,7 @@ impl LocalRuntime {
         let mut interrupts = 0u32;
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
+        let mut watch = Watch::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -122,6 +123,11 @@ impl LocalRuntime {
                 }
                 next_sweep = Instant::now() + sweep_every;
             }
+            // Polled when a page closed or a hop ended here, and now and then for changes made elsewhere
+            // (`baton pause` in another terminal): a statement per page at most, not per tick.
+            if !watch.due(&self.engine) {
+                continue;
+            }
             let progress = self.engine.progress(run_id).await?;
             update_bar(&bar, &progress);
             if progress.is_settled() {
@@ -144,6 +150,43 @@ impl LocalRuntime {
 impl Drop for LocalRuntime {
     fn drop(&mut self) {
         self.queue.abort();
+    }
+}
+
+/// When a watcher in the engine's process polls a run's progress: after pages closed or hops
+/// ended here (at most every [`Watch::MIN`]), or after [`Watch::IDLE`] without any, for
+/// changes made by other processes.
+#[derive(Default)]
+pub struct Watch {
+    seen: Option<(u64, Instant)>,
+}
+
+impl Watch {
+    pub const MIN: Duration = Duration::from_millis(100);
+    pub const IDLE: Duration = Duration::from_secs(2);
+
+    pub fn due(&mut self, engine: &Engine) -> bool {
+        let (pages, now) = (engine.changes(), Instant::now());
+        let due = match self.seen {
+            None => true,
+            Some((seen, at)) => (pages != seen && now >= at + Self::MIN) || now >= at + Self::IDLE,
+        };
+        if due {
+            self.seen = Some((pages, now));
+        }
+        due
+    }
+}
+
+/// Polls `run_id` with [`Watch`] until it is final or paused; returns its last status (the
+/// benchmark's runs, whose chains run in this process behind a Lambda `Invoke` endpoint).
+pub async fn watch_until_settled(engine: &Engine, run_id: &str) -> Result<RunStatus, EngineError> {
+    let mut watch = Watch::default();
+    loop {
+        if watch.due(engine) && engine.progress(run_id).await?.is_settled() {
+            return Ok(engine.status(Some(run_id)).await?.expect("run exists"));
+        }
+        tokio::time::sleep(Watch::MIN).await;
     }
 }
 

@@ -4,7 +4,12 @@
 //! Per page the hop issues a fixed number of statements whatever the page size: claim the page,
 //! (settle a crashed owner's claims, only on a re-offered page), load its rows, claim its items,
 //! write results, (drop unattempted claims, only when the budget ran out mid-page), finish or
-//! release the page, heartbeat.
+//! release the page. A heartbeat every few seconds tells the sweeper the chain lives and the hop
+//! whether the run still runs (the kill switch mid-page) and how many chains share its rate.
+//!
+//! A hop holds at most two pages: the one being sent and, once that one's last window's worth
+//! of items is left to start, the next, whose sends take the slots the first one's tail frees
+//! (one window of `in_flight` slots for the hop), so the window stays full across pages.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,6 +32,9 @@ struct Page {
     hi: String,
     attempts: i64,
     lease_expires_at: i64,
+    /// Chains active, and pages left pending, when it was claimed.
+    live_chains: Option<i64>,
+    pending_pages: Option<i64>,
 }
 
 impl Page {
@@ -37,6 +45,8 @@ impl Page {
             hi: r.text("hi")?.unwrap_or_default(),
             attempts: r.int("attempts")?,
             lease_expires_at: r.int("lease_expires_at")?,
+            live_chains: r.opt_int("live_chains")?,
+            pending_pages: r.opt_int("pending_pages")?,
         })
     }
 }
@@ -134,6 +144,7 @@ impl Engine {
         if let Some((outcome, pages)) = ended {
             self.note(st::end_hop(run_id, chain, hop, &token, outcome, pages, self.now_ms())).await;
         }
+        self.changed();
         result
     }
 
@@ -290,57 +301,218 @@ impl Engine {
 
     /// Claims and processes pages until the budget is nearly spent. Returns the pages done and
     /// whether the chain continues.
+    ///
+    /// The hop's sends share one window of the kind's `in_flight` slots. Once the page being
+    /// sent has its last window's worth of items left to start, the next page is claimed and
+    /// loaded, and its items take the slots the first page's tail frees: the window stays full
+    /// across pages instead of draining at every page's end. At most two pages are held at once.
     async fn page_loop(&self, this: &ThisHop<'_>) -> Result<(u32, LoopEnd), EngineError> {
-        let soft = this.soft;
-        // Unique per invocation: a duplicate delivery that somehow got this far could not pass
-        // for this hop's lease holder.
-        let owner = format!("c{}h{}.{}", this.chain, this.hop, &this.token[..12]);
-        let lease_ms = self.config.settings.lease().as_millis() as i64;
-        let (mut pages, mut retries) = (0u32, 0);
-        // Do not start a page that would likely outlast the budget: keep the slowest page seen.
-        let mut slowest = std::time::Duration::ZERO;
-        while Instant::now() + slowest < soft {
-            // The claim also checks that the run is `running`: the kill switch.
-            let (run, chain) = (this.run, this.chain);
-            let claim = st::claim_page(&run.run_id, chain, this.hop, run.chains, &owner, self.now_ms(), lease_ms);
-            let Some(page) = self.sql(claim).await?.first().map(Page::from_record).transpose()? else {
-                match self.no_page(run, chain, this.hop, this.token).await? {
-                    NoPage::Then(next) => return Ok((pages, LoopEnd::ChainStops(next))),
-                    NoPage::TryAgain if retries < CLAIM_RETRIES => {
-                        retries += 1;
+        let window = Arc::new(tokio::sync::Semaphore::new(match this.job {
+            Job::Items(j) => j.in_flight().max(1),
+            Job::Ranges(_) => 1,
+        }));
+        // Pages being processed, each closing itself (finish or release, act on what it found)
+        // when done; every await below polls them too, so no page's sends wait on a statement.
+        let mut held = futures::stream::FuturesUnordered::new();
+        let mut done = Closed::new(Instant::now() + self.beat_every());
+        let (mut claimed, mut retries) = (0u32, 0);
+        // The latest page's progress in starting its sends: the next is claimed as it nears its end.
+        let mut latest: Option<Arc<Started>> = None;
+        loop {
+            let within_budget = self.config.settings.max_pages_per_hop.is_none_or(|max| claimed < max);
+            // Whether another page may be claimed now, its turn aside.
+            let may_claim =
+                done.may_claim(held.is_empty()) && within_budget && Instant::now() + done.slowest < this.soft;
+            let turn = match held.len() {
+                0 => true,
+                // A second page only if the first nears its end and a send can start before
+                // the budget ends (rate-limited, its claims would only be released again).
+                1 => latest.as_ref().is_some_and(|l| l.nearly_all()) && self.sends_in_budget(this),
+                _ => false,
+            };
+            if may_claim && turn {
+                match self.claim_next(this, claimed, &mut held, &mut done).await {
+                    Some((owner, page)) => {
+                        claimed += 1;
+                        let started = Arc::new(Started::default());
+                        latest = Some(started.clone());
+                        let sends = Sends { window: window.clone(), started, halt: done.halt.clone() };
+                        held.push(self.run_page(this, owner, page, sends));
                         continue;
                     }
-                    NoPage::TryAgain => break,
+                    None if held.is_empty() && done.failed.is_none() => {
+                        match self.no_page(this.run, this.chain, this.hop, this.token).await? {
+                            NoPage::Then(next) => return Ok((done.pages, LoopEnd::ChainStops(next))),
+                            NoPage::TryAgain if retries < CLAIM_RETRIES => retries += 1,
+                            NoPage::TryAgain => break,
+                        }
+                        continue;
+                    }
+                    None => done.exhausted = true,
                 }
-            };
-            let page_started = Instant::now();
-            let attributes =
-                vec![KeyValue::new("baton.page", page.page_no), KeyValue::new("baton.page_attempt", page.attempts)];
-            let process = async {
-                match this.job {
-                    Job::Items(j) => self.process_items(run, chain, &owner, &page, j, (soft, this.deadline)).await,
-                    Job::Ranges(j) => self.process_range(run, &page, j, soft).await,
-                }
-            };
-            let report = self.tracing.in_span("page", attributes, process).await?;
-            let ms = page_started.elapsed().as_millis() as u64;
-            tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
-            let now = self.close_page(this, &owner, &page, &report).await?;
-            pages += 1;
-            metrics::page();
-            slowest = slowest.max(page_started.elapsed());
-            self.act_on_page(run, &report, now).await?;
-            // A page that needs another invocation (budget spent mid-page, or the kind said so)
-            // hands over to the next hop rather than spin on it here.
-            if self.config.settings.max_pages_per_hop.is_some_and(|max| pages >= max) || !report.finished {
+            }
+            if held.is_empty() {
                 break;
             }
+            // Only a turn to come: one that came (its claim not made or declined) would end the
+            // wait at once, and the loop would spin.
+            let next_due = latest.clone().filter(|l| held.len() == 1 && may_claim && !l.nearly_all());
+            self.wait_for_pages(this, &mut held, &mut done, next_due).await;
         }
-        Ok((pages, LoopEnd::HandOver))
+        if let Some(e) = done.failed {
+            return Err(e);
+        }
+        // The next hop starts from this one's `send_after`.
+        self.heartbeat(this).await?;
+        Ok((done.pages, LoopEnd::HandOver))
     }
 
-    /// After a page: finish or release it, and heartbeat (with when the chain may send next).
-    /// Returns the time it used.
+    /// Whether the job can start a send before this hop's budget ends (not when rate-limited
+    /// with its next slot past it).
+    fn sends_in_budget(&self, this: &ThisHop<'_>) -> bool {
+        let left_ms = this.soft.saturating_duration_since(Instant::now()).as_millis() as i64;
+        match this.job {
+            Job::Items(j) => j.send_after_ms().is_none_or(|at| at < self.now_ms() + left_ms),
+            Job::Ranges(_) => true,
+        }
+    }
+
+    /// How often a hop heartbeats: at most every [`HEARTBEAT_EVERY`], a quarter of `hop_timeout`
+    /// if less.
+    fn beat_every(&self) -> std::time::Duration {
+        HEARTBEAT_EVERY.min(self.config.settings.hop_timeout / 4)
+    }
+
+    /// Claims the next page (the kill switch: only while the run is `running`) while the pages
+    /// held go on, and takes the run's rate share the claim reports. A claim that fails for good
+    /// fails the hop once the pages held are settled (`done.failed`).
+    async fn claim_next<F>(
+        &self,
+        this: &ThisHop<'_>,
+        claimed: u32,
+        held: &mut futures::stream::FuturesUnordered<F>,
+        done: &mut Closed,
+    ) -> Option<(String, Page)>
+    where
+        F: std::future::Future<Output = Result<(Instant, PageReport), EngineError>>,
+    {
+        // Unique per invocation and per page it holds: a duplicate delivery that somehow got
+        // this far could not pass for this hop's lease holder, and the claim of the next page
+        // cannot take back the page still being sent (a claim returns the page its owner
+        // already holds, for a re-run whose answer was lost).
+        let owner = format!("c{}h{}.{}.{}", this.chain, this.hop, &this.token[..12], claimed);
+        let (run, lease_ms) = (this.run, self.config.settings.lease().as_millis() as i64);
+        let claim = st::claim_page(&run.run_id, this.chain, this.hop, run.chains, &owner, self.now_ms(), lease_ms);
+        let claimed = {
+            let claim = self.sql(claim);
+            tokio::pin!(claim);
+            loop {
+                tokio::select! {
+                    rows = &mut claim => break rows,
+                    Some(closed) = held.next() => done.page(closed),
+                }
+            }
+        };
+        let read = |rows: Rows| rows.first().map(Page::from_record).transpose().map_err(EngineError::from);
+        let page = match claimed.map_err(EngineError::from).and_then(read) {
+            Ok(found) => found?,
+            Err(e) => {
+                done.fail(e);
+                return None;
+            }
+        };
+        let (live, pending) = (page.live_chains, page.pending_pages);
+        // The claim proves the run is running: sends may start again.
+        done.halt.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let (Job::Items(j), Some(live)) = (this.job, live) {
+            j.share_rate(live.max(1) as u32);
+            // Fewer pages left than chains: some chains end soon, and their share of the rate
+            // should not end with them.
+            done.tail |= pending.is_some_and(|p| p < live);
+        }
+        Some((owner, page))
+    }
+
+    /// Waits for a held page to close, for the latest one (`next_due`) to near its end, or for
+    /// the next heartbeat: it tells the sweeper the chain lives and answers whether the run still
+    /// runs (if not, no more sends start: pause and cancel take effect within a heartbeat) and
+    /// how many chains share its rate (near the run's end, rate-limited, every second, since
+    /// chains that ended leave their share to the others).
+    async fn wait_for_pages<F>(
+        &self,
+        this: &ThisHop<'_>,
+        held: &mut futures::stream::FuturesUnordered<F>,
+        done: &mut Closed,
+        next_due: Option<Arc<Started>>,
+    ) where
+        F: std::future::Future<Output = Result<(Instant, PageReport), EngineError>>,
+    {
+        let next_due = async move {
+            match next_due {
+                Some(l) => l.wait_nearly_all().await,
+                None => std::future::pending().await,
+            }
+        };
+        let at = done.next_beat;
+        let beat = async move {
+            tokio::time::sleep_until(at).await;
+            self.heartbeat(this).await
+        };
+        tokio::select! {
+            Some(closed) = held.next() => done.page(closed),
+            _ = next_due => {}
+            beat = beat => {
+                let rate_limited = matches!(this.job, Job::Items(j) if j.seconds_per_item().is_some());
+                let every = match (done.exhausted || done.tail) && rate_limited {
+                    true => LIVE_CHAINS_EVERY.min(self.beat_every()),
+                    false => self.beat_every(),
+                };
+                done.next_beat = Instant::now() + every;
+                match beat {
+                    Ok(Some(Pulse { running, live })) => {
+                        if let (Job::Items(j), Some(live)) = (this.job, live) {
+                            j.share_rate(live.max(1) as u32);
+                        }
+                        done.halt.store(!running, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    // The chain moved on without this hop (the sweeper restarted it): stop.
+                    Ok(None) => done.halt.store(true, std::sync::atomic::Ordering::SeqCst),
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed; the next one may pass"),
+                }
+            }
+        }
+    }
+
+    /// Processes one claimed page under its span, then closes it (finish or release it, act on
+    /// what it found); returns when it started and what it came to.
+    async fn run_page(
+        &self,
+        this: &ThisHop<'_>,
+        owner: String,
+        page: Page,
+        sends: Sends,
+    ) -> Result<(Instant, PageReport), EngineError> {
+        let page_started = Instant::now();
+        let (run, soft) = (this.run, this.soft);
+        let attributes =
+            vec![KeyValue::new("baton.page", page.page_no), KeyValue::new("baton.page_attempt", page.attempts)];
+        let process = async {
+            match this.job {
+                Job::Items(j) => self.process_items(this, &owner, &page, j, sends).await,
+                Job::Ranges(j) => self.process_range(run, &page, j, soft).await,
+            }
+        };
+        let report = self.tracing.in_span("page", attributes, process).await?;
+        let ms = page_started.elapsed().as_millis() as u64;
+        tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
+        let now = self.close_page(this, &owner, &page, &report).await?;
+        metrics::page();
+        self.changed();
+        self.act_on_page(this.run, &report, now).await?;
+        Ok((page_started, report))
+    }
+
+    /// After a page: finish or release it. Returns the time it used.
     async fn close_page(
         &self,
         this: &ThisHop<'_>,
@@ -350,12 +522,21 @@ impl Engine {
     ) -> Result<i64, EngineError> {
         let (run_id, now) = (this.run.run_id.as_str(), self.now_ms());
         self.finish_page(run_id, page.page_no, owner, report.finished).await?;
+        Ok(now)
+    }
+
+    /// Tells the sweeper the chain is alive, with when it may send next; answers whether the
+    /// run still runs and how many chains are active (`None`: the chain is no longer at this
+    /// hop).
+    async fn heartbeat(&self, this: &ThisHop<'_>) -> Result<Option<Pulse>, EngineError> {
         let send_after = match this.job {
             Job::Items(j) => j.send_after_ms(),
             Job::Ranges(_) => None,
         };
-        self.sql(st::heartbeat(run_id, this.chain, this.hop, now, send_after)).await?;
-        Ok(now)
+        let rows = self.sql(st::heartbeat(&this.run.run_id, this.chain, this.hop, self.now_ms(), send_after)).await?;
+        let Some(r) = rows.first() else { return Ok(None) };
+        let running = r.text("run_status")?.as_deref() == Some(RunState::Running.as_str());
+        Ok(Some(Pulse { running, live: r.opt_int("live_chains")? }))
     }
 
     /// Acts on what a page found: a fatal failure fails the run, a stop pauses it, failures
@@ -488,13 +669,13 @@ impl Engine {
     /// outcome → record the results, a fixed number of statements whatever the page size.
     async fn process_items(
         &self,
-        run: &RunRow,
-        chain: i64,
+        this: &ThisHop<'_>,
         owner: &str,
         page: &Page,
         job: &Arc<dyn ItemJob>,
-        (soft, deadline): (Instant, Instant),
+        sends: Sends,
     ) -> Result<PageReport, EngineError> {
+        let (run, chain, soft, deadline) = (this.run, this.chain, this.soft, this.deadline);
         let (work, decided) = match self.claim_items(run, owner, page, job, soft).await? {
             Claim::Empty => return Ok(PageReport { finished: true, ..Default::default() }),
             Claim::TooLate => return Ok(PageReport::default()),
@@ -511,7 +692,7 @@ impl Engine {
             soft_deadline: soft,
         };
         let batch = self.tracing.child("mail batch", vec![KeyValue::new("baton.items", work.len() as i64)]);
-        let send = send_until_cutoff(job, work, cx, deadline, page.page_no);
+        let send = send_until_cutoff(job, work, cx, deadline, page.page_no, sends);
         let outcomes = match &batch {
             Some(batch) => trace::within(batch.clone(), send).await,
             None => send.await,
@@ -761,26 +942,18 @@ async fn send_until_cutoff(
     cx: ItemContext,
     deadline: Instant,
     page_no: i64,
+    sends: Sends,
 ) -> Vec<(String, ItemOutcome)> {
     let cutoff = cx.soft_deadline + deadline.saturating_duration_since(cx.soft_deadline) / 2;
     let work_keys: Vec<String> = work.iter().map(|i| i.key.clone()).collect();
     let started: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
     let mut outcomes: Vec<(String, ItemOutcome)> = Vec::with_capacity(work_keys.len());
+    let in_flight = job.in_flight().max(1);
+    sends.started.expect(work_keys.len(), in_flight);
     {
         let (job, cx, started) = (job.clone(), Arc::new(cx), started.clone());
-        let in_flight = job.in_flight().max(1);
         let mut stream = futures::stream::iter(work)
-            .map(move |item| {
-                let (job, cx, started) = (job.clone(), cx.clone(), started.clone());
-                async move {
-                    if Instant::now() >= cx.soft_deadline {
-                        return (item.key, ItemOutcome::Released);
-                    }
-                    started.lock().expect("not poisoned").insert(item.key.clone());
-                    let outcome = job.process(&item, &cx).await;
-                    (item.key, outcome)
-                }
-            })
+            .map(move |item| send_one(job.clone(), cx.clone(), item, started.clone(), sends.clone()))
             .buffer_unordered(in_flight)
             .boxed();
         while let Ok(Some(done)) = tokio::time::timeout_at(cutoff, stream.next()).await {
@@ -806,6 +979,160 @@ async fn send_until_cutoff(
     }
     tracing::debug!(page = page_no, outcomes = outcomes.len(), "items processed");
     outcomes
+}
+
+/// What a heartbeat answers.
+struct Pulse {
+    /// The run is `running`.
+    running: bool,
+    /// Chains active.
+    live: Option<i64>,
+}
+
+/// What the pages of a hop came to, and what it has learned.
+struct Closed {
+    pages: u32,
+    /// The slowest page so far: no page is claimed that would likely outlast the budget.
+    slowest: std::time::Duration,
+    /// A page needs another invocation (budget spent mid-page, or the kind said so): the hop
+    /// hands over to the next hop rather than spin on it.
+    stop_claiming: bool,
+    /// No page was claimable while one was held: claim again once it is closed (it may be the
+    /// run's last, and only then can the chain end or complete the run).
+    exhausted: bool,
+    /// The run has fewer pages left than live chains: chains are ending.
+    tail: bool,
+    /// A statement failed for good: the hop fails with this once the pages it holds are
+    /// settled (dropping one mid-send would leave all its claims `unknown`, sent or not).
+    failed: Option<EngineError>,
+    /// No more sends start (shared with the pages' sends): a statement failed, the run is no
+    /// longer running, or the chain moved on without this hop.
+    halt: Arc<std::sync::atomic::AtomicBool>,
+    next_beat: Instant,
+}
+
+impl Closed {
+    fn new(next_beat: Instant) -> Closed {
+        Closed {
+            pages: 0,
+            slowest: std::time::Duration::ZERO,
+            stop_claiming: false,
+            exhausted: false,
+            tail: false,
+            failed: None,
+            halt: Arc::default(),
+            next_beat,
+        }
+    }
+
+    fn page(&mut self, closed: Result<(Instant, PageReport), EngineError>) {
+        self.exhausted = false;
+        match closed {
+            Ok((started, report)) => {
+                self.pages += 1;
+                self.slowest = self.slowest.max(started.elapsed());
+                self.stop_claiming |= !report.finished;
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: EngineError) {
+        self.failed.get_or_insert(e);
+        self.halt.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Halted by a heartbeat, a page is claimed only once none is held: the claim then finds
+    /// the run stopped (and the chain parks or ends), or running again.
+    fn may_claim(&self, none_held: bool) -> bool {
+        let halted = self.halt.load(std::sync::atomic::Ordering::SeqCst);
+        !self.exhausted && !self.stop_claiming && self.failed.is_none() && (none_held || !halted)
+    }
+}
+
+/// Heartbeats at most this often (or a quarter of `hop_timeout`, if less): a statement per
+/// page would be a good part of a fast run's statements, and the sweeper calls a chain stale
+/// only after more than a `hop_timeout` without one.
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a hop near the run's end (no page left to claim, or fewer than chains) asks how
+/// many chains still run, to take up the rate share of those that ended.
+const LIVE_CHAINS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A page's part in the hop's send window: the shared slots, its progress in starting, and
+/// the hop's halt (set: no more sends start).
+#[derive(Clone)]
+struct Sends {
+    window: Arc<tokio::sync::Semaphore>,
+    started: Arc<Started>,
+    halt: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How far a page is in starting its sends: "nearly all" once no more than a window's worth
+/// is left to start, which is when the hop claims the next page. A page that ends without
+/// sending (nothing to send, claimed too late, the source changed) never is: the next page is
+/// claimed once it is closed, and only if it finished.
+#[derive(Default)]
+struct Started {
+    /// Items left to start before the page counts as nearly all started; `usize::MAX` until
+    /// the page knows its items.
+    left: std::sync::atomic::AtomicUsize,
+    known: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Started {
+    fn expect(&self, items: usize, window: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.left.store(items.saturating_sub(window), SeqCst);
+        self.known.store(true, SeqCst);
+        if items <= window {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn one_started(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Ok(1) = self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn nearly_all(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.known.load(SeqCst) && self.left.load(SeqCst) == 0
+    }
+
+    async fn wait_nearly_all(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.nearly_all() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One item through the hop's window: a slot (shared with the next page's sends), then its
+/// send, unless the hop halted or the soft deadline passed. (The window is never closed: an
+/// error getting a slot would only mean no limit, so the item is released too.)
+async fn send_one(
+    job: Arc<dyn ItemJob>,
+    cx: Arc<ItemContext>,
+    item: Item,
+    started: Arc<std::sync::Mutex<HashSet<String>>>,
+    sends: Sends,
+) -> (String, ItemOutcome) {
+    let slot = sends.window.acquire_owned().await;
+    sends.started.one_started();
+    let halted = sends.halt.load(std::sync::atomic::Ordering::SeqCst);
+    if slot.is_err() || halted || Instant::now() >= cx.soft_deadline {
+        return (item.key, ItemOutcome::Released);
+    }
+    started.lock().expect("not poisoned").insert(item.key.clone());
+    let outcome = job.process(&item, &cx).await;
+    (item.key, outcome)
 }
 
 /// A page's outcomes sorted into what is recorded and what is released.

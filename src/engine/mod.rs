@@ -219,12 +219,24 @@ pub struct Engine {
     config: Config,
     kinds: KindRegistry,
     tracing: Tracing,
+    /// Pages closed and hops ended in this process: a watcher in the same process polls the
+    /// state tables only when it moved, so watching costs no statements while nothing changes.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
     pub fn new(parts: EngineParts) -> Self {
         let EngineParts { store, invoker, mailer, clock, config, kinds, tracing } = parts;
-        Self { store, invoker, mailer, clock, config, kinds, tracing }
+        Self { store, invoker, mailer, clock, config, kinds, tracing, changes: Default::default() }
+    }
+
+    /// Pages closed (finished or released) and hops ended in this process so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &Arc<dyn SqlStore> {

@@ -113,8 +113,8 @@ pub struct ChainStatus {
     /// Set when those losses look systematic rather than chance (see [`loss_pattern`]).
     pub warning: Option<String>,
     pub heartbeat_at_ms: i64,
-    /// How long ago the chain last showed life (a heartbeat after each page, a hop's start, a
-    /// restart).
+    /// How long ago the chain last showed life (a hop's heartbeat every 5 s or quarter
+    /// `hop_timeout`, a hop's start or hand-over, a restart).
     pub heartbeat_age_ms: i64,
     /// An active chain silent for longer than the stale threshold (`settings.stale_after`): its
     /// hop died or its event was lost, and the next sweep restarts it. A chain that stays stuck

@@ -70,22 +70,18 @@ impl Engine {
 
     /// Progress without scanning the ledger: cheap enough to poll while the run goes.
     pub async fn progress(&self, run_id: &str) -> Result<run::RunProgress, EngineError> {
-        let run = self.load_run(run_id).await?;
-        let pages = self.sql(st::page_progress(run_id)).await?;
-        let chains = self.sql(st::chains_of(run_id)).await?;
-        let (mut active_chains, mut hops) = (0, 0);
-        for c in chains.records() {
-            active_chains += (c.text("status")?.as_deref() == Some(ChainState::Active.as_str())) as usize;
-            hops += c.int("next_hop")? - 1;
-        }
+        let rows = self.sql(st::run_progress(run_id)).await?;
+        let r = rows.first().ok_or_else(|| EngineError::RunNotFound(run_id.into()))?;
+        let text = r.text("status")?.unwrap_or_default();
+        let status = RunState::parse(&text).ok_or_else(|| EngineError::State(format!("run status `{text}`")))?;
         Ok(run::RunProgress {
-            status: run.status,
-            total: run.total_items,
-            items_done: count_by(&pages, "status", "items")?.remove("done").unwrap_or(0),
-            pages_done: count_by(&pages, "status", "n")?.remove("done").unwrap_or(0),
-            pages_total: run.total_pages,
-            active_chains,
-            hops,
+            status,
+            total: r.int("total_items")?,
+            items_done: r.int("items_done")?,
+            pages_done: r.int("pages_done")?,
+            pages_total: r.int("total_pages")?,
+            active_chains: r.int("active_chains")? as usize,
+            hops: r.int("hops")?,
         })
     }
 

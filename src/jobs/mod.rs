@@ -116,6 +116,10 @@ pub trait ItemJob: Send + Sync {
     /// Called once per hop before any item, with the run's chain count (to split the rate) and
     /// when the chain may send next (epoch ms, from the previous hop's [`Self::send_after_ms`]).
     fn begin_hop(&self, _chains: u32, _send_after_ms: Option<i64>) {}
+    /// How many chains of the run are active now (the page claim says, and a hop whose chain
+    /// has no page left asks now and then): the run's rate is shared among them, so chains that
+    /// ended leave their share to the others.
+    fn share_rate(&self, _live_chains: u32) {}
     /// When the chain may send next under the rate (epoch ms), kept for the next hop.
     fn send_after_ms(&self) -> Option<i64> {
         None

@@ -208,6 +208,7 @@ impl Newsletter {
             // SES events carry these back: `baton_mail_events` counts them per run.
             tags: vec![
                 ("job".into(), self.job.clone()),
+                ("chain".into(), cx.chain.to_string()),
                 ("run_id".into(), cx.run_id.clone()),
                 ("run_key".into(), cx.run_key.clone()),
             ],
@@ -221,24 +222,47 @@ impl Newsletter {
 /// chain's row), so hops of a few seconds cannot each spend a fresh burst and the rate holds
 /// over any window. (`governor` cannot be started from a stored state, hence these few lines.)
 pub struct Pacer {
-    period: Duration,
+    /// The time between two sends, in nanoseconds (changed when the run's live chains change).
+    period_ns: std::sync::atomic::AtomicU64,
     next: Mutex<Instant>,
+    /// Wake-ups are rounded up to ticks of [`Pacer::TICK`] from here.
+    origin: Instant,
 }
 
 impl Pacer {
+    /// Sends due within one tick wake together: one timer wake-up per tick, not per send (each
+    /// costs a thread wake-up), while the rate over any second stays the same.
+    pub const TICK: Duration = Duration::from_millis(10);
+
     pub fn new(per_second: f64, first: Instant) -> Pacer {
-        Pacer { period: Duration::from_secs_f64(1.0 / per_second), next: Mutex::new(first) }
+        let period_ns = std::sync::atomic::AtomicU64::new(Self::period_ns(per_second));
+        Pacer { period_ns, next: Mutex::new(first), origin: Instant::now() }
     }
 
-    /// Takes the next send slot if it comes no later than `by`; the caller waits until it.
+    fn period_ns(per_second: f64) -> u64 {
+        (1e9 / per_second).round().max(1.0) as u64
+    }
+
+    /// Changes the rate from the next slot on.
+    pub fn set_rate(&self, per_second: f64) {
+        if per_second > 0.0 {
+            self.period_ns.store(Self::period_ns(per_second), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the next send slot if it comes no later than `by`; returns when the caller may
+    /// send (the slot, rounded up to the next tick).
     pub fn reserve(&self, by: Instant) -> Option<Instant> {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let slot = (*next).max(Instant::now());
         if slot > by {
             return None;
         }
-        *next = slot + self.period;
-        Some(slot)
+        *next = slot + Duration::from_nanos(self.period_ns.load(std::sync::atomic::Ordering::Relaxed));
+        let tick = Self::TICK.as_nanos();
+        let since = slot.saturating_duration_since(self.origin).as_nanos();
+        let wake = self.origin + Duration::from_nanos((since.div_ceil(tick) * tick) as u64);
+        Some(wake.min(by.max(slot)))
     }
 
     /// The next free slot as epoch milliseconds, given the clock's `now_ms`.
@@ -352,6 +376,12 @@ impl ItemJob for Newsletter {
             Arc::new(Pacer::new(per_chain, Instant::now() + Duration::from_millis(wait).min(period)))
         });
         *self.pacer.lock().unwrap_or_else(|e| e.into_inner()) = pacer;
+    }
+
+    fn share_rate(&self, live_chains: u32) {
+        if let Some(p) = self.pacer() {
+            p.set_rate(self.config.send_rate / live_chains.max(1) as f64);
+        }
     }
 
     fn send_after_ms(&self) -> Option<i64> {

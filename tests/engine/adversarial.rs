@@ -54,14 +54,17 @@ async fn raw(m: &Manual, sql: &str) -> baton::sql::Rows {
     m.counting.query(Stmt::new(sql, Params::new())).await.unwrap()
 }
 
-/// One run of 30 users (one invalid address) in pages of 10 through one chain, with `statement`
-/// struck once as `strike`: the engine re-runs it, and the run must end exactly as without the
-/// fault, with no sweep, nothing `unknown` and nothing left `claimed`.
+/// One run of 30 users (one invalid address) in pages of 10 through one chain, a page per hop
+/// (so that every hop hands over, heartbeat included), with `statement` struck once as
+/// `strike`: the engine re-runs it, and the run must end exactly as without the fault, with no
+/// sweep, nothing `unknown` and nothing left `claimed`.
 pub async fn every_statement_is_safe_when_it_fails_or_its_response_is_lost(b: Backend) {
     let users = int_users(30);
     for statement in RUN_STATEMENTS {
         for strike in [Strike::BeforeCommit, Strike::ResponseLost] {
-            let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+            let m =
+                Manual::with_settings(b, &users, newsletter_job(10, 1), KindRegistry::default(), one_page_per_hop())
+                    .await;
             m.store.strike(statement, strike, 1);
             let run = m.start().await;
             m.pump().await;

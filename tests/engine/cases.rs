@@ -123,7 +123,7 @@ pub async fn completion_is_marked_exactly_once(b: Backend) {
 
 pub async fn expired_lease_reoffers_page_without_resending_done_items(b: Backend) {
     let users = int_users(20);
-    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let m = Manual::with_settings(b, &users, newsletter_job(10, 1), KindRegistry::default(), one_page_per_hop()).await;
     let run = m.start().await;
     // Hop 1 sends the whole first page and records it, then dies before finishing the page.
     m.store.fail_next("finish_page");
@@ -444,6 +444,41 @@ pub async fn rate_limited_pages_span_hops(b: Backend) {
     assert!(status.chains[0].hops >= 3, "{status:?}");
 }
 
+pub async fn send_window_stays_full_across_pages(b: Backend) {
+    // Pages of 20 through a window of 8 sends, each taking 15 ms: while a page's last sends are
+    // out, the next page's start in the slots they free, instead of the window draining at every
+    // page's end (failed before: a page's sends all ended before the next page's began).
+    let users = int_users(200);
+    let mut s = setup(20, 1);
+    s.job.newsletter.as_mut().unwrap().in_flight = 8;
+    s.settings.hop_timeout = Duration::from_secs(20);
+    s.settings.hop_margin = Duration::from_secs(2);
+    s.mail_latency = Duration::from_millis(15);
+    let h = Harness::with_source(b, KeyKind::Int, &users, s).await;
+    let run = h.start().await;
+    let status = h.drive(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    h.assert_exactly_once(&run, &users).await;
+    let page_of = |to: &str| {
+        let id: i64 = to.trim_start_matches("user").trim_end_matches("@example.com").parse().unwrap();
+        (id - 5) / 13 / 20
+    };
+    let sends = h.mailer.sends.lock().unwrap().clone();
+    let mut overlapped = 0;
+    for page in 0..9 {
+        let last_end = sends.iter().filter(|s| page_of(&s.0) == page).map(|s| s.2).max().unwrap();
+        let next_start = sends.iter().filter(|s| page_of(&s.0) == page + 1).map(|s| s.1).min().unwrap();
+        overlapped += (next_start < last_end) as usize;
+    }
+    assert!(
+        overlapped >= 8,
+        "the next page's sends began before the page's last one ended at {overlapped} of 9 boundaries"
+    );
+    // Never more than the window at once, across pages too.
+    let most = sends.iter().map(|(_, start, _)| sends.iter().filter(|(_, s, e)| s <= start && start < e).count()).max();
+    assert!(most.unwrap() <= 8, "{most:?} sends in flight at once");
+}
+
 pub async fn sql_kind_runs_one_statement_per_page(b: Backend) {
     let users = int_users(95);
     let mut job = newsletter_job(10, 3);
@@ -571,7 +606,7 @@ pub async fn bad_input_changes_nothing(b: Backend) {
 pub async fn database_fault_mid_page_is_recovered(b: Backend) {
     // The connection drops while claiming items: nothing was sent, the page is retried later.
     let users = int_users(30);
-    let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
+    let m = Manual::with_settings(b, &users, newsletter_job(10, 1), KindRegistry::default(), one_page_per_hop()).await;
     let run = m.start().await;
     m.store.fail_next("claim_items");
     assert!(m.deliver_next().await.unwrap().is_err());
@@ -655,7 +690,8 @@ pub async fn randomized_fault_schedules_keep_exactly_once(b: Backend) {
         assert!(twin_mails <= 1, "seed {seed}: key {twin_key} was mailed {twin_mails} times");
         let hops = h.local.lambda_counts();
         // Ambiguous outcomes: sends accepted but reported failed, sends still in flight when a
-        // hop stopped waiting (a slow machine), and a page for every hop killed or failed.
+        // hop stopped waiting (a slow machine), and the two pages a hop may hold for every hop
+        // killed or failed.
         let cut_off = h
             .engine()
             .items_in_state(&run, "unknown", 100_000)
@@ -666,7 +702,7 @@ pub async fn randomized_fault_schedules_keep_exactly_once(b: Backend) {
             .count() as u64;
         let ambiguous = h.mailer.outbox.ambiguous.load(Ordering::SeqCst)
             + cut_off
-            + 10 * (hops.crashed + hops.timed_out + hops.errors);
+            + 2 * 10 * (hops.crashed + hops.timed_out + hops.errors);
         assert!(
             status.unknown as u64 <= ambiguous,
             "seed {seed}: {} unknown, {ambiguous} ambiguous outcomes injected ({hops:?})",

@@ -185,6 +185,13 @@ pub fn test_settings() -> Settings {
     }
 }
 
+/// Settings under which a hop holds one page at a time and hands over after it (so that it
+/// heartbeats): for cases that strike one page's statement (a hop holding two would see the
+/// struck attempts shared between its pages).
+pub fn one_page_per_hop() -> Settings {
+    Settings { max_pages_per_hop: Some(1), ..test_settings() }
+}
+
 /// The outbox, plus what tests need to steer: permanent rejections by address suffix, an
 /// account-level stop, and a count of accepted messages.
 pub struct TestMailer {
@@ -196,6 +203,10 @@ pub struct TestMailer {
     pub accepted: AtomicU64,
     /// When each accepted message went out.
     pub sent_at: std::sync::Mutex<Vec<std::time::Instant>>,
+    /// How long each send takes (a provider's latency).
+    pub latency: Duration,
+    /// Each send's recipient, start and end.
+    pub sends: std::sync::Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
 }
 
 impl TestMailer {
@@ -207,6 +218,8 @@ impl TestMailer {
             stopped: Default::default(),
             accepted: AtomicU64::new(0),
             sent_at: Default::default(),
+            latency: Duration::ZERO,
+            sends: Default::default(),
         }
     }
 }
@@ -222,7 +235,10 @@ impl Mailer for TestMailer {
         {
             return Err(MailError::Permanent("address rejected by the provider".into()));
         }
+        let started = std::time::Instant::now();
+        tokio::time::sleep(self.latency).await;
         let r = self.outbox.send(mail).await;
+        self.sends.lock().unwrap().push((mail.to.clone(), started, std::time::Instant::now()));
         let r = match (&self.ambiguous_suffix, r) {
             (Some(s), Ok(())) if mail.to.ends_with(s.as_str()) => {
                 Err(MailError::Ambiguous("the request timed out after the message was accepted".into()))
@@ -247,6 +263,8 @@ pub struct Setup {
     pub ambiguous_suffix: Option<String>,
     /// Where the engine's spans go (nowhere unless a test collects them).
     pub tracing: Tracing,
+    /// How long each send takes.
+    pub mail_latency: Duration,
 }
 
 impl Setup {
@@ -260,6 +278,7 @@ impl Setup {
             reject_suffix: None,
             ambiguous_suffix: None,
             tracing: Tracing::default(),
+            mail_latency: Duration::ZERO,
         }
     }
 }
@@ -294,6 +313,7 @@ impl Harness {
         let mailer = Arc::new(TestMailer {
             reject_suffix: setup.reject_suffix,
             ambiguous_suffix: setup.ambiguous_suffix,
+            latency: setup.mail_latency,
             ..TestMailer::new(&outbox_dir, setup.faults.clone(), setup.seed)
         });
         let clock = ManualClock::default();
