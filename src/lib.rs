@@ -31,6 +31,7 @@
 
 pub mod adapters;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod compose;
 pub mod config;

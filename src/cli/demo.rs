@@ -169,10 +169,22 @@ fn write_demo_config(dir: &std::path::Path, config: &Config, secret: &SecretStri
 
 /// The demo's job: what a user's `baton.toml` would hold.
 pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfig {
+    newsletter_job(table, secret, args.chaos, (args.page_size, args.chains), args.send_rate)
+}
+
+/// The demo's newsletter over the synthetic users in `table` (`chaos`: with a second table that
+/// can add rows mid-run), in pages of `page_size` through `chains` chains at `send_rate`.
+pub fn newsletter_job(
+    table: &str,
+    secret: &SecretString,
+    chaos: bool,
+    (page_size, chains): (u32, u32),
+    send_rate: f64,
+) -> JobConfig {
     JobConfig {
         kind: "newsletter".into(),
         // Under --chaos a second table can add rows mid-run, like a source built on a join.
-        source: if args.chaos {
+        source: if chaos {
             format!(
                 "SELECT id, email, name, city, plan FROM {table} \
                  UNION ALL SELECT id, email, name, city, plan FROM {table}_late"
@@ -181,8 +193,8 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfi
             format!("SELECT id, email, name, city, plan FROM {table}")
         },
         key_column: "id".into(),
-        page_size: args.page_size,
-        chains: args.chains,
+        page_size,
+        chains,
         max_failures: None,
         max_failure_percent: Some(5.0),
         ambiguity: Default::default(),
@@ -205,8 +217,8 @@ pub fn demo_job(args: &DemoArgs, table: &str, secret: &SecretString) -> JobConfi
             ),
             text_file: None,
             html_file: None,
-            send_rate: args.send_rate,
-            in_flight: 32,
+            send_rate,
+            in_flight: crate::config::default_in_flight(),
             max_attempts: 8,
             // `baton serve` (which listens here by default) answers these links.
             unsubscribe_url: format!("http://{}/unsubscribe", super::serve::DEFAULT_LISTEN),
@@ -292,7 +304,7 @@ pub fn synthetic_user(i: u32, seed: u64) -> (i64, Option<String>, String, &'stat
 
 /// Creates `table` with `n` synthetic users through the SQL port, so the demo works on any
 /// store. Inserts go in transactions of 8,000 users, so memory stays flat however many users.
-async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64, nul_ok: bool) -> Result<()> {
+pub(crate) async fn create_users(store: &dyn SqlStore, table: &str, n: u32, seed: u64, nul_ok: bool) -> Result<()> {
     const ROWS: u32 = 400;
     const PER_TRANSACTION: u32 = 20;
     let mut batch = st::demo_tables(table);
@@ -330,7 +342,8 @@ pub struct Injected {
     /// Sends still in flight when a hop had to stop waiting for them (observed, not injected).
     pub cut_off_in_flight: u64,
     /// The most `unknown` items the ambiguous outcomes can explain: every ambiguous send, every
-    /// send cut off in flight, and a page's worth for every hop that was killed or failed.
+    /// send cut off in flight, and two pages' worth (a hop holds the page it sends and the next
+    /// one) for every hop that was killed or failed.
     pub ambiguous_outcomes: u64,
 }
 
@@ -645,7 +658,7 @@ fn injected(
         cut_off_in_flight: cut_off,
         ambiguous_outcomes: mail_ambiguous
             + cut_off
-            + args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
+            + 2 * args.page_size as u64 * (hops.crashed + hops.timed_out + hops.errors),
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`demo`]: `baton demo`, end to end with its own checks;
 //! - [`wiring`]: flags to typed adapter settings, then [`crate::compose`] builds the engine.
 
+pub mod bench;
 mod commands;
 pub mod demo;
 pub mod serve;
@@ -106,6 +107,9 @@ pub struct Common {
 enum Command {
     /// Create synthetic users and mail them a newsletter through K chains, locally.
     Demo(demo::DemoArgs),
+    /// Measure: the engine on the real stores against simulated AWS latencies, beside the
+    /// naive design and the physical limit (a table, `--json`, and an SVG of send rates).
+    Bench(bench::BenchArgs),
     /// Start (or continue) a run of a configured job and drive it to its end, locally.
     Run {
         /// The job's name in the config file.
@@ -255,6 +259,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbose = match &cli.command {
         Command::Demo(a) => a.common.verbose,
+        Command::Bench(_) => 0,
         Command::Run { common, .. }
         | Command::Status { common, .. }
         | Command::Report { common, .. }
@@ -333,6 +338,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 async fn run_command(command: Command) -> Result<ExitCode> {
     match command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Run { job, run_key, common, .. } => commands::run(&job, run_key, &common).await,
         Command::Status { run_id, list, common } => commands::status(run_id, list, &common).await,
         Command::Report { run_id, out, common } => commands::report(run_id, &out, &common).await,

@@ -5,6 +5,7 @@ mod adversarial;
 mod aws;
 mod aws_run;
 mod bad_input;
+mod bench;
 mod cases;
 mod cli;
 mod dashboards;
@@ -76,6 +77,7 @@ on_both_backends!(
     cases::uuid_keys,
     cases::sparse_and_negative_keys,
     cases::rate_limited_pages_span_hops,
+    cases::send_window_stays_full_across_pages,
     cases::sql_kind_runs_one_statement_per_page,
     cases::statements_per_page_are_constant,
     cases::bad_input_changes_nothing,
