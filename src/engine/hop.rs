@@ -348,7 +348,7 @@ impl Engine {
                         }
                         continue;
                     }
-                    None => done.exhausted = true,
+                    None => done.near_the_end(true),
                 }
             }
             if held.is_empty() {
@@ -428,7 +428,9 @@ impl Engine {
             j.share_rate(live.max(1) as u32);
             // Fewer pages left than chains: some chains end soon, and their share of the rate
             // should not end with them.
-            done.tail |= pending.is_some_and(|p| p < live);
+            if pending.is_some_and(|p| p < live) {
+                done.near_the_end(false);
+            }
         }
         Some((owner, page))
     }
@@ -1035,6 +1037,14 @@ impl Closed {
             }
             Err(e) => self.fail(e),
         }
+    }
+
+    /// The run nears its end (`exhausted`: no page was left to claim): heartbeats come every
+    /// second from now on, to take up the rate share of chains that end.
+    fn near_the_end(&mut self, exhausted: bool) {
+        self.exhausted |= exhausted;
+        self.tail = true;
+        self.next_beat = self.next_beat.min(Instant::now() + LIVE_CHAINS_EVERY);
     }
 
     fn fail(&mut self, e: EngineError) {
