@@ -63,6 +63,7 @@ pub enum Path {
 /// One measured situation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scenario {
+    #[serde(rename = "scenario")]
     pub name: String,
     pub what: String,
     pub path: Path,
@@ -73,6 +74,13 @@ pub struct Scenario {
     /// Messages per second over the whole run; 0 for no limit.
     pub send_rate: f64,
     pub chaos: bool,
+}
+
+impl Scenario {
+    /// The run's configured rate (messages per second), if limited.
+    pub fn limited_rate(&self) -> Option<f64> {
+        (self.send_rate > 0.0).then_some(self.send_rate)
+    }
 }
 
 /// Simulated service latencies and limits.

@@ -42,7 +42,8 @@ pub fn svg(rows: &[Row]) -> String {
             })
             .collect();
         let len = rates.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let peak = rates.iter().flatten().copied().fold(row.send_rate.unwrap_or(0.0), f64::max).max(1.0) * 1.1;
+        let peak =
+            rates.iter().flatten().copied().fold(row.scenario.limited_rate().unwrap_or(0.0), f64::max).max(1.0) * 1.1;
         let seconds = len as f64 * BUCKET_MS as f64 / 1000.0;
         let x = |b: usize| pad + b as f64 / len as f64 * w;
         let y = |v: f64| top + h - v / peak * h;
@@ -50,9 +51,9 @@ pub fn svg(rows: &[Row]) -> String {
             s,
             r##"<text x="{pad}" y="{:.0}" font-weight="bold">{}: {} ({} chains, {:.0} sends/s)</text>"##,
             top - 8.0,
-            esc(&row.scenario),
-            esc(&row.what),
-            row.chains,
+            esc(&row.scenario.name),
+            esc(&row.scenario.what),
+            row.scenario.chains,
             row.sends_per_second
         );
         let _ = writeln!(s, r##"<rect x="{pad}" y="{top:.0}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##);
@@ -65,7 +66,7 @@ pub fn svg(rows: &[Row]) -> String {
             pad + w,
             top + h + 14.0
         );
-        if let Some(rate) = row.send_rate {
+        if let Some(rate) = row.scenario.limited_rate() {
             let _ = writeln!(
                 s,
                 r##"<line x1="{pad}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="4 3"/>"##,

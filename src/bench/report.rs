@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Measured, Path, Scenario, Simulated, prices};
+use super::{Measured, Scenario, Simulated, prices};
 
 /// Dollars per million emails, by service, at [`prices::STATED`].
 #[derive(Debug, Clone, Serialize)]
@@ -17,15 +17,10 @@ pub struct Dollars {
 /// One scenario's figures, fields named plainly for `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    pub scenario: String,
-    pub what: String,
-    pub path: Path,
-    pub users: u32,
-    pub chains: u32,
-    pub page_size: u32,
-    pub in_flight: u32,
-    /// The run's configured rate (messages per second), if limited.
-    pub send_rate: Option<f64>,
+    /// What was measured (`scenario`, `what`, `path`, `users`, `chains`, `page_size`,
+    /// `in_flight`, `send_rate` (0: none), `chaos`).
+    #[serde(flatten)]
+    pub scenario: Scenario,
     pub run_status: String,
     /// Messages the provider accepted.
     pub sent: u64,
@@ -65,21 +60,14 @@ impl Row {
         let per_1000 = |n: f64| n * 1000.0 / sent;
         let sends_per_second =
             if m.send_seconds > 0.0 { m.sent.saturating_sub(1) as f64 / m.send_seconds } else { 0.0 };
-        let send_rate = (s.send_rate > 0.0).then_some(s.send_rate);
+        let send_rate = s.limited_rate();
         let billed_gb_s = m.billed_ms as f64 / 1000.0 * prices::MEMORY_GB;
         let per_million = 1e6 / sent;
         let lambda = (billed_gb_s * prices::LAMBDA_GB_SECOND + m.invokes as f64 * prices::LAMBDA_REQUEST) * per_million;
         let data_api = m.sql_statements as f64 * prices::DATA_API_REQUEST * per_million;
         let ses = prices::SES_MESSAGE * 1e6;
         Row {
-            scenario: s.name.clone(),
-            what: s.what.clone(),
-            path: s.path,
-            users: s.users,
-            chains: s.chains,
-            page_size: s.page_size,
-            in_flight: s.in_flight,
-            send_rate,
+            scenario: s.clone(),
             run_status: m.run_status,
             sent: m.sent,
             duplicated: m.duplicated,
@@ -132,7 +120,7 @@ pub struct Target {
 
 /// The targets, judged on the rows of this run.
 pub fn targets(rows: &[Row]) -> Vec<Target> {
-    let get = |name: &str| rows.iter().find(|r| r.scenario == name);
+    let get = |name: &str| rows.iter().find(|r| r.scenario.name == name);
     let mut out = Vec::new();
     let mut add = |target: &str, measured: Option<(String, bool)>| {
         let (measured, met) = match measured {
@@ -180,7 +168,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
     add(
         "peak memory at 1,000,000 users ≤ 64 MB",
         get("embedded-1m")
-            .filter(|r| r.users >= 1_000_000)
+            .filter(|r| r.scenario.users >= 1_000_000)
             .map(|r| (format!("{:.0} MB", r.peak_rss_mb), r.peak_rss_mb <= 64.0)),
     );
     for name in ["one-chain", "rate-1000", "embedded-1m"] {
@@ -251,8 +239,8 @@ pub fn table(rows: &[Row], targets: &[Target], sim: &Simulated) -> String {
         let _ = writeln!(
             t,
             "{:<14} {:>6} {:>8} {:>7.1} {:>7.0} {:>7.1} {:>6} {:>7.2} {:>6.3} {:>7.1} {:>7.1} {:>6.0} {:>8.3} {:>7.2} {:>4} {:>4} {:>4}",
-            r.scenario,
-            r.chains,
+            r.scenario.name,
+            r.scenario.chains,
             r.sent,
             r.wall_seconds,
             r.sends_per_second,

@@ -207,7 +207,10 @@ async fn engine_run(child: &Child) -> Result<Measured> {
             (local.engine.clone(), Some(local), None)
         }
     };
-    let Outcome::Started { run_id, .. } = engine.start(JOB, Some("bench")).await? else {
+    // A run of its own each time: on a shared PostgreSQL database, a run key used before would
+    // continue (here: find finished) the earlier scenario's run.
+    let run_key = format!("bench-{}-{}", s.name, SystemClock.now_ms());
+    let Outcome::Started { run_id, .. } = engine.start(JOB, Some(&run_key)).await? else {
         bail!("the run did not start")
     };
     let status = match &local {

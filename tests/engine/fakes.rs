@@ -62,16 +62,7 @@ pub async fn serve_lambda(fake: Arc<FakeLambda>) -> String {
 }
 
 /// An SDK config for loopback fakes: fixed region and credentials, the given endpoint.
-pub fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("eu-west-1"))
-        .credentials_provider(aws_sdk_lambda::config::SharedCredentialsProvider::new(
-            aws_sdk_lambda::config::Credentials::new("AKIDTEST", "secret", None, None, "baton-tests"),
-        ))
-        .endpoint_url(endpoint)
-        .build()
-}
+pub use baton::bench::fakes::sdk_config;
 
 // ---- the RDS Data API, over a real PostgreSQL ----------------------------------------------
 
