@@ -36,9 +36,11 @@ pub struct BenchArgs {
     /// SES's per-second sending rate (429 above it) where the scenario sets no rate.
     #[arg(long, default_value_t = 10_000.0, value_name = "PER_SECOND")]
     pub ses_max_rate: f64,
-    /// Run the state on this PostgreSQL database instead of SQLite (tables `baton_*` and
-    /// `baton_bench_users` are created there).
-    #[arg(long, env = "BATON_DATABASE_URL", hide_env_values = true)]
+    /// Run the state on this PostgreSQL database instead of SQLite (tables `baton_*`,
+    /// `baton_bench_users` and `baton_bench_sent` are created there, the last two replaced).
+    /// Only from this flag, never from BATON_DATABASE_URL: a benchmark does not go to the
+    /// database a shell happens to point at.
+    #[arg(long)]
     pub database_url: Option<String>,
     /// Where each scenario's files and the plot (`send-rate.svg`) go.
     #[arg(long, default_value = "baton-bench")]
