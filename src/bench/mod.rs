@@ -191,7 +191,7 @@ pub async fn run(options: Options) -> Result<std::process::ExitCode> {
             eprintln!("{}: {} users, {} ...", scenario.name, scenario.users, scenario.what);
         }
         let measured = measure(scenario, &options).await?;
-        let row = Row::new(scenario, &options.simulated, measured);
+        let row = Row::new(scenario, measured);
         if !options.json {
             eprintln!("  {}", row.one_line());
         }

@@ -55,7 +55,7 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(s: &Scenario, _sim: &Simulated, m: Measured) -> Row {
+    pub fn new(s: &Scenario, m: Measured) -> Row {
         let sent = m.sent.max(1) as f64;
         let per_1000 = |n: f64| n * 1000.0 / sent;
         let sends_per_second =

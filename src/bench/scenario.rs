@@ -50,14 +50,15 @@ async fn users_store(child: &Child) -> Result<(Arc<dyn SqlStore>, &'static str)>
     Ok((store, table))
 }
 
+/// Synthetic user `i`'s id, and its address if it can be mailed.
+fn user(i: u32) -> (i64, Option<String>) {
+    let (id, email, ..) = synthetic_user(i, SEED);
+    (id, email.filter(|e| crate::mail::deliverable(e, false).is_ok()))
+}
+
 /// Users whose address can be mailed: each must be mailed exactly once.
 fn deliverable(users: u32) -> u64 {
-    (0..users)
-        .filter(|i| {
-            let (_, email, ..) = synthetic_user(*i, SEED);
-            email.is_some_and(|e| crate::mail::deliverable(&e, false).is_ok())
-        })
-        .count() as u64
+    (0..users).filter(|i| user(*i).1.is_some()).count() as u64
 }
 
 fn ses_mailer(child: &Child) -> Result<Arc<SesMailer>> {
@@ -326,8 +327,7 @@ async fn bare_ses(child: &Child) -> Result<Measured> {
     let recorder = Arc::new(Recorder::new(mailer, 1, None));
     let mut mails = Vec::new();
     for i in 0..s.users {
-        let (id, email, ..) = synthetic_user(i, SEED);
-        let Some(to) = email.filter(|e| crate::mail::deliverable(e, false).is_ok()) else { continue };
+        let (id, Some(to)) = user(i) else { continue };
         let message_id = format!("bare.{id}@baton.example");
         let url = format!("https://example.com/unsubscribe?u={id}&sig=0123456789abcdef");
         let text = format!("Hello user {id},\n\nHere is what happened this month.\n\nUnsubscribe: {url}\n");

@@ -465,7 +465,7 @@ impl Engine {
             _ = next_due => {}
             beat = beat => {
                 let rate_limited = matches!(this.job, Job::Items(j) if j.seconds_per_item().is_some());
-                let every = match (done.exhausted || done.tail) && rate_limited {
+                let every = match done.tail && rate_limited {
                     true => LIVE_CHAINS_EVERY.min(self.beat_every()),
                     false => self.beat_every(),
                 };
