@@ -445,15 +445,18 @@ pub async fn rate_limited_pages_span_hops(b: Backend) {
 }
 
 pub async fn send_window_stays_full_across_pages(b: Backend) {
-    // Pages of 20 through a window of 8 sends, each taking 15 ms: while a page's last sends are
+    // Pages of 20 through a window of 8 sends, each taking 50 ms: while a page's last sends are
     // out, the next page's start in the slots they free, instead of the window draining at every
-    // page's end (failed before: a page's sends all ended before the next page's began).
+    // page's end (failed before: a page's sends all ended before the next page's began, at 0 of
+    // 9 boundaries). The next page's claim races the tail's last two rounds of sends (100 ms):
+    // on a loaded machine a claim can lose that race now and then (with 15 ms sends, CI saw 7 of
+    // 9), so a clear majority of boundaries is asked for, not all.
     let users = int_users(200);
     let mut s = setup(20, 1);
     s.job.newsletter.as_mut().unwrap().in_flight = 8;
     s.settings.hop_timeout = Duration::from_secs(20);
     s.settings.hop_margin = Duration::from_secs(2);
-    s.mail_latency = Duration::from_millis(15);
+    s.mail_latency = Duration::from_millis(50);
     let h = Harness::with_source(b, KeyKind::Int, &users, s).await;
     let run = h.start().await;
     let status = h.drive(&run).await;
@@ -471,7 +474,7 @@ pub async fn send_window_stays_full_across_pages(b: Backend) {
         overlapped += (next_start < last_end) as usize;
     }
     assert!(
-        overlapped >= 8,
+        overlapped >= 6,
         "the next page's sends began before the page's last one ended at {overlapped} of 9 boundaries"
     );
     // Never more than the window at once, across pages too.
