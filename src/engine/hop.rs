@@ -324,10 +324,13 @@ impl Engine {
             let may_claim =
                 done.may_claim(held.is_empty()) && within_budget && Instant::now() + done.slowest < this.soft;
             let turn = match held.len() {
-                0 => true,
-                // A second page only if the first nears its end and a send can start before
-                // the budget ends (rate-limited, its claims would only be released again).
-                1 => latest.as_ref().is_some_and(|l| l.nearly_all()) && self.sends_in_budget(this),
+                // Rate-limited, a hop can start with its next slot past its budget (it waited
+                // for it as long as the budget allowed), or come to it: the next hop claims.
+                0 => self.sends_in_budget(this, 0),
+                // A second page only if the first nears its end and a send of the next can
+                // start before the budget ends (rate-limited, after the first's sends still to
+                // start; if not, its claims would only be released again).
+                1 => latest.as_ref().is_some_and(|l| l.nearly_all() && self.sends_in_budget(this, l.unstarted())),
                 _ => false,
             };
             if may_claim && turn {
@@ -367,12 +370,12 @@ impl Engine {
         Ok((done.pages, LoopEnd::HandOver))
     }
 
-    /// Whether the job can start a send before this hop's budget ends (not when rate-limited
-    /// with its next slot past it).
-    fn sends_in_budget(&self, this: &ThisHop<'_>) -> bool {
+    /// Whether the job can start a send before this hop's budget ends, after `queued` sends
+    /// still to start (not when rate-limited with the slot it would get past the budget).
+    fn sends_in_budget(&self, this: &ThisHop<'_>, queued: usize) -> bool {
         let left_ms = this.soft.saturating_duration_since(Instant::now()).as_millis() as i64;
         match this.job {
-            Job::Items(j) => j.send_after_ms().is_none_or(|at| at < self.now_ms() + left_ms),
+            Job::Items(j) => j.send_after_ms(queued).is_none_or(|at| at < self.now_ms() + left_ms),
             Job::Ranges(_) => true,
         }
     }
@@ -532,7 +535,7 @@ impl Engine {
     /// hop).
     async fn heartbeat(&self, this: &ThisHop<'_>) -> Result<Option<Pulse>, EngineError> {
         let send_after = match this.job {
-            Job::Items(j) => j.send_after_ms(),
+            Job::Items(j) => j.send_after_ms(0),
             Job::Ranges(_) => None,
         };
         let rows = self.sql(st::heartbeat(&this.run.run_id, this.chain, this.hop, self.now_ms(), send_after)).await?;
@@ -563,7 +566,7 @@ impl Engine {
     /// next costs an invocation and a page's statements).
     async fn wait_for_rate(&self, job: &Job, soft: Instant) {
         if let Job::Items(j) = job
-            && let Some(at) = j.send_after_ms()
+            && let Some(at) = j.send_after_ms(0)
         {
             let wait = std::time::Duration::from_millis((at - self.now_ms()).max(0) as u64);
             tokio::time::sleep_until((Instant::now() + wait).min(soft)).await;
@@ -1082,11 +1085,14 @@ struct Sends {
 /// is left to start, which is when the hop claims the next page. A page that ends without
 /// sending (nothing to send, claimed too late, the source changed) never is: the next page is
 /// claimed once it is closed, and only if it finished.
+///
+/// A send starts when it takes its window slot, and a rate-limited one takes its send slot in
+/// the same poll: the items yet to start are those still to take a send slot.
 #[derive(Default)]
 struct Started {
-    /// Items left to start before the page counts as nearly all started; `usize::MAX` until
-    /// the page knows its items.
-    left: std::sync::atomic::AtomicUsize,
+    /// Items yet to start; meaningless until `known`.
+    unstarted: std::sync::atomic::AtomicUsize,
+    window: std::sync::atomic::AtomicUsize,
     known: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
 }
@@ -1094,7 +1100,8 @@ struct Started {
 impl Started {
     fn expect(&self, items: usize, window: usize) {
         use std::sync::atomic::Ordering::SeqCst;
-        self.left.store(items.saturating_sub(window), SeqCst);
+        self.unstarted.store(items, SeqCst);
+        self.window.store(window, SeqCst);
         self.known.store(true, SeqCst);
         if items <= window {
             self.notify.notify_waiters();
@@ -1103,14 +1110,21 @@ impl Started {
 
     fn one_started(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        if let Ok(1) = self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)) {
+        let before = self.unstarted.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+        if before.is_ok_and(|n| n - 1 == self.window.load(SeqCst)) {
             self.notify.notify_waiters();
         }
     }
 
     fn nearly_all(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
-        self.known.load(SeqCst) && self.left.load(SeqCst) == 0
+        self.known.load(SeqCst) && self.unstarted.load(SeqCst) <= self.window.load(SeqCst)
+    }
+
+    /// Items yet to start (none until the page knows its items).
+    fn unstarted(&self) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.known.load(SeqCst) { self.unstarted.load(SeqCst) } else { 0 }
     }
 
     async fn wait_nearly_all(&self) {

@@ -120,8 +120,9 @@ pub trait ItemJob: Send + Sync {
     /// has no page left asks now and then): the run's rate is shared among them, so chains that
     /// ended leave their share to the others.
     fn share_rate(&self, _live_chains: u32) {}
-    /// When the chain may send next under the rate (epoch ms), kept for the next hop.
-    fn send_after_ms(&self) -> Option<i64> {
+    /// When the chain may send next under the rate (epoch ms), once `queued` sends still to take
+    /// their slots have had theirs; with none queued, kept for the next hop.
+    fn send_after_ms(&self, _queued: usize) -> Option<i64> {
         None
     }
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome;

@@ -265,10 +265,13 @@ impl Pacer {
         Some(wake.min(by.max(slot)))
     }
 
-    /// The next free slot as epoch milliseconds, given the clock's `now_ms`.
-    pub fn next_ms(&self, now_ms: i64) -> i64 {
+    /// The free slot after `queued` more sends have taken theirs, as epoch milliseconds, given
+    /// the clock's `now_ms`.
+    pub fn next_ms(&self, now_ms: i64, queued: usize) -> i64 {
         let next = *self.next.lock().unwrap_or_else(|e| e.into_inner());
-        now_ms + next.saturating_duration_since(Instant::now()).as_millis() as i64
+        let period = Duration::from_nanos(self.period_ns.load(std::sync::atomic::Ordering::Relaxed));
+        let queued = period.saturating_mul(u32::try_from(queued).unwrap_or(u32::MAX));
+        now_ms + (next.saturating_duration_since(Instant::now()) + queued).as_millis() as i64
     }
 }
 
@@ -384,8 +387,8 @@ impl ItemJob for Newsletter {
         }
     }
 
-    fn send_after_ms(&self) -> Option<i64> {
-        self.pacer().map(|p| p.next_ms(self.clock.now_ms()))
+    fn send_after_ms(&self, queued: usize) -> Option<i64> {
+        self.pacer().map(|p| p.next_ms(self.clock.now_ms(), queued))
     }
 
     async fn process(&self, item: &Item, cx: &ItemContext) -> ItemOutcome {

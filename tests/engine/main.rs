@@ -78,6 +78,7 @@ on_both_backends!(
     cases::sparse_and_negative_keys,
     cases::rate_limited_pages_span_hops,
     cases::send_window_stays_full_across_pages,
+    cases::a_page_is_claimed_only_when_a_send_fits_the_hop,
     cases::sql_kind_runs_one_statement_per_page,
     cases::statements_per_page_are_constant,
     cases::bad_input_changes_nothing,
