@@ -451,6 +451,51 @@ pub async fn a_page_load_that_outlasts_the_lease_releases_the_page(b: Backend) {
     assert_eq!(m.sent().len(), 29);
 }
 
+/// The claim of a hop's second page fails for good while the first page's sends are out: the
+/// hop fails, but only once the first page is settled (its results recorded), and the retried
+/// hop finishes the run. Before the fix the hop failed at once, dropping the page being sent:
+/// its sends were cut off and its claims, sent or not, were left for the sweeper to call
+/// `unknown`.
+pub async fn a_claim_that_fails_for_good_waits_for_the_page_being_sent(b: Backend) {
+    let users = int_users(20);
+    let mut job = newsletter_job(10, 1);
+    job.newsletter.as_mut().unwrap().in_flight = 2;
+    let settings = baton::config::Settings { hop_timeout: Duration::from_secs(10), ..test_settings() };
+    let m = Manual::with_settings(b, &users, job, KindRegistry::default(), settings).await;
+    let run = m.start().await;
+    m.store.strike_after("claim_page", 1, Strike::BeforeCommit, baton::engine::SQL_ATTEMPTS);
+    let (reached, release) = m.store.hold_before("record_results");
+    let hop1 = m.next_event().unwrap();
+    let (outcome, reached) = tokio::join!(m.deliver(hop1.clone()), async {
+        // The first page's results wait until the second page's claim has failed for good.
+        let reached = tokio::time::timeout(Duration::from_secs(5), reached).await.is_ok();
+        let claim_failed = async {
+            while m.store.struck.load(Ordering::SeqCst) < baton::engine::SQL_ATTEMPTS as u64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), claim_failed).await.expect("the second claim was made");
+        let _ = release.send(());
+        reached
+    });
+    assert!(outcome.is_err(), "the hop fails with its claim: {outcome:?}");
+    assert!(reached, "the page being sent was dropped before recording its results");
+    let mid = m.status(&run).await;
+    assert_eq!((mid.done, mid.claimed, mid.unknown, mid.pages_done), (10, 0, 0, 1), "{mid:?}");
+    assert_eq!(m.sent().len(), 10);
+    // Lambda's retry of the failed event is a second delivery of the hop, refused at the fork
+    // guard; the sweeper restarts the silent chain, and nothing is sent twice.
+    assert_eq!(m.deliver(hop1).await.unwrap(), Outcome::Duplicate);
+    m.expire_leases();
+    assert_eq!(m.engine.sweep().await.unwrap().restarted, 1);
+    m.pump().await;
+    let status = m.status(&run).await;
+    assert_eq!(status.status, "succeeded", "{status:?}");
+    assert_eq!((status.done, status.unknown), (20, 0), "{status:?}");
+    assert!(duplicates(&m.sent()).is_empty(), "{:?}", duplicates(&m.sent()));
+    assert_eq!(m.sent().len(), 20);
+}
+
 /// The sweeper's and resume's statements, and a hop's parking, re-run after a lost answer must
 /// still hand their chains on; before the fix the re-run matched nothing and the chain sat idle
 /// until the next stale sweep (about 2 × hop_timeout).

@@ -102,6 +102,7 @@ on_both_backends!(
     adversarial::a_late_scheduled_start_opens_no_second_run,
     adversarial::a_paused_run_past_its_deadline_fails,
     adversarial::a_page_load_that_outlasts_the_lease_releases_the_page,
+    adversarial::a_claim_that_fails_for_good_waits_for_the_page_being_sent,
     adversarial::restarts_resumes_and_parking_survive_a_lost_answer,
     adversarial::claims_of_a_hop_that_died_after_its_run_ended_become_unknown,
     adversarial::at_least_once_gives_up_on_a_recipient_that_is_always_ambiguous,

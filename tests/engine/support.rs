@@ -449,6 +449,8 @@ pub use baton::adapters::local::faults::SqlFault as Strike;
 
 struct Planned {
     statement: &'static str,
+    /// Runs of the statement let through before it strikes.
+    spare: u32,
     strike: Strike,
     times: u32,
 }
@@ -479,7 +481,12 @@ impl StepStore {
     }
 
     pub fn strike(&self, statement: &'static str, strike: Strike, times: u32) {
-        *self.planned.lock().unwrap() = Some(Planned { statement, strike, times });
+        self.strike_after(statement, 0, strike, times);
+    }
+
+    /// As [`Self::strike`], once `spare` runs of the statement went through.
+    pub fn strike_after(&self, statement: &'static str, spare: u32, strike: Strike, times: u32) {
+        *self.planned.lock().unwrap() = Some(Planned { statement, spare, strike, times });
     }
 
     /// Holds the next `statement` until the returned sender fires; the receiver hears when it
@@ -509,6 +516,10 @@ impl StepStore {
     fn take(&self, name: &str) -> Option<Strike> {
         let mut slot = self.planned.lock().unwrap();
         let planned = slot.as_mut().filter(|p| p.statement == name)?;
+        if planned.spare > 0 {
+            planned.spare -= 1;
+            return None;
+        }
         planned.times -= 1;
         let strike = planned.strike;
         if planned.times == 0 {
