@@ -136,7 +136,8 @@ pub async fn a_duplicate_key_that_appears_mid_run_is_failed_and_never_sent_twice
 }
 
 /// A writer whose lease expired (by its own clock) claims nothing; one whose page was taken
-/// over records, releases and finishes nothing.
+/// over records, releases and finishes nothing; one that holds its lease records nothing for
+/// items it does not hold.
 pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     let m = Manual::new(b, &int_users(20), newsletter_job(10, 1), KindRegistry::default()).await;
     let run = m.start().await;
@@ -150,6 +151,11 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
     let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
     let claimed = store.query(st::claim_items(&run, page_no, "A", now, &keys(&["5", "18"]))).await.unwrap();
     assert_eq!(claimed.rows.len(), 2);
+    // Holding the lease, A can record results only for items it holds as claimed: a result for
+    // one it never claimed (or released) is no insert (failed before the upsert's SELECT was
+    // fenced like its conflict: the item, on no page's claim, was recorded `done`).
+    let unclaimed = [("7".to_string(), baton::engine::state::ItemState::Done, None)];
+    store.query(st::record_results(&run, page_no, "A", now, &unclaimed)).await.unwrap();
 
     // A stalls past its lease. Its next claim, by its own clock, takes nothing.
     m.expire_leases();
