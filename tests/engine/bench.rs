@@ -70,3 +70,21 @@ fn bad_flags_are_refused_with_the_flag_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--jitter"), "{out:?}");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a refused bench writes nothing");
 }
+
+#[test]
+fn scenarios_sharing_a_postgresql_database_each_run_and_count_their_own() {
+    // On one database, each scenario's run needs a key of its own: with one key for all, the
+    // second scenario started nothing (its run was the first's, finished), sent nothing and
+    // was reported missing every user.
+    let url = tokio::runtime::Runtime::new().unwrap().block_on(crate::support::fresh_database_url());
+    let dir = tempfile::tempdir().unwrap();
+    let (out, json) =
+        bench(dir.path(), &["--database-url", &url, "--scenario", "one-chain", "--scenario", "embedded-p100"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), json);
+    let rows = json["scenarios"].as_array().expect("scenarios");
+    assert_eq!(rows.len(), 2, "{json}");
+    for row in rows {
+        assert!(row["sent"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!((&row["duplicated"], &row["missed"]), (&Value::from(0), &Value::from(0)), "{row}");
+    }
+}
