@@ -323,17 +323,7 @@ impl Engine {
             // Whether another page may be claimed now, its turn aside.
             let may_claim =
                 done.may_claim(held.is_empty()) && within_budget && Instant::now() + done.slowest < this.soft;
-            let turn = match held.len() {
-                // Rate-limited, a hop can start with its next slot past its budget (it waited
-                // for it as long as the budget allowed), or come to it: the next hop claims.
-                0 => self.sends_in_budget(this, 0),
-                // A second page only if the first nears its end and a send of the next can
-                // start before the budget ends (rate-limited, after the first's sends still to
-                // start; if not, its claims would only be released again).
-                1 => latest.as_ref().is_some_and(|l| l.nearly_all() && self.sends_in_budget(this, l.unstarted())),
-                _ => false,
-            };
-            if may_claim && turn {
+            if may_claim && self.next_pages_turn(this, held.len(), latest.as_deref()) {
                 match self.claim_next(this, claimed, &mut held, &mut done).await {
                     Some((owner, page)) => {
                         claimed += 1;
@@ -368,6 +358,21 @@ impl Engine {
         // The next hop starts from this one's `send_after`.
         self.heartbeat(this).await?;
         Ok((done.pages, LoopEnd::HandOver))
+    }
+
+    /// Whether it is the next page's turn to be claimed, with `held` pages held and `latest` the
+    /// one claimed last.
+    fn next_pages_turn(&self, this: &ThisHop<'_>, held: usize, latest: Option<&Started>) -> bool {
+        match held {
+            // Rate-limited, a hop can start with its next slot past its budget (it waited for
+            // it as long as the budget allowed), or come to it: the next hop claims.
+            0 => self.sends_in_budget(this, 0),
+            // A second page only if the first nears its end and a send of the next can start
+            // before the budget ends (rate-limited, after the first's sends still to start; if
+            // not, its claims would only be released again).
+            1 => latest.is_some_and(|l| l.nearly_all() && self.sends_in_budget(this, l.unstarted())),
+            _ => false,
+        }
     }
 
     /// Whether the job can start a send before this hop's budget ends, after `queued` sends
