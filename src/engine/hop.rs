@@ -323,11 +323,12 @@ impl Engine {
             // Whether another page may be claimed now, its turn aside.
             let may_claim =
                 done.may_claim(held.is_empty()) && within_budget && Instant::now() + done.slowest < this.soft;
-            if may_claim && self.next_pages_turn(this, held.len(), latest.as_deref()) {
+            if may_claim && self.next_pages_turn(this, held.len(), latest.as_deref(), &done) {
+                let asked = Instant::now();
                 match self.claim_next(this, claimed, &mut held, &mut done).await {
                     Some((owner, page)) => {
                         claimed += 1;
-                        let started = Arc::new(Started::default());
+                        let started = Arc::new(Started::new(asked));
                         latest = Some(started.clone());
                         let sends = Sends { window: window.clone(), started, halt: done.halt.clone() };
                         held.push(self.run_page(this, owner, page, sends));
@@ -361,24 +362,28 @@ impl Engine {
     }
 
     /// Whether it is the next page's turn to be claimed, with `held` pages held and `latest` the
-    /// one claimed last.
-    fn next_pages_turn(&self, this: &ThisHop<'_>, held: usize, latest: Option<&Started>) -> bool {
+    /// one claimed last. Rate-limited, a page is claimed only if a send of it could start
+    /// within the budget, counting the time the last page took from its claim to its sends:
+    /// a page claimed past that would only be released again, and each claim counts toward
+    /// its resends under at-least-once ([`RESEND_CLAIMS`]).
+    fn next_pages_turn(&self, this: &ThisHop<'_>, held: usize, latest: Option<&Started>, done: &Closed) -> bool {
+        let lead = latest.map_or(std::time::Duration::ZERO, Started::lead);
         match held {
-            // Rate-limited, a hop can start with its next slot past its budget (it waited for
-            // it as long as the budget allowed), or come to it: the next hop claims.
-            0 => self.sends_in_budget(this, 0),
-            // A second page only if the first nears its end and a send of the next can start
-            // before the budget ends (rate-limited, after the first's sends still to start; if
-            // not, its claims would only be released again).
-            1 => latest.is_some_and(|l| l.nearly_all() && self.sends_in_budget(this, l.unstarted())),
+            // A hop can start with its next slot past its budget, or come to it: the next hop
+            // claims (unless this claim is what ends the chain or parks it).
+            0 => done.must_claim() || self.sends_in_budget(this, 0, lead),
+            // A second page only if the first nears its end, and after the first's sends still
+            // to start.
+            1 => latest.is_some_and(|l| l.nearly_all() && self.sends_in_budget(this, l.unstarted(), lead)),
             _ => false,
         }
     }
 
     /// Whether the job can start a send before this hop's budget ends, after `queued` sends
-    /// still to start (not when rate-limited with the slot it would get past the budget).
-    fn sends_in_budget(&self, this: &ThisHop<'_>, queued: usize) -> bool {
-        let left_ms = this.soft.saturating_duration_since(Instant::now()).as_millis() as i64;
+    /// still to start and `lead` from now (not when rate-limited with the slot it would get
+    /// past the budget).
+    fn sends_in_budget(&self, this: &ThisHop<'_>, queued: usize, lead: std::time::Duration) -> bool {
+        let left_ms = this.soft.saturating_duration_since(Instant::now() + lead).as_millis() as i64;
         match this.job {
             Job::Items(j) => j.send_after_ms(queued).is_none_or(|at| at < self.now_ms() + left_ms),
             Job::Ranges(_) => true,
@@ -430,6 +435,7 @@ impl Engine {
             }
         };
         let (live, pending) = (page.live_chains, page.pending_pages);
+        done.none_left |= pending == Some(0);
         // The claim proves the run is running: sends may start again.
         done.halt.store(false, std::sync::atomic::Ordering::SeqCst);
         if let (Job::Items(j), Some(live)) = (this.job, live) {
@@ -1010,6 +1016,10 @@ struct Closed {
     /// No page was claimable while one was held: claim again once it is closed (it may be the
     /// run's last, and only then can the chain end or complete the run).
     exhausted: bool,
+    /// No page is left to claim (a claim found none, or said none was pending): once none is
+    /// held, the next claim is what ends the chain or completes the run, whatever the rate
+    /// (unlike `exhausted`, never cleared).
+    none_left: bool,
     /// The run has fewer pages left than live chains: chains are ending.
     tail: bool,
     /// A statement failed for good: the hop fails with this once the pages it holds are
@@ -1028,6 +1038,7 @@ impl Closed {
             slowest: std::time::Duration::ZERO,
             stop_claiming: false,
             exhausted: false,
+            none_left: false,
             tail: false,
             failed: None,
             halt: Arc::default(),
@@ -1051,6 +1062,7 @@ impl Closed {
     /// second from now on, to take up the rate share of chains that end.
     fn near_the_end(&mut self, exhausted: bool) {
         self.exhausted |= exhausted;
+        self.none_left |= exhausted;
         self.tail = true;
         self.next_beat = self.next_beat.min(Instant::now() + LIVE_CHAINS_EVERY);
     }
@@ -1058,6 +1070,12 @@ impl Closed {
     fn fail(&mut self, e: EngineError) {
         self.failed.get_or_insert(e);
         self.halt.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a claim is due whatever the rate allows: it ends the chain or completes the run
+    /// (no page was left), or parks the chain (halted by a heartbeat: the run stopped).
+    fn must_claim(&self) -> bool {
+        self.none_left || self.halt.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Halted by a heartbeat, a page is claimed only once none is held: the claim then finds
@@ -1092,9 +1110,14 @@ struct Sends {
 /// claimed once it is closed, and only if it finished.
 ///
 /// A send starts when it takes its window slot, and a rate-limited one takes its send slot in
-/// the same poll: the items yet to start are those still to take a send slot.
-#[derive(Default)]
+/// the same poll (see the newsletter's `process`): the items yet to start are those still to
+/// take a send slot.
 struct Started {
+    /// When the page's claim was asked for.
+    asked: Instant,
+    /// From the claim to knowing the items (nanoseconds): the lead a page needs before its
+    /// first send can start.
+    lead_ns: std::sync::atomic::AtomicU64,
     /// Items yet to start; meaningless until `known`.
     unstarted: std::sync::atomic::AtomicUsize,
     window: std::sync::atomic::AtomicUsize,
@@ -1103,8 +1126,20 @@ struct Started {
 }
 
 impl Started {
+    fn new(asked: Instant) -> Started {
+        Started {
+            asked,
+            lead_ns: Default::default(),
+            unstarted: Default::default(),
+            window: Default::default(),
+            known: Default::default(),
+            notify: Default::default(),
+        }
+    }
+
     fn expect(&self, items: usize, window: usize) {
         use std::sync::atomic::Ordering::SeqCst;
+        self.lead_ns.store(u64::try_from(self.asked.elapsed().as_nanos()).unwrap_or(u64::MAX), SeqCst);
         self.unstarted.store(items, SeqCst);
         self.window.store(window, SeqCst);
         self.known.store(true, SeqCst);
@@ -1124,6 +1159,11 @@ impl Started {
     fn nearly_all(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
         self.known.load(SeqCst) && self.unstarted.load(SeqCst) <= self.window.load(SeqCst)
+    }
+
+    /// How long the page took from its claim to knowing its items (zero until it knows them).
+    fn lead(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.lead_ns.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Items yet to start (none until the page knows its items).
@@ -1333,4 +1373,37 @@ fn dedupe_by_key(items: Vec<Item>, key_column: &str) -> (Vec<Item>, Vec<LedgerRe
         }
     }
     (kept, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_page_is_nearly_all_started_once_a_window_or_less_is_left() {
+        let page = Arc::new(Started::new(Instant::now()));
+        assert!(!page.nearly_all() && page.unstarted() == 0 && page.lead().is_zero(), "nothing known yet");
+        page.expect(4, 2);
+        assert!(!page.nearly_all() && page.unstarted() == 4);
+        let waiter = tokio::spawn({
+            let page = page.clone();
+            async move { page.wait_nearly_all().await }
+        });
+        page.one_started();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished() && !page.nearly_all(), "3 left to start through a window of 2");
+        page.one_started();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert!(page.nearly_all() && page.unstarted() == 2);
+        page.one_started();
+        page.one_started();
+        page.one_started(); // never below zero
+        assert_eq!(page.unstarted(), 0);
+
+        let small = Started::new(Instant::now() - std::time::Duration::from_millis(5));
+        small.expect(2, 2);
+        assert!(small.nearly_all(), "a page no larger than the window is nearly all started at once");
+        small.wait_nearly_all().await;
+        assert!(small.lead() >= std::time::Duration::from_millis(5), "from its claim to its items");
+    }
 }
