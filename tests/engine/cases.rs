@@ -56,10 +56,12 @@ pub async fn duplicated_hop_does_not_fork_its_chain(b: Backend) {
     let m = Manual::new(b, &users, newsletter_job(10, 1), KindRegistry::default()).await;
     let run = m.start().await;
     let hop1 = m.next_event().expect("hop 1 of chain 0");
-    // The same hop delivered twice at once: exactly one runs.
+    // The same hop delivered twice at once: exactly one runs. The other loses at the fork guard,
+    // or (if the winner finished the whole run first, as CI once saw) finds the run over.
     let (a, c) = tokio::join!(m.deliver(hop1.clone()), m.deliver(hop1.clone()));
     let outcomes = [a.unwrap(), c.unwrap()];
-    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Duplicate).count(), 1, "{outcomes:?}");
+    let refused = |o: &Outcome| matches!(o, Outcome::Duplicate | Outcome::Hopped { pages: 0, next: HopNext::Stopped });
+    assert_eq!(outcomes.iter().filter(|o| refused(o)).count(), 1, "{outcomes:?}");
     m.pump().await;
     // A late third delivery after the run ended is refused too, with no side effect.
     let late = m.deliver(hop1).await.unwrap();
