@@ -204,7 +204,7 @@ fn slow_setup() -> Setup {
     s
 }
 
-pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
+pub async fn cancel_stops_sends_within_two_pages_per_chain(b: Backend) {
     let users = int_users(600);
     let h = Harness::with_users(b, &users, slow_setup()).await;
     let run = h.start().await;
@@ -215,7 +215,11 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     h.local.drain(Duration::from_secs(2)).await;
     assert_eq!(status.status, "cancelled");
     let after = h.mailer.accepted.load(Ordering::SeqCst) - at_cancel;
-    assert!(after <= 3 * 10, "{after} sends after cancel; at most one page per chain allowed");
+    // A hop holds up to two pages (the one being sent and the next; pages of 10 through a
+    // window of 16 always hold both), and sends that took their pacer slot before the switch
+    // still go out: the bound is two pages per chain (a loaded CI machine saw 34 of 30 against
+    // one page per chain). An ignored cancel would send 540 more.
+    assert!(after <= 3 * 2 * 10, "{after} sends after cancel; at most two pages per chain allowed");
     assert!(duplicates(&h.sent()).is_empty());
     assert!(status.pending > 0, "cancel left the rest unsent");
     // A cancelled run stays cancelled: resume is refused and revives nothing (failed before
@@ -233,6 +237,30 @@ pub async fn cancel_stops_sends_within_one_page_per_chain(b: Backend) {
     assert_eq!(stored(after.chains), chains_before, "resume of a cancelled run changed its chains");
 }
 
+pub async fn cancel_stops_a_long_page_within_a_heartbeat(b: Backend) {
+    // One chain at 100 sends a second through pages of 300 (3 s each) in hops of 4 s, which
+    // heartbeat every second: a cancel half a second into the first page stops its sends at
+    // the next heartbeat (at most 1 s of sends, 100, plus the window's 16 that took their
+    // slots), not at the next page's claim (failed before the heartbeat carried the run's
+    // status: the page's other ~250 went out).
+    let users = int_users(600);
+    let mut s = setup(300, 1);
+    s.job.newsletter.as_mut().unwrap().send_rate = 100.0;
+    s.settings.hop_timeout = Duration::from_secs(4);
+    s.settings.hop_margin = Duration::from_millis(500);
+    let h = Harness::with_users(b, &users, s).await;
+    let run = h.start().await;
+    wait_for_sends(&h, 50).await;
+    h.engine().control(&run, ControlAction::Cancel).await.unwrap();
+    let at_cancel = h.mailer.accepted.load(Ordering::SeqCst);
+    let status = h.drive(&run).await;
+    h.local.drain(Duration::from_secs(2)).await;
+    assert_eq!(status.status, "cancelled", "{status:?}");
+    let after = h.mailer.accepted.load(Ordering::SeqCst) - at_cancel;
+    assert!(after <= 150, "{after} sends after cancel; a heartbeat (1 s, 100 sends) and a window (16) allowed");
+    assert!(duplicates(&h.sent()).is_empty());
+}
+
 pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     let users = int_users(500);
     let h = Harness::with_users(b, &users, slow_setup()).await;
@@ -244,7 +272,7 @@ pub async fn pause_then_resume_completes_without_duplicates(b: Backend) {
     assert_eq!(paused.status, "paused");
     assert!(paused.chains.iter().all(|c| c.status != "active"), "{paused:?}");
     let parked = h.mailer.accepted.load(Ordering::SeqCst);
-    assert!(parked - at_pause <= 30, "pause takes effect within one page per chain");
+    assert!(parked - at_pause <= 3 * 2 * 10, "pause takes effect within two pages per chain (as cancel, above)");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(h.mailer.accepted.load(Ordering::SeqCst), parked, "nothing is sent while paused");
     h.engine().control(&run, ControlAction::Resume).await.unwrap();
