@@ -89,11 +89,18 @@ pub async fn every_statement_is_safe_when_it_fails_or_its_response_is_lost(b: Ba
 /// `claimed`, never sent, under a page marked done.
 pub async fn a_lost_response_while_taking_over_claims_loses_nobody(b: Backend) {
     let users = int_users(20);
-    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtLeastOnce), KindRegistry::default()).await;
+    let m = Manual::with_settings(
+        b,
+        &users,
+        one_send_at_a_time(Ambiguity::AtLeastOnce),
+        KindRegistry::default(),
+        killable(),
+    )
+    .await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     let hop1 = m.next_event().unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(200), m.deliver(hop1)).await.is_err(), "killed mid-page");
+    m.kill_after_sends(hop1, 4).await; // killed mid-page
     m.mailer.limit.store(u64::MAX, Ordering::SeqCst);
     m.expire_leases();
     m.store.strike("settle_stale_claims", Strike::ResponseLost, 1);
@@ -548,11 +555,18 @@ pub async fn restarts_resumes_and_parking_survive_a_lost_answer(b: Backend) {
 /// `unknown` by the sweeper (they may have gone out), not left `claimed` for ever.
 pub async fn claims_of_a_hop_that_died_after_its_run_ended_become_unknown(b: Backend) {
     let users = int_users(20);
-    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtMostOnce), KindRegistry::default()).await;
+    let m = Manual::with_settings(
+        b,
+        &users,
+        one_send_at_a_time(Ambiguity::AtMostOnce),
+        KindRegistry::default(),
+        killable(),
+    )
+    .await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     let hop1 = m.next_event().unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(200), m.deliver(hop1)).await.is_err(), "killed mid-page");
+    m.kill_after_sends(hop1, 4).await; // killed mid-page
     m.engine.control(&run, ControlAction::Cancel).await.unwrap();
     assert_eq!(m.status(&run).await.claimed, 10);
     assert_eq!(m.engine.sweep().await.unwrap().settled, 0, "a lease still running is left alone");

@@ -185,6 +185,12 @@ pub fn test_settings() -> Settings {
     }
 }
 
+/// Settings for a hop the test kills (`Manual::kill_after_sends`): a budget long enough that its
+/// own cut-off never comes first on a loaded machine.
+pub fn killable() -> Settings {
+    Settings { hop_timeout: Duration::from_secs(5), hop_margin: Duration::from_secs(1), ..test_settings() }
+}
+
 /// Settings under which a hop holds one page at a time and hands over after it (so that it
 /// heartbeats): for cases that strike one page's statement (a hop holding two would see the
 /// struck attempts shared between its pages).
@@ -630,6 +636,23 @@ impl Manual {
     pub async fn deliver(&self, event: Event) -> Result<Outcome, baton::engine::EngineError> {
         let deadline = tokio::time::Instant::now() + self.settings.hop_timeout;
         self.engine.handle(event, deadline).await
+    }
+
+    /// Delivers `event` and kills its hop (drops it, as Lambda's timeout would) once `sent`
+    /// messages in all went out, however long that takes; panics if the hop ends first. Run it
+    /// with a `hop_timeout` long enough that the hop's own cut-off does not come first.
+    pub async fn kill_after_sends(&self, event: Event, sent: u64) {
+        let reached = async {
+            while self.mailer.inner.accepted.load(Ordering::SeqCst) < sent {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::select! {
+            ended = self.deliver(event) => panic!("the hop ended before it was killed: {ended:?}"),
+            reached = tokio::time::timeout(Duration::from_secs(20), reached) => {
+                reached.unwrap_or_else(|_| panic!("{sent} messages never went out"))
+            }
+        }
     }
 
     /// Delivers queued events until none is left; returns every outcome.

@@ -129,7 +129,8 @@ fn check_links(run: &str, spans: &[SpanData]) {
 }
 
 /// No collector listening: spans cannot be exported, and the hop neither fails nor waits for
-/// them. Lambda mode flushes after every invocation; each flush here stays under 50 ms.
+/// them. Lambda mode flushes after every invocation; each flush here stays under 300 ms (with export
+/// retries, before the fix, one took about 800 ms; 50 ms was too tight for a loaded machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_collector_costs_a_hop_little_and_never_fails_it() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -155,7 +156,7 @@ async fn a_missing_collector_costs_a_hop_little_and_never_fails_it() {
     let started = std::time::Instant::now();
     telemetry.flush(tokio::time::Instant::now() + Duration::from_secs(5)).await;
     slowest = slowest.max(started.elapsed());
-    assert!(slowest < Duration::from_millis(50), "a flush to a missing collector took {slowest:?}");
+    assert!(slowest < Duration::from_millis(300), "a flush to a missing collector took {slowest:?}");
     telemetry.shutdown().await;
 }
 
