@@ -217,7 +217,15 @@ pub async fn a_writer_that_lost_its_lease_changes_nothing(b: Backend) {
 /// keep to `hop_timeout` itself, or it would send after another hop took its page over.
 pub async fn a_hop_keeps_to_hop_timeout_whatever_deadline_it_is_given(b: Backend) {
     let users = int_users(20);
-    let m = Manual::new(b, &users, one_send_at_a_time(Ambiguity::AtMostOnce), KindRegistry::default()).await;
+    // 1.5 s: the four sends before the hung one need their six statements done within the
+    // second before the soft deadline, even on a loaded machine (400 ms left ~150 ms).
+    let settings = baton::config::Settings {
+        hop_timeout: Duration::from_millis(1500),
+        hop_margin: Duration::from_millis(500),
+        ..test_settings()
+    };
+    let job = one_send_at_a_time(Ambiguity::AtMostOnce);
+    let m = Manual::with_settings(b, &users, job, KindRegistry::default(), settings).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst); // the fifth send hangs
     let hop1 = m.next_event().unwrap();
