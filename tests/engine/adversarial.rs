@@ -50,6 +50,11 @@ fn one_send_at_a_time(ambiguity: Ambiguity) -> baton::config::JobConfig {
     job
 }
 
+/// As [`one_send_at_a_time`], under settings for a hop the test kills ([`killable`]).
+async fn killable_one_send_at_a_time(b: Backend, users: &[User], ambiguity: Ambiguity) -> Manual {
+    Manual::with_settings(b, users, one_send_at_a_time(ambiguity), KindRegistry::default(), killable()).await
+}
+
 async fn raw(m: &Manual, sql: &str) -> baton::sql::Rows {
     m.counting.query(Stmt::new(sql, Params::new())).await.unwrap()
 }
@@ -89,14 +94,7 @@ pub async fn every_statement_is_safe_when_it_fails_or_its_response_is_lost(b: Ba
 /// `claimed`, never sent, under a page marked done.
 pub async fn a_lost_response_while_taking_over_claims_loses_nobody(b: Backend) {
     let users = int_users(20);
-    let m = Manual::with_settings(
-        b,
-        &users,
-        one_send_at_a_time(Ambiguity::AtLeastOnce),
-        KindRegistry::default(),
-        killable(),
-    )
-    .await;
+    let m = killable_one_send_at_a_time(b, &users, Ambiguity::AtLeastOnce).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     let hop1 = m.next_event().unwrap();
@@ -563,14 +561,7 @@ pub async fn restarts_resumes_and_parking_survive_a_lost_answer(b: Backend) {
 /// `unknown` by the sweeper (they may have gone out), not left `claimed` for ever.
 pub async fn claims_of_a_hop_that_died_after_its_run_ended_become_unknown(b: Backend) {
     let users = int_users(20);
-    let m = Manual::with_settings(
-        b,
-        &users,
-        one_send_at_a_time(Ambiguity::AtMostOnce),
-        KindRegistry::default(),
-        killable(),
-    )
-    .await;
+    let m = killable_one_send_at_a_time(b, &users, Ambiguity::AtMostOnce).await;
     let run = m.start().await;
     m.mailer.limit.store(4, Ordering::SeqCst);
     let hop1 = m.next_event().unwrap();
