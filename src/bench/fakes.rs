@@ -153,19 +153,11 @@ pub struct FakeLambda {
     /// Each invocation's deadline (the function timeout).
     pub timeout: Duration,
     pub invokes: AtomicU64,
-    /// Invocations' wall time, milliseconds, each rounded up to 1 ms as Lambda bills.
-    pub billed_ms: AtomicU64,
 }
 
 impl FakeLambda {
     pub fn new(latency: Latency, timeout: Duration) -> FakeLambda {
-        FakeLambda {
-            latency,
-            engine: OnceLock::new(),
-            timeout,
-            invokes: AtomicU64::new(0),
-            billed_ms: AtomicU64::new(0),
-        }
+        FakeLambda { latency, engine: OnceLock::new(), timeout, invokes: AtomicU64::new(0) }
     }
 }
 
@@ -178,11 +170,8 @@ async fn invoke(State(fake): State<Arc<FakeLambda>>, headers: HeaderMap, body: B
     let task = fake.clone();
     tokio::spawn(async move {
         let Some(engine) = task.engine.get().cloned() else { return };
-        let started = tokio::time::Instant::now();
-        let deadline = started + task.timeout;
+        let deadline = tokio::time::Instant::now() + task.timeout;
         let _ = tokio::time::timeout_at(deadline, engine.handle_payload(&body, deadline)).await;
-        let ms = started.elapsed().as_micros().div_ceil(1000) as u64;
-        task.billed_ms.fetch_add(ms.max(1), Ordering::Relaxed);
     });
     StatusCode::ACCEPTED
 }

@@ -521,24 +521,12 @@ impl Engine {
         let report = self.tracing.in_span("page", attributes, process).await?;
         let ms = page_started.elapsed().as_millis() as u64;
         tracing::debug!(page = page.page_no, ms, finished = report.finished, "page processed");
-        let now = self.close_page(this, &owner, &page, &report).await?;
+        let now = self.now_ms();
+        self.finish_page(&this.run.run_id, page.page_no, &owner, report.finished).await?;
         metrics::page();
         self.changed();
         self.act_on_page(this.run, &report, now).await?;
         Ok((page_started, report))
-    }
-
-    /// After a page: finish or release it. Returns the time it used.
-    async fn close_page(
-        &self,
-        this: &ThisHop<'_>,
-        owner: &str,
-        page: &Page,
-        report: &PageReport,
-    ) -> Result<i64, EngineError> {
-        let (run_id, now) = (this.run.run_id.as_str(), self.now_ms());
-        self.finish_page(run_id, page.page_no, owner, report.finished).await?;
-        Ok(now)
     }
 
     /// Tells the sweeper the chain is alive, with when it may send next; answers whether the
